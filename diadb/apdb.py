@@ -1,0 +1,380 @@
+"""``diadb.Apdb``: the API the Alert Production pipeline calls for each visit.
+
+Reads
+    ``get_objects(region)`` returns the latest version of every DiaObject whose position is
+    inside ``region`` (exactly: rows of the pixel cover that fall outside are removed).
+    ``get_sources`` / ``get_forced_sources(region, visit_time, months=12)`` return the rows
+    with ``visit_time - 30 * months < midpointMjdTai <= visit_time`` (MJD TAI): the start is
+    exclusive, as in the reference implementation; the end is inclusive, so a visit re-read
+    after a retried store sees its own rows. All results are Arrow tables (``as_pandas=True``
+    for pandas) with the schema's columns in schema order plus ``_healpix_29`` last, or the
+    ``columns`` asked for in the order given, sorted by ``_healpix_29``, then time, then key.
+
+Writes
+    ``store(visit_time, objects, sources, forced_sources, visit=, detector=)`` validates every
+    catalog against the Felis schema, then writes all of it in one transaction. The
+    visit/detector pair is recorded; storing it again is a no-op returning ``False`` (or a
+    ``DuplicateVisitError`` when created with ``on_duplicate_visit="error"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from diadb.backends import Backend, ReadTable, TimeWindow, VisitBatch, open_backend
+from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
+from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
+from diadb.schema.felis import load_schema, schema_from_yaml
+from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
+from diadb.schema.validate import to_arrow, validate_catalog
+from diadb.sky.healpix import radec_to_healpix29
+from diadb.sky.regions import Region, as_region
+from diadb.times import DAYS_PER_MONTH, mjd_tai
+
+_TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
+
+
+def _version_tuple(text: str) -> tuple[int, int, int]:
+    parts = [*(int(p) for p in text.split(".")[:3]), 0, 0, 0]
+    return parts[0], parts[1], parts[2]
+
+
+class Apdb:
+    """An Alert Production Database. Make one with :meth:`create`, reopen it with :meth:`open`."""
+
+    def __init__(
+        self, url: str, backend: Backend, schema: ApdbSchema, config: ApdbConfig, *, read_only: bool
+    ) -> None:
+        self.url = url
+        self._backend = backend
+        self.schema = schema
+        self.config = config
+        self.read_only = read_only
+
+    # ---- life cycle ----------------------------------------------------------------
+    @classmethod
+    def create(cls, url: str | Path, schema: str | Path | ApdbSchema | None = None, **config: Any) -> Apdb:
+        """Make a new, empty APDB at ``url`` (a SQLite path or URL).
+
+        ``schema`` is a Felis YAML path (default: Rubin's official ``apdb.yaml``); ``config``
+        takes the fields of :class:`ApdbConfig`, all frozen into the database.
+        """
+        cfg = ApdbConfig.from_kwargs(**config)
+        felis = schema if isinstance(schema, ApdbSchema) else load_schema(schema)
+        url = str(url)
+        backend = open_backend(url, create=True, options=cls._backend_options(url, cfg))
+        metadata = {
+            "diadb.layout_version": LAYOUT_VERSION,
+            "diadb.pixelization": PIXELIZATION,
+            "diadb.config": cfg.to_json(),
+            "felis.schema_name": felis.name,
+            "felis.schema_version": felis.version,
+            "felis.schema_yaml": felis.yaml_text,
+        }
+        try:
+            backend.initialize(felis, metadata)
+        except BaseException:
+            backend.close()
+            raise
+        return cls(url, backend, felis, cfg, read_only=False)
+
+    @classmethod
+    def open(cls, url: str | Path) -> Apdb:
+        """Open an existing APDB; its frozen schema and config are checked and used."""
+        url = str(url)
+        backend = open_backend(url, create=False)
+        try:
+            meta = backend.read_metadata()
+            read_only = cls._check_versions(url, meta)
+            schema = schema_from_yaml(meta["felis.schema_yaml"], origin=f"{url} (frozen schema)")
+            cfg = ApdbConfig.from_json(meta["diadb.config"])
+        except BaseException:
+            backend.close()
+            raise
+        backend.attach_schema(schema)
+        return cls(url, backend, schema, cfg, read_only=read_only)
+
+    @staticmethod
+    def _backend_options(url: str, cfg: ApdbConfig) -> dict[str, Any]:
+        from diadb.backends import scheme_of
+
+        return {"synchronous": cfg.sqlite_synchronous} if scheme_of(url) == "sqlite" else {}
+
+    @staticmethod
+    def _check_versions(url: str, meta: dict[str, str]) -> bool:
+        """Refuse an incompatible layout; return True when the database must be opened read-only."""
+        if "diadb.layout_version" not in meta:
+            raise SchemaVersionError(f"{url} is not a diadb APDB (no diadb metadata)")
+        if meta.get("diadb.pixelization") != PIXELIZATION:
+            raise SchemaVersionError(
+                f"{url} uses pixelization {meta.get('diadb.pixelization')!r}, not {PIXELIZATION}"
+            )
+        have = _version_tuple(meta["diadb.layout_version"])
+        mine = _version_tuple(LAYOUT_VERSION)
+        if have[0] != mine[0]:
+            raise SchemaVersionError(
+                f"{url} has diadb layout {meta['diadb.layout_version']}; this diadb reads layout {mine[0]}.x "
+                "(run 'diadb upgrade' with a diadb that knows both)"
+            )
+        return have[1] > mine[1]
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Apdb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- reads ---------------------------------------------------------------------
+    @overload
+    def get_objects(
+        self, region: Any, *, columns: Sequence[str] | None = None, as_pandas: Literal[False] = False
+    ) -> pa.Table: ...
+    @overload
+    def get_objects(
+        self, region: Any, *, columns: Sequence[str] | None = None, as_pandas: Literal[True]
+    ) -> pd.DataFrame: ...
+    def get_objects(
+        self, region: Any, *, columns: Sequence[str] | None = None, as_pandas: bool = False
+    ) -> pa.Table | pd.DataFrame:
+        """The latest version of each DiaObject inside ``region``."""
+        return self._read("DiaObject", as_region(region), columns, None, None, as_pandas)
+
+    def get_sources(
+        self,
+        region: Any,
+        visit_time: Any,
+        *,
+        object_ids: Sequence[int] | np.ndarray | None = None,
+        months: int | None = None,
+        columns: Sequence[str] | None = None,
+        as_pandas: bool = False,
+    ) -> Any:
+        """DiaSources inside ``region`` (or of ``object_ids`` when ``region`` is None) in the
+        history window before ``visit_time``."""
+        return self._read_history("DiaSource", region, visit_time, object_ids, months, columns, as_pandas)
+
+    def get_forced_sources(
+        self,
+        region: Any,
+        visit_time: Any,
+        *,
+        object_ids: Sequence[int] | np.ndarray | None = None,
+        months: int | None = None,
+        columns: Sequence[str] | None = None,
+        as_pandas: bool = False,
+    ) -> Any:
+        """DiaForcedSources, as :meth:`get_sources`."""
+        return self._read_history(
+            "DiaForcedSource", region, visit_time, object_ids, months, columns, as_pandas
+        )
+
+    def _read_history(
+        self,
+        table: ReadTable,
+        region: Any,
+        visit_time: Any,
+        object_ids: Any,
+        months: int | None,
+        columns: Sequence[str] | None,
+        as_pandas: bool,
+    ) -> Any:
+        end = mjd_tai(visit_time)
+        months = self.config.history_months if months is None else int(months)
+        if months < 0:
+            raise ConfigError(f"months must be >= 0, got {months}")
+        if region is None and object_ids is None:
+            raise ConfigError(f"{table}: give a region, object_ids, or both")
+        ids = None if object_ids is None else np.asarray(object_ids, dtype=np.int64)
+        reg = None if region is None else as_region(region)
+        window = TimeWindow(end - DAYS_PER_MONTH * months, end)
+        return self._read(table, reg, columns, window, ids, as_pandas)
+
+    def _read(
+        self,
+        table: ReadTable,
+        region: Region | None,
+        columns: Sequence[str] | None,
+        window: TimeWindow | None,
+        object_ids: np.ndarray | None,
+        as_pandas: bool,
+    ) -> Any:
+        spec = self.schema.table(table)
+        wanted = self._check_columns(spec, columns)
+        order = (
+            [HEALPIX_COLUMN]
+            + ([_TIME_COLUMN[table]] if table in _TIME_COLUMN else [])
+            + list(spec.primary_key)
+        )
+        needed = list(dict.fromkeys([*wanted, "ra", "dec", *order]))
+        if object_ids is not None and len(object_ids) == 0:
+            return self._finish(spec.arrow_schema().empty_table().select(wanted), as_pandas)
+        ranges = (
+            region.pixel_ranges(self.config.region_refinement)
+            if region is not None
+            else np.zeros((0, 2), np.int64)
+        )
+        if region is not None and len(ranges) == 0:
+            return self._finish(spec.arrow_schema().empty_table().select(wanted), as_pandas)
+        raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
+        data = self._cast_to_schema(spec, raw, needed)
+        if region is not None and data.num_rows:
+            inside = region.contains(data.column("ra").to_numpy(), data.column("dec").to_numpy())
+            if not inside.all():
+                data = data.filter(pa.array(inside))
+        if data.num_rows > 1:
+            data = data.take(pc.sort_indices(data, sort_keys=[(c, "ascending") for c in order]))
+        return self._finish(data.select(wanted), as_pandas)
+
+    @staticmethod
+    def _finish(data: pa.Table, as_pandas: bool) -> Any:
+        return data.to_pandas() if as_pandas else data
+
+    @staticmethod
+    def _check_columns(spec: TableSpec, columns: Sequence[str] | None) -> list[str]:
+        if columns is None:
+            return [*spec.column_names, HEALPIX_COLUMN]
+        unknown = [c for c in columns if c not in spec and c != HEALPIX_COLUMN]
+        if unknown:
+            raise ConfigError(f"{spec.name}: unknown column(s) {unknown}")
+        return list(dict.fromkeys(columns))
+
+    @staticmethod
+    def _cast_to_schema(spec: TableSpec, raw: pa.Table, names: Sequence[str]) -> pa.Table:
+        full = spec.arrow_schema()
+        fields = [full.field(n) for n in names]
+        arrays = [raw.column(i).cast(f.type) for i, f in enumerate(fields)]
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=full.metadata))
+
+    # ---- writes --------------------------------------------------------------------
+    def store(
+        self,
+        visit_time: Any,
+        objects: Any,
+        sources: Any = None,
+        forced_sources: Any = None,
+        *,
+        visit: int,
+        detector: int | None = None,
+    ) -> bool:
+        """Validate and store one visit (``detector=None``: the whole visit) in one transaction.
+
+        Returns ``True`` when written, ``False`` when this visit/detector was already stored
+        (nothing is written then). ``validityStartMjdTai`` of objects defaults to the visit time;
+        the previous version of each updated object is closed at the new version's start.
+        """
+        if self.read_only:
+            raise SchemaVersionError(f"{self.url} was written by a newer diadb; it is open read-only")
+        mjd = mjd_tai(visit_time)
+        det = -1 if detector is None else int(detector)
+        obj_spec = self.schema.table("DiaObject")
+        obj_in = to_arrow("DiaObject", objects)
+        objs = validate_catalog(
+            obj_spec, obj_in, defaults={"validityStartMjdTai": pa.array(np.full(obj_in.num_rows, mjd))}
+        )
+        self._check_objects(objs)
+        srcs = self._validate_optional("DiaSource", sources)
+        forced = self._validate_optional("DiaForcedSource", forced_sources)
+        self._check_source_objects(srcs, objs)
+        batch = VisitBatch(
+            visit=int(visit),
+            detector=det,
+            visit_mjd_tai=mjd,
+            objects=self._with_healpix(objs),
+            sources=self._with_healpix(srcs),
+            forced_sources=self._with_healpix(forced),
+        )
+        try:
+            stored = self._backend.store_visit(batch)
+        except StorageError:
+            self._diagnose_key_conflicts(batch)
+            raise
+        if not stored and self.config.on_duplicate_visit == "error":
+            what = "the whole visit" if det == -1 else f"detector {det}"
+            raise DuplicateVisitError(f"visit {visit} {what} is already stored in {self.url}")
+        return stored
+
+    def _validate_optional(self, table: str, data: Any) -> pa.Table:
+        spec = self.schema.table(table)
+        if data is None:
+            return spec.arrow_schema(with_healpix=False).empty_table()
+        return validate_catalog(spec, data)
+
+    @staticmethod
+    def _check_objects(objs: pa.Table) -> None:
+        ends = objs.column("validityEndMjdTai")
+        if ends.null_count != len(ends):
+            set_rows = np.flatnonzero(~np.asarray(ends.is_null().to_numpy(zero_copy_only=False), dtype=bool))
+            raise CatalogError(
+                "DiaObject",
+                "validityEndMjdTai",
+                "must be null: diadb closes versions itself",
+                set_rows.tolist(),
+            )
+        ids = objs.column("diaObjectId").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        dup = ids[order][1:] == ids[order][:-1]
+        if dup.any():
+            rows = sorted(int(order[i + 1]) for i in np.flatnonzero(dup)[:10])
+            raise CatalogError(
+                "DiaObject", "diaObjectId", "more than one version of an object in one store", rows
+            )
+
+    def _check_source_objects(self, srcs: pa.Table, objs: pa.Table) -> None:
+        """Every DiaSource's diaObjectId must be in this batch's objects or already stored."""
+        if not srcs.num_rows:
+            return
+        col = srcs.column("diaObjectId")
+        present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        ids = np.asarray(col.fill_null(0).to_numpy(), dtype=np.int64)
+        unknown = present & ~np.isin(ids, objs.column("diaObjectId").to_numpy())
+        if not unknown.any():
+            return
+        missing = np.setdiff1d(ids[unknown], self._backend.known_object_ids(np.unique(ids[unknown])))
+        if missing.size:
+            rows = np.flatnonzero(present & np.isin(ids, missing))
+            raise CatalogError(
+                "DiaSource",
+                "diaObjectId",
+                f"refers to DiaObjects neither in this store nor in the database: {missing[:10].tolist()}",
+                rows.tolist(),
+            )
+
+    @staticmethod
+    def _with_healpix(data: pa.Table) -> pa.Table:
+        pix = radec_to_healpix29(data.column("ra").to_numpy(), data.column("dec").to_numpy())
+        return data.append_column(pa.field(HEALPIX_COLUMN, pa.int64(), nullable=False), pa.array(pix))
+
+    def _diagnose_key_conflicts(self, batch: VisitBatch) -> None:
+        """After a failed store, name rows whose keys another visit already stored."""
+        for name, data in (("DiaSource", batch.sources), ("DiaForcedSource", batch.forced_sources)):
+            pk = list(self.schema.table(name).primary_key)
+            if not data.num_rows or not pk:
+                continue
+            try:
+                found = self._backend.existing_keys(name, data.select(pk))
+            except StorageError:
+                return
+            if found.num_rows:
+                taken = set(zip(*(found.column(c).to_pylist() for c in pk), strict=True))
+                keys = zip(*(data.column(c).to_pylist() for c in pk), strict=True)
+                rows = [i for i, k in enumerate(keys) if k in taken]
+                raise CatalogError(name, ", ".join(pk), "primary key already stored by another visit", rows)
+
+    # ---- bookkeeping ---------------------------------------------------------------
+    def contains_visit_detector(self, visit: int, detector: int | None = None) -> bool:
+        """Whether this visit/detector (``None``: any part of the visit) was stored."""
+        return self._backend.contains_visit_detector(int(visit), -1 if detector is None else int(detector))
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Rows and bytes (tables and their indexes) of each stored table."""
+        return {k: {"rows": v.rows, "bytes": v.bytes} for k, v in self._backend.table_stats().items()}

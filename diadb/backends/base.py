@@ -1,0 +1,91 @@
+"""The small protocol every storage engine implements.
+
+The facade (``diadb.Apdb``) validates, computes ``_healpix_29``, filters regions exactly and
+orders results; a backend only stores Arrow tables atomically and returns the rows that
+fall in order-29 pixel ranges and a time window. Engine-specific code stays in its module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from diadb.schema.model import ApdbSchema
+
+#: The tables a read addresses. "DiaObject" reads the latest version of each object.
+ReadTable = Literal["DiaObject", "DiaSource", "DiaForcedSource"]
+Int64Array = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class VisitBatch:
+    """Everything one ``store`` call writes, already validated and carrying ``_healpix_29``."""
+
+    visit: int
+    detector: int  # -1 means "the whole visit"
+    visit_mjd_tai: float
+    objects: pa.Table
+    sources: pa.Table
+    forced_sources: pa.Table
+
+
+@dataclass(frozen=True)
+class TableStats:
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """``start < time <= end`` in MJD TAI (either bound may be open-ended as +-inf)."""
+
+    start: float
+    end: float
+
+
+class Backend(Protocol):
+    """A storage engine behind ``diadb.Apdb``."""
+
+    def initialize(self, schema: ApdbSchema, metadata: Mapping[str, str]) -> None:
+        """Create the tables of ``schema`` in an empty database and record ``metadata``."""
+
+    def read_metadata(self) -> dict[str, str]:
+        """The key/value metadata recorded by ``initialize``; empty if the database is new."""
+
+    def attach_schema(self, schema: ApdbSchema) -> None:
+        """Give an opened backend the schema read from its metadata."""
+
+    def select(
+        self,
+        table: ReadTable,
+        ranges: Int64Array,
+        columns: Sequence[str],
+        *,
+        window: TimeWindow | None = None,
+        object_ids: Int64Array | None = None,
+    ) -> pa.Table:
+        """Rows whose ``_healpix_29`` is in one of ``ranges`` (``[lo, hi)``, sorted, disjoint),
+        or every row when ``ranges`` is ``None``-like empty and ``object_ids`` is given; within
+        ``window`` on the table's time column; restricted to ``object_ids`` when given.
+        Column types may be any that cast losslessly to the schema's."""
+
+    def known_object_ids(self, ids: Int64Array) -> Int64Array:
+        """The subset of ``ids`` that has a stored DiaObject."""
+
+    def existing_keys(self, table: str, keys: pa.Table) -> pa.Table:
+        """The rows of ``keys`` (primary-key columns of ``table``) already stored."""
+
+    def store_visit(self, batch: VisitBatch) -> bool:
+        """Write the batch in one transaction. ``False`` (nothing written) if the
+        visit/detector, or its whole visit, is already stored."""
+
+    def contains_visit_detector(self, visit: int, detector: int) -> bool: ...
+
+    def table_stats(self) -> dict[str, TableStats]: ...
+
+    def close(self) -> None: ...

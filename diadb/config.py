@@ -1,0 +1,66 @@
+"""The configuration of an APDB, frozen into the database when it is created."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from diadb.errors import ConfigError
+
+#: Version of diadb's own table layout; the major part must match to open a database.
+LAYOUT_VERSION = "1.0.0"
+#: The one pixelization diadb uses everywhere.
+PIXELIZATION = "healpix_nested_29"
+
+DuplicatePolicy = Literal["ignore", "error"]
+
+
+@dataclass(frozen=True)
+class ApdbConfig:
+    """What shapes the data. Set once by ``Apdb.create``; checked again by ``Apdb.open``."""
+
+    #: Default length of the history window of ``get_sources`` / ``get_forced_sources``,
+    #: in months of 30 days (the reference's convention).
+    history_months: int = 12
+    #: Refinement of the HEALPix cover of a region: its cells are ~size / 2**refinement across.
+    #: Higher means fewer rows read and filtered, but more ranges in each query.
+    region_refinement: int = 4
+    #: What ``store`` does with a visit/detector that is already stored: ``ignore`` it
+    #: (idempotent retries) or raise ``DuplicateVisitError``.
+    on_duplicate_visit: DuplicatePolicy = "ignore"
+    #: SQLite only: ``FULL`` makes every acknowledged store survive power loss;
+    #: ``NORMAL`` survives process crashes only (WAL mode) and is faster.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.history_months <= 120):
+            raise ConfigError(f"history_months must be in [1, 120], got {self.history_months}")
+        if not (0 <= self.region_refinement <= 10):
+            raise ConfigError(f"region_refinement must be in [0, 10], got {self.region_refinement}")
+        if self.on_duplicate_visit not in ("ignore", "error"):
+            raise ConfigError(
+                f"on_duplicate_visit must be 'ignore' or 'error', got {self.on_duplicate_visit!r}"
+            )
+        if self.sqlite_synchronous not in ("FULL", "NORMAL"):
+            raise ConfigError(
+                f"sqlite_synchronous must be 'FULL' or 'NORMAL', got {self.sqlite_synchronous!r}"
+            )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ApdbConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown config option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ApdbConfig:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        # Options added by later diadb versions are ignored by older ones only if unknown here.
+        return cls(**{k: v for k, v in data.items() if k in known})

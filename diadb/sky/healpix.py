@@ -1,0 +1,88 @@
+"""The one module that talks to the HEALPix library (cdshealpix, CDS's Rust implementation).
+
+Everything else in diadb sees plain numpy arrays: order-29 nested pixel numbers and
+half-open ranges ``[lo, hi)`` of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+ORDER = 29
+#: Number of order-29 pixels on the sphere: 12 * 4**29.
+NPIX_29 = 12 * 4**ORDER
+
+Int64Array = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+
+def _lonlat(ra_deg: npt.ArrayLike, dec_deg: npt.ArrayLike) -> tuple[object, object]:
+    import astropy.units as u
+    from astropy.coordinates import Latitude, Longitude
+
+    lon = Longitude(np.asarray(ra_deg, dtype=np.float64), unit=u.deg)
+    lat = Latitude(np.asarray(dec_deg, dtype=np.float64), unit=u.deg)
+    return lon, lat
+
+
+def radec_to_healpix29(ra_deg: npt.ArrayLike, dec_deg: npt.ArrayLike) -> Int64Array:
+    """Order-29 nested HEALPix pixel of each (ra, dec) in degrees."""
+    from cdshealpix import nested
+
+    ra = np.asarray(ra_deg, dtype=np.float64)
+    if ra.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    lon, lat = _lonlat(ra, dec_deg)
+    return np.asarray(nested.lonlat_to_healpix(lon, lat, ORDER), dtype=np.int64)
+
+
+def cells_to_ranges(ipix: npt.ArrayLike, depth: npt.ArrayLike) -> Int64Array:
+    """Multi-order cells to sorted, merged order-29 ranges, an ``(n, 2)`` array of ``[lo, hi)``."""
+    ipix_a = np.asarray(ipix, dtype=np.int64)
+    shift = 2 * (ORDER - np.asarray(depth, dtype=np.int64))
+    lo = ipix_a << shift
+    hi = (ipix_a + 1) << shift
+    return merge_ranges(np.stack([lo, hi], axis=1) if lo.size else np.zeros((0, 2), np.int64))
+
+
+def merge_ranges(ranges: Int64Array) -> Int64Array:
+    """Sort ranges and join the ones that touch or overlap."""
+    if len(ranges) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    r = ranges[np.argsort(ranges[:, 0], kind="stable")]
+    # A new run starts where a range begins after everything before it has ended.
+    ends = np.maximum.accumulate(r[:, 1])
+    starts_new = np.ones(len(r), dtype=bool)
+    starts_new[1:] = r[1:, 0] > ends[:-1]
+    idx = np.flatnonzero(starts_new)
+    lo = r[idx, 0]
+    hi = np.maximum.reduceat(r[:, 1], idx)
+    return np.stack([lo, hi], axis=1).astype(np.int64)
+
+
+def cone_cells(ra_deg: float, dec_deg: float, radius_deg: float, depth: int) -> Int64Array:
+    import astropy.units as u
+    from cdshealpix import nested
+
+    lon, lat = _lonlat(ra_deg, dec_deg)
+    ipix, d, _ = nested.cone_search(lon, lat, radius_deg * u.deg, depth)
+    return cells_to_ranges(ipix, d)
+
+
+def polygon_cells(ra_deg: FloatArray, dec_deg: FloatArray, depth: int) -> Int64Array:
+    from cdshealpix import nested
+
+    lon, lat = _lonlat(ra_deg, dec_deg)
+    ipix, d, _ = nested.polygon_search(lon, lat, depth)
+    return cells_to_ranges(ipix, d)
+
+
+def depth_for_size(size_deg: float, refinement: int) -> int:
+    """A search depth whose cells are about ``size_deg / 2**refinement`` across.
+
+    Larger ``refinement`` gives tighter ranges (fewer rows to filter) but more of them.
+    """
+    # Order-0 cells are ~58.6 deg across; each order halves that.
+    base = np.log2(58.6 / max(size_deg, 1e-9))
+    return int(np.clip(np.floor(base) + refinement, 0, ORDER))

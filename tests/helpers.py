@@ -1,0 +1,84 @@
+"""Small synthetic visits for tests: every schema column filled, known ids and positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from diadb.schema.model import ApdbSchema
+from diadb.sim.fill import fill_table
+
+
+@dataclass
+class Visit:
+    visit: int
+    mjd: float
+    objects: pa.Table
+    sources: pa.Table
+    forced: pa.Table
+
+
+def make_visit(
+    schema: ApdbSchema,
+    visit: int,
+    mjd: float,
+    object_ids: np.ndarray,
+    ra: np.ndarray,
+    dec: np.ndarray,
+    *,
+    seed: int = 0,
+    detector: int = 0,
+) -> Visit:
+    rng = np.random.default_rng(seed + visit)
+    n = len(object_ids)
+    objects = fill_table(
+        schema.table("DiaObject"),
+        n,
+        rng,
+        {
+            "diaObjectId": object_ids,
+            "ra": ra,
+            "dec": dec,
+            "validityStartMjdTai": np.full(n, mjd),
+            "validityEndMjdTai": pa.nulls(n, pa.float64()),
+        },
+    )
+    sources = fill_table(
+        schema.table("DiaSource"),
+        n,
+        rng,
+        {
+            "diaSourceId": object_ids * 100_000 + visit,
+            "diaObjectId": object_ids,
+            "ssObjectId": pa.nulls(n, pa.int64()),
+            "ra": ra,
+            "dec": dec,
+            "visit": np.full(n, visit, dtype=np.int64),
+            "detector": np.full(n, detector, dtype=np.int16),
+            "midpointMjdTai": np.full(n, mjd),
+        },
+    )
+    forced = fill_table(
+        schema.table("DiaForcedSource"),
+        n,
+        rng,
+        {
+            "diaForcedSourceId": object_ids * 100_000 + visit,
+            "diaObjectId": object_ids,
+            "ra": ra,
+            "dec": dec,
+            "visit": np.full(n, visit, dtype=np.int64),
+            "detector": np.full(n, detector, dtype=np.int16),
+            "midpointMjdTai": np.full(n, mjd),
+        },
+    )
+    return Visit(visit, mjd, objects, sources, forced)
+
+
+def random_positions(
+    n: int, seed: int, ra0: float = 55.0, dec0: float = -30.0, half: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(ra0 - half, ra0 + half, n), rng.uniform(dec0 - half, dec0 + half, n)
