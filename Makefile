@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test lint format clean
+.PHONY: help install demo test lint format clean services
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,7 +22,10 @@ install: $(STAMP)  ## create .venv and install diadb with its dev tools
 demo: $(STAMP)  ## store and read synthetic visits in an embedded SQLite APDB
 	$(BIN)/diadb demo --out build/demo
 
-test: $(STAMP) lint  ## lint, type-check and run the whole test suite
+services:  ## install what the server-backed tests need (PostgreSQL, Cassandra jars)
+	bash scripts/services.sh install
+
+test: $(STAMP) lint services  ## lint, type-check, install servers and run the whole test suite
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy --strict

@@ -15,6 +15,8 @@ from diadb.errors import BackendUnavailable, ConfigError
 # scheme -> (module, factory, extra that installs the driver)
 _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "sqlite": ("diadb.backends.sqlite", "SqliteBackend", None),
+    "postgresql": ("diadb.backends.postgres", "PostgresBackend", "postgres"),
+    "cassandra": ("diadb.backends.cassandra", "CassandraBackend", "cassandra"),
 }
 
 
