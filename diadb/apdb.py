@@ -19,6 +19,7 @@ Writes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -29,8 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends import Backend, ReadTable, TimeWindow, VisitBatch, open_backend
+from diadb.backends.base import FaultHook, HistoryCapable
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
 from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
+from diadb.history.segment import SegmentInfo
+from diadb.history.tier import HISTORY_TABLES, HistoryTier, compaction_boundary
 from diadb.schema.felis import load_schema, schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.schema.validate import to_arrow, validate_catalog
@@ -57,6 +61,14 @@ class Apdb:
         self.schema = schema
         self.config = config
         self.read_only = read_only
+        self._tier: HistoryTier | None = None
+        self._compacted_to = -np.inf
+        if config.history_tier:
+            if not isinstance(backend, HistoryCapable):
+                raise ConfigError(
+                    f"the backend of {url} does not support the history tier (history_tier=True)"
+                )
+            self._tier = HistoryTier(backend.history_directory(), config.history_span_days)
 
     # ---- life cycle ----------------------------------------------------------------
     @classmethod
@@ -70,6 +82,8 @@ class Apdb:
         felis = schema if isinstance(schema, ApdbSchema) else load_schema(schema)
         url = str(url)
         backend = open_backend(url, create=True, options=cls._backend_options(url, cfg))
+        if cfg.history_tier is None:
+            cfg = dataclasses.replace(cfg, history_tier=isinstance(backend, HistoryCapable))
         metadata = {
             "diadb.layout_version": LAYOUT_VERSION,
             "diadb.pixelization": PIXELIZATION,
@@ -225,12 +239,28 @@ class Apdb:
         )
         if region is not None and len(ranges) == 0:
             return self._finish(spec.arrow_schema().empty_table().select(wanted), as_pandas)
-        raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
+        segments: list[SegmentInfo] = []
+        if self._tier is not None and table in HISTORY_TABLES:
+            assert isinstance(self._backend, HistoryCapable)
+            # The manifest and the engine rows are read in one snapshot: a concurrent
+            # compaction is seen wholly or not at all, so every row appears exactly once.
+            with self._backend.read_snapshot():
+                segments = self._backend.list_segments(table)
+                raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
+        else:
+            raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
         data = self._cast_to_schema(spec, raw, needed)
         if region is not None and data.num_rows:
             inside = region.contains(data.column("ra").to_numpy(), data.column("dec").to_numpy())
             if not inside.all():
                 data = data.filter(pa.array(inside))
+        if self._tier is not None and table in HISTORY_TABLES:
+            self._tier.forget(table, segments)
+            parts = self._tier.select(
+                segments, ranges, needed, region=region, window=window, object_ids=object_ids
+            )
+            if parts:
+                data = pa.concat_tables([data, *(p.cast(data.schema) for p in parts)])
         if data.num_rows > 1:
             data = data.take(pc.sort_indices(data, sort_keys=[(c, "ascending") for c in order]))
         return self._finish(data.select(wanted), as_pandas)
@@ -301,7 +331,82 @@ class Apdb:
         if not stored and self.config.on_duplicate_visit == "error":
             what = "the whole visit" if det == -1 else f"detector {det}"
             raise DuplicateVisitError(f"visit {visit} {what} is already stored in {self.url}")
+        if stored and self._tier is not None and self.config.history_auto_compact:
+            boundary = compaction_boundary(
+                mjd, self.config.history_span_days, self.config.history_compact_lag_days
+            )
+            if boundary > self._compacted_to:
+                self.compact(boundary=boundary)
         return stored
+
+    # ---- history tier --------------------------------------------------------------
+    def compact(self, *, boundary: float | None = None, fault: FaultHook | None = None) -> list[SegmentInfo]:
+        """Move source rows older than ``boundary`` (default: the newest closed span) into
+        history segments. Safe to run while other processes read and write."""
+        if self._tier is None:
+            raise ConfigError(f"{self.url} has no history tier (history_tier is off)")
+        assert isinstance(self._backend, HistoryCapable)
+        if boundary is None:
+            latest = self._latest_visit_mjd()
+            if latest is None:
+                return []
+            boundary = compaction_boundary(
+                latest, self.config.history_span_days, self.config.history_compact_lag_days
+            )
+        tier = self._tier
+
+        def write(table: str, rows: pa.Table) -> list[SegmentInfo]:
+            spec = self.schema.table(table)
+            typed = self._cast_to_schema(spec, rows, rows.column_names)
+            return tier.write(table, typed, fault)
+
+        created = self._backend.compact_history(HISTORY_TABLES, boundary, write, tier.sweep, fault)
+        self._compacted_to = max(self._compacted_to, boundary)
+        return created
+
+    def segments(self) -> list[SegmentInfo]:
+        """The live history segments (empty when the tier is off)."""
+        if self._tier is None:
+            return []
+        assert isinstance(self._backend, HistoryCapable)
+        return self._backend.list_segments()
+
+    def verify(self) -> list[str]:
+        """Check every history segment against its manifest entry (size, structure, checksum).
+
+        Returns one line per problem; an empty list means all is well."""
+        if self._tier is None:
+            return []
+        return self._tier.verify(self.segments())
+
+    def _latest_visit_mjd(self) -> float | None:
+        return self._backend.latest_visit_mjd()
+
+    def prune(self, now: Any = None, *, dry_run: bool = False) -> dict[str, dict[str, int]]:
+        """Drop source history older than ``history_months`` plus ``retention_grace_days`` before
+        ``now`` (default: the newest stored visit): whole history segments, and engine rows.
+
+        Returns, per table, the rows and segments that went (or would go, with ``dry_run``)."""
+        if self.read_only and not dry_run:
+            raise SchemaVersionError(f"{self.url} is open read-only")
+        latest = self._latest_visit_mjd() if now is None else mjd_tai(now)
+        report: dict[str, dict[str, int]] = {t: {"rows": 0, "segments": 0} for t in HISTORY_TABLES}
+        if latest is None:
+            return report
+        cutoff = latest - DAYS_PER_MONTH * self.config.history_months - self.config.retention_grace_days
+        old = [s for s in self.segments() if s.span_end <= cutoff]
+        for info in old:
+            report[info.table]["rows"] += info.rows
+            report[info.table]["segments"] += 1
+        for table in HISTORY_TABLES:
+            report[table]["rows"] += self._backend.count_before(table, cutoff)
+        if not dry_run:
+            if old:
+                assert isinstance(self._backend, HistoryCapable)
+                self._backend.drop_segments([s.segment_id for s in old])
+            for table in HISTORY_TABLES:
+                self._backend.delete_before(table, cutoff)
+        return report
 
     def _validate_optional(self, table: str, data: Any) -> pa.Table:
         spec = self.schema.table(table)
@@ -376,5 +481,11 @@ class Apdb:
         return self._backend.contains_visit_detector(int(visit), -1 if detector is None else int(detector))
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Rows and bytes (tables and their indexes) of each stored table."""
-        return {k: {"rows": v.rows, "bytes": v.bytes} for k, v in self._backend.table_stats().items()}
+        """Rows and bytes of each stored table (with its indexes), and of the history segments."""
+        result = {k: {"rows": v.rows, "bytes": v.bytes} for k, v in self._backend.table_stats().items()}
+        for info in self.segments():
+            entry = result.setdefault(f"{info.table} (history)", {"rows": 0, "bytes": 0, "segments": 0})
+            entry["rows"] += info.rows
+            entry["bytes"] += info.bytes
+            entry["segments"] += 1
+        return result

@@ -62,6 +62,56 @@ def stats(
 
 
 @app.command()
+def compact(url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")]) -> None:
+    """Move source rows of closed time spans into history segments now."""
+    from diadb.apdb import Apdb
+
+    try:
+        with Apdb.open(url) as db:
+            created = db.compact()
+    except Error as e:
+        raise _fail(str(e)) from None
+    rows = sum(s.rows for s in created)
+    typer.echo(f"compacted {rows:,} rows into {len(created)} segment(s)")
+
+
+@app.command()
+def verify(url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")]) -> None:
+    """Check every history segment's size, structure and checksum against the manifest."""
+    from diadb.apdb import Apdb
+
+    try:
+        with Apdb.open(url) as db:
+            problems = db.verify()
+            n = len(db.segments())
+    except Error as e:
+        raise _fail(str(e)) from None
+    for line in problems:
+        typer.echo(f"BAD {line}", err=True)
+    if problems:
+        raise typer.Exit(code=1)
+    typer.echo(f"ok: {n} segment(s) verified")
+
+
+@app.command()
+def prune(
+    url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would go; change nothing.")] = False,
+) -> None:
+    """Drop source history older than the window plus the retention grace."""
+    from diadb.apdb import Apdb
+
+    try:
+        with Apdb.open(url) as db:
+            report = db.prune(dry_run=dry_run)
+    except Error as e:
+        raise _fail(str(e)) from None
+    verb = "would drop" if dry_run else "dropped"
+    for table, r in report.items():
+        typer.echo(f"{table}: {verb} {r['rows']:,} rows ({r['segments']} segment(s))")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the demo database.")] = Path("build/demo"),
     visits: Annotated[int, typer.Option(help="Number of synthetic visits.")] = 20,

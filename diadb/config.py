@@ -32,6 +32,18 @@ class ApdbConfig:
     #: SQLite only: ``FULL`` makes every acknowledged store survive power loss;
     #: ``NORMAL`` survives process crashes only (WAL mode) and is faster.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    #: Keep source history in immutable, sky-sorted, memory-mapped segments (``diadb.history``).
+    #: ``None``: on wherever the backend supports it (the embedded SQLite backend).
+    history_tier: bool | None = None
+    #: Time span of one history segment, in days.
+    history_span_days: float = 7.0
+    #: A span is compacted into segments once it ended at least this many days before the
+    #: newest stored visit.
+    history_compact_lag_days: float = 1.0
+    #: Compact automatically after a store when a span closes (else: ``Apdb.compact``).
+    history_auto_compact: bool = True
+    #: Retention keeps ``history_months`` plus this many days; older data may be pruned.
+    retention_grace_days: float = 30.0
 
     def __post_init__(self) -> None:
         if not (1 <= self.history_months <= 120):
@@ -42,6 +54,10 @@ class ApdbConfig:
             raise ConfigError(
                 f"on_duplicate_visit must be 'ignore' or 'error', got {self.on_duplicate_visit!r}"
             )
+        if not (0.0 < self.history_span_days <= 366.0):
+            raise ConfigError(f"history_span_days must be in (0, 366], got {self.history_span_days}")
+        if self.history_compact_lag_days < 0.0 or self.retention_grace_days < 0.0:
+            raise ConfigError("history_compact_lag_days and retention_grace_days must be >= 0")
         if self.sqlite_synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(
                 f"sqlite_synchronous must be 'FULL' or 'NORMAL', got {self.sqlite_synchronous!r}"

@@ -2,13 +2,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import diadb
 from diadb.schema import ApdbSchema, load_schema
 
-BACKENDS = ["sqlite"]
+# Every backend variant runs the shared suite (test_store_read.py, test_validation.py).
+# The SQLite variants: the default (history tier on, 7-day segments), one where nearly
+# every row lives in 1-day history segments, and one without the history tier.
+BACKENDS = ["sqlite", "sqlite-segments", "sqlite-engine-only", "postgresql"]
+CREATE_OPTIONS: dict[str, dict[str, Any]] = {
+    "sqlite-segments": {"history_span_days": 1.0, "history_compact_lag_days": 0.0},
+    "sqlite-engine-only": {"history_tier": False},
+}
 
 
 @pytest.fixture(scope="session")
@@ -16,19 +24,34 @@ def official_schema() -> ApdbSchema:
     return load_schema()
 
 
-def make_url(backend: str, tmp_path: Path) -> str:
-    if backend == "sqlite":
+def make_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest | None = None) -> str:
+    if backend.startswith("sqlite"):
         return str(tmp_path / "apdb.db")
+    if backend == "postgresql":  # a fresh schema on the session's server (tests/service_postgres.py)
+        from tests.service_postgres import fresh_url
+
+        assert request is not None, "a PostgreSQL URL needs the test's request"
+        return fresh_url(request)
     raise AssertionError(backend)
 
 
 @pytest.fixture(params=BACKENDS)
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return make_url(request.param, tmp_path)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def apdb(backend_url: str, official_schema: ApdbSchema) -> Iterator[diadb.Apdb]:
-    db = diadb.Apdb.create(backend_url, schema=official_schema)
+def backend_url(backend_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return make_url(backend_name, tmp_path, request)
+
+
+@pytest.fixture
+def create_options(backend_name: str) -> dict[str, Any]:
+    return CREATE_OPTIONS.get(backend_name, {})
+
+
+@pytest.fixture
+def apdb(backend_url: str, official_schema: ApdbSchema, create_options: dict[str, Any]) -> Iterator[diadb.Apdb]:
+    db = diadb.Apdb.create(backend_url, schema=official_schema, **create_options)
     yield db
     db.close()

@@ -7,19 +7,25 @@ fall in order-29 pixel ranges and a time window. Engine-specific code stays in i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from diadb.history.segment import SegmentInfo
 from diadb.schema.model import ApdbSchema
 
 #: The tables a read addresses. "DiaObject" reads the latest version of each object.
 ReadTable = Literal["DiaObject", "DiaSource", "DiaForcedSource"]
 Int64Array = npt.NDArray[np.int64]
+SegmentWriter = Callable[[str, pa.Table], list[SegmentInfo]]
+SegmentSweeper = Callable[[list[SegmentInfo], list[tuple[str, float]]], list[str]]
+FaultHook = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,39 @@ class Backend(Protocol):
 
     def contains_visit_detector(self, visit: int, detector: int) -> bool: ...
 
+    def latest_visit_mjd(self) -> float | None:
+        """The visit time of the newest stored visit, or None when nothing is stored."""
+
+    def count_before(self, table: str, cutoff_mjd: float) -> int:
+        """Rows of a source table with time < ``cutoff_mjd`` (what ``delete_before`` would remove)."""
+
+    def delete_before(self, table: str, cutoff_mjd: float) -> int:
+        """Delete a source table's rows with time < ``cutoff_mjd``; return how many went."""
+
     def table_stats(self) -> dict[str, TableStats]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HistoryCapable(Protocol):
+    """A backend that can keep a manifest of history segments (see ``diadb.history``)."""
+
+    def history_directory(self) -> Path: ...
+
+    def read_snapshot(self) -> AbstractContextManager[None]:
+        """Reads made inside see one consistent state of rows and manifest."""
+
+    def list_segments(self, table: str | None = None) -> list[SegmentInfo]: ...
+
+    def compact_history(
+        self,
+        tables: Sequence[str],
+        boundary: float,
+        write: SegmentWriter,
+        sweep: SegmentSweeper,
+        fault: FaultHook | None = None,
+    ) -> list[SegmentInfo]:
+        """Atomically move rows older than ``boundary`` into segments written by ``write``."""
+
+    def drop_segments(self, segment_ids: Sequence[int]) -> None: ...

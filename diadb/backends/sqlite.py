@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
+from diadb.backends.base import (
+    FaultHook,
+    Int64Array,
+    ReadTable,
+    SegmentSweeper,
+    SegmentWriter,
+    TableStats,
+    TimeWindow,
+    VisitBatch,
+)
 from diadb.errors import ConfigError, StorageError
+from diadb.history.segment import SegmentInfo
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.schema.types import sql_type
 
@@ -144,6 +155,14 @@ class SqliteBackend:
             "visit_mjd_tai REAL NOT NULL, stored_at TEXT NOT NULL, n_objects INTEGER NOT NULL, "
             "n_sources INTEGER NOT NULL, n_forced_sources INTEGER NOT NULL, PRIMARY KEY (visit, detector))"
         )
+        # The manifest of history segments (diadb.history), and segments waiting for deletion.
+        ddl.append(
+            "CREATE TABLE diadb_segment (segment_id INTEGER PRIMARY KEY, table_name TEXT NOT NULL, "
+            "name TEXT NOT NULL UNIQUE, t_min REAL NOT NULL, t_max REAL NOT NULL, span_start REAL NOT NULL, "
+            "span_end REAL NOT NULL, pix_min INTEGER NOT NULL, pix_max INTEGER NOT NULL, "
+            "rows INTEGER NOT NULL, bytes INTEGER NOT NULL, checksum TEXT NOT NULL)"
+        )
+        ddl.append("CREATE TABLE diadb_segment_trash (name TEXT PRIMARY KEY, dropped_at REAL NOT NULL)")
         obj = schema.table("DiaObject")
         ddl.append(
             self._create_table("DiaObject", obj, obj.primary_key or ("diaObjectId", "validityStartMjdTai"))
@@ -265,6 +284,20 @@ class SqliteBackend:
         found = self.existing_keys("DiaObjectLatest", pa.table({"diaObjectId": np.unique(ids)}))
         return np.asarray(found.column("diaObjectId").to_numpy(), dtype=np.int64)
 
+    def count_before(self, table: str, cutoff_mjd: float) -> int:
+        sql = f"SELECT count(*) FROM {q(table)} WHERE {q(TIME_COLUMN[table])} < ?"
+        return int(self._fetch(sql, [cutoff_mjd]).column(0)[0].as_py())
+
+    def delete_before(self, table: str, cutoff_mjd: float) -> int:
+        with self._transaction() as cur:
+            n = self.count_before(table, cutoff_mjd)
+            cur.execute(f"DELETE FROM {q(table)} WHERE {q(TIME_COLUMN[table])} < ?", [cutoff_mjd])
+        return n
+
+    def latest_visit_mjd(self) -> float | None:
+        value = self._fetch("SELECT MAX(visit_mjd_tai) FROM diadb_visit").column(0)[0].as_py()
+        return None if value is None else float(value)
+
     def contains_visit_detector(self, visit: int, detector: int) -> bool:
         if detector == -1:
             t = self._fetch("SELECT 1 FROM diadb_visit WHERE visit = ? LIMIT 1", [int(visit)])
@@ -335,6 +368,120 @@ class SqliteBackend:
             f"DELETE FROM {q(LATEST_TABLE)} WHERE diaObjectId IN (SELECT id FROM temp.diadb_new_versions)"
         )
         cur.adbc_ingest(LATEST_TABLE, objects, mode="append")
+
+    # ---- history tier --------------------------------------------------------------
+    def history_directory(self) -> Path:
+        return Path(os.path.abspath(self.path) + ".history")
+
+    @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Reads inside see one consistent state (one SQLite read transaction in WAL mode)."""
+        cur = self._conn.cursor()
+        cur.execute("BEGIN")
+        try:
+            yield
+        finally:
+            cur.execute("COMMIT")
+            cur.close()
+
+    def list_segments(self, table: str | None = None) -> list[SegmentInfo]:
+        sql = (
+            "SELECT table_name, name, t_min, t_max, span_start, span_end, pix_min, pix_max, rows, bytes, "
+            "checksum, segment_id FROM diadb_segment"
+        )
+        if table:
+            t = self._fetch(sql + " WHERE table_name = ? ORDER BY segment_id", [table])
+        else:
+            t = self._fetch(sql + " ORDER BY segment_id")
+        return [
+            SegmentInfo(
+                table=r["table_name"],
+                name=r["name"],
+                t_min=r["t_min"],
+                t_max=r["t_max"],
+                span_start=r["span_start"],
+                span_end=r["span_end"],
+                pix_min=r["pix_min"],
+                pix_max=r["pix_max"],
+                rows=r["rows"],
+                bytes=r["bytes"],
+                checksum=r["checksum"],
+                segment_id=r["segment_id"],
+            )
+            for r in t.to_pylist()
+        ]
+
+    def compact_history(
+        self,
+        tables: Sequence[str],
+        boundary: float,
+        write: SegmentWriter,
+        sweep: SegmentSweeper,
+        fault: FaultHook | None = None,
+    ) -> list[SegmentInfo]:
+        """Move every row older than ``boundary`` into segments, in one write transaction.
+
+        Files are written (and made durable) by ``write`` while the transaction holds the
+        write lock; the manifest rows and the deletion of the moved rows commit together.
+        A crash before the commit leaves the rows in the engine and an orphan file that the
+        next compaction's ``sweep`` deletes.
+        """
+        hook = fault or (lambda step: None)
+        created: list[SegmentInfo] = []
+        try:
+            with self._transaction() as cur:
+                trash = self._fetch("SELECT name, dropped_at FROM diadb_segment_trash")
+                trash_list = list(zip(trash.column(0).to_pylist(), trash.column(1).to_pylist(), strict=True))
+                for name in sweep(self.list_segments(), trash_list):
+                    cur.execute("DELETE FROM diadb_segment_trash WHERE name = ?", [name])
+                for table in tables:
+                    tcol = q(TIME_COLUMN[table])
+                    cur.execute(f"SELECT * FROM {q(table)} WHERE {tcol} < ?", [boundary])
+                    rows: pa.Table = cur.fetch_arrow_table()
+                    hook("read")
+                    if rows.num_rows == 0:
+                        continue
+                    infos = write(table, rows)
+                    for info in infos:
+                        cur.execute(
+                            "INSERT INTO diadb_segment (table_name, name, t_min, t_max, span_start, "
+                            "span_end, pix_min, pix_max, rows, bytes, checksum) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            [
+                                info.table,
+                                info.name,
+                                info.t_min,
+                                info.t_max,
+                                info.span_start,
+                                info.span_end,
+                                info.pix_min,
+                                info.pix_max,
+                                info.rows,
+                                info.bytes,
+                                info.checksum,
+                            ],
+                        )
+                    cur.execute(f"DELETE FROM {q(table)} WHERE {tcol} < ?", [boundary])
+                    created += infos
+                hook("commit")
+            hook("committed")
+        except self._errors as e:
+            raise StorageError(f"SQLite compaction failed on {self.path}: {e}") from e
+        return created
+
+    def drop_segments(self, segment_ids: Sequence[int]) -> None:
+        """Remove segments from the manifest; their files go to the trash (deleted after a grace)."""
+        if not segment_ids:
+            return
+        ids = [int(i) for i in segment_ids]
+        marks = ", ".join("?" * len(ids))
+        with self._transaction() as cur:
+            cur.execute(
+                f"INSERT OR IGNORE INTO diadb_segment_trash SELECT name, ? FROM diadb_segment "
+                f"WHERE segment_id IN ({marks})",
+                [time.time(), *ids],
+            )
+            cur.execute(f"DELETE FROM diadb_segment WHERE segment_id IN ({marks})", ids)
 
     # ---- bookkeeping ---------------------------------------------------------------
     def table_stats(self) -> dict[str, TableStats]:

@@ -1,0 +1,147 @@
+"""The history tier: reads across memory-mapped segments, and compaction of engine rows into them.
+
+The engine (SQLite by default) keeps recent rows and all mutable state, including the
+manifest of live segments. Compaction moves every source row older than a span boundary
+into new segments inside one engine write transaction, so a reader's snapshot (manifest +
+engine rows read together) sees each row exactly once, before or after.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from diadb.backends.base import TimeWindow
+from diadb.history.segment import Int64Array, SegmentInfo, locate, open_segment, verify_segment, write_segment
+from diadb.sky.regions import Region
+
+HISTORY_TABLES = ("DiaSource", "DiaForcedSource")
+TIME_COLUMN = "midpointMjdTai"
+#: A dropped segment's file is deleted only this long after it left the manifest, so a reader
+#: that listed it just before can still open it.
+TRASH_GRACE_S = 600.0
+
+FaultHook = Callable[[str], None]
+
+
+def span_of(t: float, span_days: float) -> tuple[float, float]:
+    k = math.floor(t / span_days)
+    return k * span_days, (k + 1) * span_days
+
+
+def compaction_boundary(latest_mjd: float, span_days: float, lag_days: float) -> float:
+    """Rows older than this (a span edge at least ``lag_days`` before ``latest_mjd``) move."""
+    return math.floor((latest_mjd - lag_days) / span_days) * span_days
+
+
+class HistoryTier:
+    """Segment files of one database, memory-mapped on first use and cached per process."""
+
+    def __init__(self, directory: Path, span_days: float) -> None:
+        self.directory = directory
+        self.span_days = span_days
+        self._open: dict[str, pa.Table] = {}
+
+    def _segment(self, info: SegmentInfo) -> pa.Table:
+        data = self._open.get(info.name)
+        if data is None:
+            data = open_segment(self.directory, info)
+            self._open[info.name] = data
+        return data
+
+    def forget(self, table: str, live: Sequence[SegmentInfo]) -> None:
+        """Unmap the segments of ``table`` that left the manifest."""
+        names = {s.name for s in live}
+        for name in [n for n in self._open if n.startswith(table + "-") and n not in names]:
+            del self._open[name]
+
+    def select(
+        self,
+        segments: Sequence[SegmentInfo],
+        ranges: Int64Array,
+        columns: Sequence[str],
+        *,
+        region: Region | None,
+        window: TimeWindow | None,
+        object_ids: Int64Array | None,
+    ) -> list[pa.Table]:
+        """The rows of ``segments`` in the region's cover, exactly inside ``region``, in the window."""
+        parts: list[pa.Table] = []
+        for info in segments:
+            if window is not None and (info.t_max <= window.start or info.t_min > window.end):
+                continue
+            if len(ranges) and (info.pix_max < ranges[0, 0] or info.pix_min >= ranges[-1, 1]):
+                continue
+            data = self._segment(info)
+            idx = locate(data, ranges) if len(ranges) else np.arange(data.num_rows, dtype=np.int64)
+            if idx.size and window is not None:
+                t = _column(data, TIME_COLUMN)[idx]
+                idx = idx[(t > window.start) & (t <= window.end)]
+            if idx.size and object_ids is not None:
+                idx = idx[np.isin(_column(data, "diaObjectId")[idx], object_ids)]
+            if idx.size and region is not None:
+                idx = idx[region.contains(_column(data, "ra")[idx], _column(data, "dec")[idx])]
+            if idx.size:
+                parts.append(data.select(list(columns)).take(pa.array(idx)))
+        return parts
+
+    def write(self, table: str, rows: pa.Table, fault: FaultHook | None = None) -> list[SegmentInfo]:
+        """Write ``rows`` as one segment per time span they fall in."""
+        times = _column(rows, TIME_COLUMN)
+        span_index = np.floor(times / self.span_days).astype(np.int64)
+        infos = []
+        for k in np.unique(span_index):
+            part = rows.filter(pa.array(span_index == k))
+            span = (float(k) * self.span_days, float(k + 1) * self.span_days)
+            infos.append(write_segment(self.directory, table, part, TIME_COLUMN, span, fault=fault))
+        return infos
+
+    def sweep(self, live: Sequence[SegmentInfo], trash: Sequence[tuple[str, float]]) -> list[str]:
+        """Delete files that no manifest entry names: crash leftovers, and trash past its grace.
+
+        Must run inside the engine's write transaction (no other compaction can be writing).
+        Returns the names of the trash entries deleted.
+        """
+        if not self.directory.exists():
+            return []
+        live_names = {s.name for s in live}
+        now = time.time()
+        keep_trash = {name for name, dropped in trash if now - dropped < TRASH_GRACE_S}
+        deleted = []
+        for path in self.directory.iterdir():
+            if path.name in live_names or path.name in keep_trash:
+                continue
+            path.unlink(missing_ok=True)
+        for name, dropped in trash:
+            if now - dropped >= TRASH_GRACE_S:
+                deleted.append(name)
+        return deleted
+
+    def verify(self, segments: Sequence[SegmentInfo]) -> list[str]:
+        """Check every segment fully; return one problem line per bad segment."""
+        problems = []
+        for info in segments:
+            try:
+                verify_segment(self.directory, info)
+            except Exception as e:  # every failure is reported, none stops the check
+                problems.append(str(e))
+        return problems
+
+
+def _column(data: pa.Table, name: str) -> npt.NDArray[Any]:
+    """A column as numpy: zero copy for a segment's single chunk."""
+    col = data.column(name)
+    values: npt.NDArray[Any] = col.chunk(0).to_numpy() if col.num_chunks == 1 else col.to_numpy()
+    return values
+
+
+def default_directory(db_path: str) -> Path:
+    return Path(os.path.abspath(db_path) + ".history")

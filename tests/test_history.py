@@ -1,0 +1,244 @@
+"""The history tier: same answers as the engine alone, crash-safe compaction, corruption, retention."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import diadb
+from diadb.history import tier as tier_module
+from diadb.history.segment import CorruptSegmentError
+from tests.helpers import make_visit, random_positions
+
+ROOT = Path(__file__).resolve().parents[1]
+EVERYWHERE = diadb.Box(0, 360, -90, 90)
+SEGMENTS = {"history_span_days": 1.0, "history_compact_lag_days": 0.0}
+
+
+def _stream(db: diadb.Apdb, n_visits: int, n: int = 200, first: int = 1, day_step: float = 2.5) -> None:
+    """Visits of a few overlapping objects, ``day_step`` days apart."""
+    ra, dec = random_positions(n, 3)
+    for v in range(first, first + n_visits):
+        ids = np.arange(1, n + 1) + (v % 3) * 10_000  # three object populations, revisited
+        visit = make_visit(db.schema, v, 60000.0 + v * day_step, ids, ra + (v % 3) * 0.1, dec, seed=v)
+        db.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=v)
+
+
+def test_tier_on_and_off_return_identical_tables(tmp_path, official_schema):
+    plain = diadb.Apdb.create(str(tmp_path / "plain.db"), schema=official_schema, history_tier=False)
+    tiered = diadb.Apdb.create(str(tmp_path / "tiered.db"), schema=official_schema, **SEGMENTS)
+    for db in (plain, tiered):
+        _stream(db, 12)
+    assert len(tiered.segments()) > 5 and plain.segments() == []
+    stats = tiered.stats()
+    assert stats["DiaSource (history)"]["rows"] > stats["DiaSource"]["rows"]
+    regions = [diadb.Circle(55, -30, 0.4), diadb.Box(54, 55.5, -31, -29.5), EVERYWHERE]
+    for region in regions:
+        for t, months in [(60031.0, 12), (60020.0, 1), (60012.5, 0), (60100.0, 1)]:
+            for method in ("get_sources", "get_forced_sources"):
+                a = getattr(plain, method)(region, t, months=months)
+                b = getattr(tiered, method)(region, t, months=months)
+                assert a.equals(b), (method, region, t)
+                cols = ["diaObjectId", "ra", "psfFlux"]
+                assert getattr(plain, method)(region, t, columns=cols).equals(
+                    getattr(tiered, method)(region, t, columns=cols)
+                )
+        assert plain.get_objects(region).equals(tiered.get_objects(region))
+    ids = [1, 10_005, 20_199]
+    assert plain.get_sources(None, 60031.0, object_ids=ids).equals(
+        tiered.get_sources(None, 60031.0, object_ids=ids)
+    )
+    plain.close()
+    tiered.close()
+
+
+def test_segments_are_sorted_and_verified(tmp_path, official_schema):
+    db = diadb.Apdb.create(str(tmp_path / "a.db"), schema=official_schema, **SEGMENTS)
+    _stream(db, 6)
+    assert db.verify() == []
+    directory = Path(str(tmp_path / "a.db") + ".history")
+    for info in db.segments():
+        data = pa.ipc.open_file(pa.memory_map(str(directory / info.name))).read_all()
+        pix = data.column("_healpix_29").to_numpy()
+        assert np.all(np.diff(pix) >= 0)
+        assert data.schema.field("psfFlux").type == pa.float32()  # stored with schema types
+        assert info.span_start <= info.t_min <= info.t_max < info.span_end
+    db.close()
+
+
+def test_damaged_or_missing_segment_is_an_error_not_wrong_rows(tmp_path, official_schema):
+    url = str(tmp_path / "c.db")
+    db = diadb.Apdb.create(url, schema=official_schema, **SEGMENTS)
+    _stream(db, 6)
+    segments = [s for s in db.segments() if s.table == "DiaSource"]
+    db.close()
+    directory = Path(url + ".history")
+    # One flipped byte keeps the size: the checksum finds it.
+    victim = directory / segments[0].name
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with diadb.Apdb.open(url) as again:
+        problems = again.verify()
+        assert len(problems) == 1 and segments[0].name in problems[0] and "checksum" in problems[0]
+    # A truncated file is refused on read, naming the file.
+    truncated = directory / segments[1].name
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with diadb.Apdb.open(url) as again, pytest.raises(CorruptSegmentError, match=segments[1].name):
+        again.get_sources(EVERYWHERE, 60100.0)
+    (directory / segments[1].name).unlink()
+    with diadb.Apdb.open(url) as again, pytest.raises(CorruptSegmentError, match="is missing"):
+        again.get_sources(EVERYWHERE, 60100.0)
+
+
+COMPACT_AND_DIE = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import diadb
+    db = diadb.Apdb.open({url!r})
+
+    def fault(step):
+        if step == {step!r}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    db.compact(boundary=1e9, fault=fault)
+    print("finished", flush=True)
+    """
+)
+
+
+def _rows_per_visit(url: str) -> tuple[dict[int, int], dict[int, int]]:
+    with diadb.Apdb.open(url) as db:
+        out = []
+        for method in ("get_sources", "get_forced_sources"):
+            visits = getattr(db, method)(EVERYWHERE, 70000.0, months=1000, columns=["visit"]).column(0)
+            values, counts = np.unique(visits.to_numpy(), return_counts=True)
+            out.append(dict(zip(values.tolist(), counts.tolist(), strict=True)))
+        return out[0], out[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["read", "write_tmp", "rename", "renamed", "commit", "committed"])
+def test_sigkill_at_every_compaction_step_keeps_every_row_once(tmp_path, official_schema, step):
+    url = str(tmp_path / "k.db")
+    db = diadb.Apdb.create(url, schema=official_schema, history_auto_compact=False)
+    _stream(db, 5, n=150)
+    db.close()
+    expected = {v: 150 for v in range(1, 6)}
+    assert _rows_per_visit(url) == (expected, expected)
+    code = COMPACT_AND_DIE.format(root=str(ROOT), url=url, step=step)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert _rows_per_visit(url) == (expected, expected)
+    with diadb.Apdb.open(url) as again:
+        assert again.verify() == []
+        moved = sum(s.rows for s in again.segments())
+        assert moved == (1500 if step == "committed" else 0)
+        again.compact(boundary=1e9)  # finishes the job and sweeps the crash's orphan files
+        live = {s.name for s in again.segments()}
+    assert _rows_per_visit(url) == (expected, expected)
+    files = {p.name for p in Path(url + ".history").iterdir()}
+    assert files == live  # no temporary or orphan file is left
+
+
+READ_WHILE_COMPACTING = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    sys.path.insert(0, {root!r})
+    import diadb
+    db = diadb.Apdb.open({url!r})
+    bad = 0
+    for _ in range(60):
+        v = db.get_sources(diadb.Box(0, 360, -90, 90), 70000.0, months=1000, columns=["visit"]).column(0)
+        counts = np.unique(v.to_numpy(), return_counts=True)[1]
+        bad += int((counts != {n}).sum())
+    print("bad", bad, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_readers_see_each_row_once_while_compaction_runs(tmp_path, official_schema):
+    url = str(tmp_path / "r.db")
+    db = diadb.Apdb.create(url, schema=official_schema, **SEGMENTS)
+    n = 150
+    readers = [
+        subprocess.Popen(
+            [sys.executable, "-c", READ_WHILE_COMPACTING.format(root=str(ROOT), url=url, n=n)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    _stream(db, 20, n=n, day_step=1.0)  # a compaction after nearly every store
+    for r in readers:
+        out, _ = r.communicate(timeout=300)
+        assert r.returncode == 0 and out.strip() == "bad 0"
+    assert len(db.segments()) >= 10
+    db.close()
+
+
+def test_retention_drops_whole_segments_then_their_files(tmp_path, official_schema, monkeypatch):
+    url = str(tmp_path / "p.db")
+    db = diadb.Apdb.create(
+        url, schema=official_schema, history_months=1, retention_grace_days=5.0, **SEGMENTS
+    )
+    _stream(db, 30, n=50, day_step=2.0)  # visits at days 2..60
+    before = db.get_sources(EVERYWHERE, 60060.0, months=100, columns=["midpointMjdTai"]).column(0).to_numpy()
+    cutoff = 60060.0 - 30.0 - 5.0
+    preview = db.prune(dry_run=True)
+    assert db.get_sources(EVERYWHERE, 60060.0, months=100).num_rows == len(before)  # dry run changed nothing
+    expected_gone = int((before < cutoff).sum())
+    assert preview["DiaSource"]["rows"] == expected_gone > 0
+    report = db.prune()
+    assert report == preview
+    after = db.get_sources(EVERYWHERE, 60060.0, months=100, columns=["midpointMjdTai"]).column(0).to_numpy()
+    assert len(after) == len(before) - expected_gone and after.min() >= cutoff
+    directory = Path(url + ".history")
+    dropped = report["DiaSource"]["segments"] + report["DiaForcedSource"]["segments"]
+    assert dropped > 0
+    # Files stay for a grace period (a reader may have listed them), then the next compaction deletes them.
+    assert len(list(directory.iterdir())) == len(db.segments()) + dropped
+    monkeypatch.setattr(tier_module, "TRASH_GRACE_S", 0.0)
+    db.compact()
+    assert len(list(directory.iterdir())) == len(db.segments())
+    db.close()
+
+
+def test_compact_without_tier_is_a_clear_error(tmp_path, official_schema):
+    with diadb.Apdb.create(str(tmp_path / "x.db"), schema=official_schema, history_tier=False) as db:
+        with pytest.raises(diadb.ConfigError, match="no history tier"):
+            db.compact()
+        assert db.verify() == [] and db.segments() == []
+
+
+def test_cli_compact_verify_prune(tmp_path, official_schema):
+    from typer.testing import CliRunner
+
+    from diadb.cli import app
+
+    url = str(tmp_path / "cli.db")
+    db = diadb.Apdb.create(
+        url, schema=official_schema, history_auto_compact=False, history_months=1, retention_grace_days=5.0
+    )
+    _stream(db, 4, n=30, day_step=20.0)
+    db.close()
+    runner = CliRunner()
+    result = runner.invoke(app, ["compact", url])
+    assert result.exit_code == 0 and "compacted 180 rows" in result.output
+    assert runner.invoke(app, ["verify", url]).exit_code == 0
+    dry = runner.invoke(app, ["prune", url, "--dry-run"])
+    assert dry.exit_code == 0 and "DiaSource: would drop 60 rows (2 segment(s))" in dry.output
+    seg = next(Path(url + ".history").iterdir())
+    seg.write_bytes(b"junk")
+    bad = runner.invoke(app, ["verify", url])
+    assert bad.exit_code == 1 and seg.name in bad.output
