@@ -237,7 +237,7 @@ def test_cli_compact_verify_prune(tmp_path, official_schema):
     assert result.exit_code == 0 and "compacted 180 rows" in result.output
     assert runner.invoke(app, ["verify", url]).exit_code == 0
     dry = runner.invoke(app, ["prune", url, "--dry-run"])
-    assert dry.exit_code == 0 and "DiaSource: would drop 60 rows (2 segment(s))" in dry.output
+    assert dry.exit_code == 0 and "DiaSource: would drop 30 rows (1 segment(s))" in dry.output
     seg = next(Path(url + ".history").iterdir())
     seg.write_bytes(b"junk")
     bad = runner.invoke(app, ["verify", url])
