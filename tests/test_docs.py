@@ -21,7 +21,9 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert block is not None
     code = block.group(1)
     assert len(code.strip().splitlines()) == 5
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "0", "False"]
 
