@@ -122,7 +122,7 @@ def test_schema_missing_required_column_is_refused(tmp_path: Path):
     path.write_text(
         MINI.replace(
             '  - {name: midpointMjdTai, "@id": "#DiaSource.midpointMjdTai", '
-            'datatype: double, nullable: false}\n',
+            "datatype: double, nullable: false}\n",
             "",
         )
     )
