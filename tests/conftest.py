@@ -12,7 +12,7 @@ from diadb.schema import ApdbSchema, load_schema
 # Every backend variant runs the shared suite (test_store_read.py, test_validation.py).
 # The SQLite variants: the default (history tier on, 7-day segments), one where nearly
 # every row lives in 1-day history segments, and one without the history tier.
-BACKENDS = ["sqlite", "sqlite-segments", "sqlite-engine-only", "postgresql", "cassandra"]
+BACKENDS = ["sqlite", "sqlite-segments", "sqlite-engine-only"]
 CREATE_OPTIONS: dict[str, dict[str, Any]] = {
     "sqlite-segments": {"history_span_days": 1.0, "history_compact_lag_days": 0.0},
     "sqlite-engine-only": {"history_tier": False},
