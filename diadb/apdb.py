@@ -364,6 +364,11 @@ class Apdb:
         self._compacted_to = max(self._compacted_to, boundary)
         return created
 
+    @property
+    def tier(self) -> HistoryTier | None:
+        """The history tier, or None when it is off."""
+        return self._tier
+
     def segments(self) -> list[SegmentInfo]:
         """The live history segments (empty when the tier is off)."""
         if self._tier is None:

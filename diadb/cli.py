@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +18,8 @@ app = typer.Typer(
 
 
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    # One line, whatever the driver's message looked like (libpq's span several).
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
     return typer.Exit(code=2)
 
 
@@ -112,100 +112,148 @@ def prune(
 
 
 @app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="Directory for the demo database.")] = Path("build/demo"),
-    visits: Annotated[int, typer.Option(help="Number of synthetic visits.")] = 20,
+def bench(
+    profile: Annotated[
+        str, typer.Option(help="ci (seconds), demo (minutes) or year (up to an hour).")
+    ] = "demo",
+    compare: Annotated[
+        list[str] | None, typer.Option(help="Also run this system side by side: dax_apdb.")
+    ] = None,
+    engine_only: Annotated[bool, typer.Option(help="Also run diadb without its history tier.")] = False,
+    out: Annotated[Path, typer.Option(help="Directory for the databases and the report.")] = Path(
+        "build/bench"
+    ),
+    visits: Annotated[int | None, typer.Option(help="Override the profile's number of visits.")] = None,
+    columns: Annotated[str, typer.Option(help="Columns diadb reads: all, or association.")] = "all",
+    url: Annotated[str | None, typer.Option(help="diadb database URL (default: SQLite in --out).")] = None,
 ) -> None:
-    """Store synthetic visits of one field into a fresh SQLite APDB and read them back."""
+    """Simulate visits into diadb (and the reference) side by side; report medians, ratios, a plot."""
+    from diadb.sim.bench import run_bench
+
     try:
-        report = run_demo(out, visits)
+        result = _with_progress(
+            "bench",
+            lambda progress: run_bench(
+                profile,
+                out,
+                compare=compare or (),
+                engine_only=engine_only,
+                visits=visits,
+                columns=columns,
+                progress=progress,
+                url=url,
+            ),
+        )
     except Error as e:
         raise _fail(str(e)) from None
-    for line in report:
-        typer.echo(line)
+    typer.echo(result.summary_path.read_text())
+    typer.echo(f"report: {result.summary_path}")
+    if result.plot_path is not None:
+        typer.echo(f"plot: {result.plot_path}")
 
 
-def run_demo(out: Path, n_visits: int) -> list[str]:
-    """The embedded-default demo: store then read ``n_visits`` synthetic visits of one field."""
-    import numpy as np
-    import pyarrow as pa
-
+@app.command()
+def simulate(
+    url: Annotated[str, typer.Argument(help="SQLite path or URL of a database to create.")],
+    profile: Annotated[str, typer.Option(help="Simulation profile: ci, demo or year.")] = "ci",
+    visits: Annotated[int | None, typer.Option(help="Override the profile's number of visits.")] = None,
+    mode: Annotated[str, typer.Option(help="field (one read+store per visit) or detector (189).")] = "field",
+    workers: Annotated[int, typer.Option(help="Worker processes in detector mode.")] = 1,
+    metrics: Annotated[Path | None, typer.Option(help="Write per-visit metrics (.parquet or .csv).")] = None,
+) -> None:
+    """Run the visit simulator against a new database, as the pipeline would (ap_proto's job)."""
     from diadb.apdb import Apdb
-    from diadb.sim.fill import fill_table
-    from diadb.sky.regions import Circle
+    from diadb.sim.bench import PROFILES
+    from diadb.sim.model import VisitSimulator
+    from diadb.sim.runner import run, save_metrics, summarize
 
-    if n_visits < 1:
-        raise typer.BadParameter("visits must be >= 1")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "demo.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    rng = np.random.default_rng(42)
-    lines = [f"diadb demo: {n_visits} synthetic visits of one 3.5 deg field into {path}"]
-    with Apdb.create(str(path)) as db:
-        field = Circle(55.0, -30.0, 1.75)
-        n = 10_000  # ~1,040 variable objects per deg^2 over the 9.6 deg^2 field
-        r = 1.7 * np.sqrt(rng.random(n))  # inside the 1.75 deg field despite the flat-sky approximation
-        theta = rng.random(n) * 2 * np.pi
-        dec = -30.0 + r * np.sin(theta)
-        ra = 55.0 + r * np.cos(theta) / np.cos(np.radians(dec))
-        ids = np.arange(1, n + 1, dtype=np.int64)
-        spec_o, spec_s, spec_f = (db.schema.table(t) for t in ("DiaObject", "DiaSource", "DiaForcedSource"))
-        reads, stores = [], []
-        for v in range(1, n_visits + 1):
-            mjd = 60000.0 + v * 45.0 / 86400.0
-            t0 = time.perf_counter()
-            objs = db.get_objects(field)
-            srcs = db.get_sources(field, mjd)
-            forced = db.get_forced_sources(field, mjd)
-            reads.append(time.perf_counter() - t0)
-            common: dict[str, Any] = {
-                "ra": ra,
-                "dec": dec,
-                "midpointMjdTai": np.full(n, mjd),
-                "visit": np.full(n, v),
-                "detector": np.zeros(n, np.int16),
-            }
-            objects = fill_table(
-                spec_o,
-                n,
-                rng,
-                {
-                    "diaObjectId": ids,
-                    "ra": ra,
-                    "dec": dec,
-                    "validityStartMjdTai": np.full(n, mjd),
-                    "validityEndMjdTai": pa.nulls(n, pa.float64()),
-                    "nDiaSources": np.full(n, v, np.int32),
-                },
+    if profile not in PROFILES:
+        raise _fail(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    if mode not in ("field", "detector"):
+        raise _fail(f"mode must be field or detector, got {mode!r}")
+    prof = PROFILES[profile]
+    n = prof.visits if visits is None else visits
+    try:
+        with Apdb.create(url) as db:
+            sim = VisitSimulator(prof.sim, db.schema)
+            table = _with_progress(
+                "simulate",
+                lambda progress: run(
+                    db,
+                    sim,
+                    n,
+                    mode="field" if mode == "field" else "detector",
+                    workers=workers,
+                    progress=progress,
+                ),
             )
-            sources = fill_table(
-                spec_s,
-                n,
-                rng,
-                {
-                    **common,
-                    "diaSourceId": ids * 10_000 + v,
-                    "diaObjectId": ids,
-                    "ssObjectId": pa.nulls(n, pa.int64()),
-                },
-            )
-            forced_new = fill_table(
-                spec_f, n, rng, {**common, "diaForcedSourceId": ids * 10_000 + v, "diaObjectId": ids}
-            )
-            t0 = time.perf_counter()
-            db.store(mjd, objects, sources, forced_new, visit=v)
-            stores.append(time.perf_counter() - t0)
-        lines.append(
-            f"last read: {objs.num_rows:,} objects, {srcs.num_rows:,} sources, "
-            f"{forced.num_rows:,} forced sources"
+        if metrics is not None:
+            save_metrics(table, metrics)
+    except Error as e:
+        raise _fail(str(e)) from None
+    for key, value in summarize(table).items():
+        typer.echo(f"{key:28s} {value:12.4f}")
+
+
+@app.command()
+def sizing(
+    summary: Annotated[Path, typer.Option(help="summary.json written by diadb bench.")] = Path(
+        "build/bench/summary.json"
+    ),
+    visits: Annotated[float | None, typer.Option(help="Project for this many visits.")] = None,
+    nights: Annotated[float | None, typer.Option(help="... or nights (1,000 visits each).")] = None,
+    years: Annotated[float | None, typer.Option(help="... or years (300 nights each).")] = None,
+    replication: Annotated[int, typer.Option(help="Copies kept (e.g. Cassandra's replication factor).")] = 1,
+) -> None:
+    """Project storage from the bytes per visit a benchmark measured (at full source density)."""
+    from diadb.sim.sizing import load_summary, project
+
+    try:
+        rows = project(
+            load_summary(summary), visits=visits, nights=nights, years=years, replication=replication
         )
-        lines.append(
-            f"median read {np.median(reads):.3f} s, median store {np.median(stores):.3f} s per visit"
+    except Error as e:
+        raise _fail(str(e)) from None
+    for p in rows:
+        typer.echo(f"{p.table:28s} {p.bytes_per_visit / 1e6:10.2f} MB/visit {p.total_bytes / 1e12:12.3f} TB")
+
+
+def _with_progress(label: str, work: Any) -> Any:
+    """Run ``work(progress)`` under a rich progress bar (plain output when not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        f"[bold]{label}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return work(progress)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for the demo database and report.")] = Path(
+        "build/demo"
+    ),
+    visits: Annotated[int | None, typer.Option(help="Override the demo profile's number of visits.")] = None,
+) -> None:
+    """The main job on the embedded default: simulated visits into SQLite, then a latency report."""
+    from diadb.sim.bench import run_bench
+
+    try:
+        result = _with_progress(
+            "demo", lambda progress: run_bench("demo", out, visits=visits, progress=progress)
         )
-        for table, s in db.stats().items():
-            lines.append(f"  {table:24s} {s['rows']:>10,d} rows {s['bytes'] / 1e6:>9.1f} MB")
-    return lines
+    except Error as e:
+        raise _fail(str(e)) from None
+    typer.echo(result.summary_path.read_text())
+    typer.echo(f"database: {out / 'diadb.db'}")
+    typer.echo(f"report: {result.summary_path}")
+    if result.plot_path is not None:
+        typer.echo(f"plot: {result.plot_path}")
 
 
 def main() -> None:

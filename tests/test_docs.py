@@ -52,7 +52,9 @@ def test_cli_create_stats_and_errors(tmp_path):
     assert "Traceback" not in missing.output
 
 
-def test_cli_demo_stores_and_reads(tmp_path):
+def test_cli_demo_runs_the_demo_profile(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--visits", "3"])
     assert result.exit_code == 0, result.output
-    assert "10,000 objects, 20,000 sources, 20,000 forced sources" in result.output
+    assert "diadb bench: profile `demo`, 3 visits" in result.output
+    assert (tmp_path / "latency.png").stat().st_size > 10_000
+    assert (tmp_path / "diadb.db").exists()

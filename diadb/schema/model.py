@@ -44,9 +44,12 @@ class TableSpec:
     primary_key: tuple[str, ...]
     description: str | None = None
     _by_name: dict[str, ColumnSpec] = field(init=False, repr=False, compare=False)
+    _schemas: dict[bool, pa.Schema] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {c.name: c for c in self.columns})
+        # Built once: every read and store asks for it, 189 times a visit in per-detector mode.
+        object.__setattr__(self, "_schemas", {flag: self._build_arrow_schema(flag) for flag in (True, False)})
 
     @property
     def column_names(self) -> list[str]:
@@ -60,6 +63,9 @@ class TableSpec:
 
     def arrow_schema(self, *, with_healpix: bool = True) -> pa.Schema:
         """The Arrow schema of this table as diadb returns it (``_healpix_29`` last)."""
+        return self._schemas[with_healpix]
+
+    def _build_arrow_schema(self, with_healpix: bool) -> pa.Schema:
         fields = [c.arrow_field() for c in self.columns]
         if with_healpix:
             fields.append(

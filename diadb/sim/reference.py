@@ -25,6 +25,9 @@ class ReadResult:
     source_ids: npt.NDArray[np.int64]
     forced_keys: npt.NDArray[np.int64]  # diaObjectId * 2**20 + visit, as a comparable key
     seconds: dict[str, float]
+    #: (ra, dec) of the objects and sources read, to check where rows differ.
+    object_radec: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    source_radec: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
 
 
 def forced_key(object_ids: npt.ArrayLike, visits: npt.ArrayLike) -> npt.NDArray[np.int64]:
@@ -94,8 +97,25 @@ class ReferenceApdb:
             if forced is not None and len(forced)
             else np.zeros(0, np.int64)
         )
-        source_ids = sources["diaSourceId"].to_numpy() if sources is not None else np.zeros(0, np.int64)
-        return ReadResult(np.asarray(ids, np.int64), np.asarray(source_ids, np.int64), forced_keys, seconds)
+        empty = np.zeros(0, np.float64)
+        if sources is not None and len(sources):
+            source_ids = sources["diaSourceId"].to_numpy()
+            source_radec = (sources["ra"].to_numpy(np.float64), sources["dec"].to_numpy(np.float64))
+        else:
+            source_ids, source_radec = np.zeros(0, np.int64), (empty, empty)
+        object_radec = (
+            (objects["ra"].to_numpy(np.float64), objects["dec"].to_numpy(np.float64))
+            if len(objects)
+            else (empty, empty)
+        )
+        return ReadResult(
+            np.asarray(ids, np.int64),
+            np.asarray(source_ids, np.int64),
+            forced_keys,
+            seconds,
+            object_radec=object_radec,
+            source_radec=source_radec,
+        )
 
     def store(self, visit_mjd_tai: float, objects: pa.Table, sources: pa.Table, forced: pa.Table) -> float:
         """Store one visit through the reference's API (pandas in); returns seconds."""

@@ -1,0 +1,496 @@
+"""``diadb bench``: the simulated visit stream stored into diadb and, side by side, into the
+reference implementation (``lsst-dax-apdb``) on the same engine, visit by visit.
+
+Per visit, each system reads what the pipeline reads (objects in the field, then the
+sources and forced sources of the history window) and stores the visit. The systems take
+turns in a rotating order so that machine noise hits them alike. Reads are checked: every
+system must return the same IDs as diadb, or the difference is counted and explained.
+Outputs (in ``out``): ``metrics.parquet`` (one row per system, visit, table and operation),
+``summary.md`` (medians, ratios, ID differences, distance to the floor), ``latency.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from diadb.apdb import Apdb
+from diadb.errors import ConfigError
+from diadb.history.segment import locate, open_segment
+from diadb.sim.model import SimConfig, Visit, VisitSimulator
+from diadb.sim.reference import ReadResult, ReferenceApdb, forced_key
+from diadb.sky.regions import Region
+
+TABLES = ("DiaObject", "DiaSource", "DiaForcedSource")
+#: The columns an association step needs (the ``--columns association`` reads).
+ASSOCIATION_COLUMNS = {
+    "DiaObject": ["diaObjectId", "ra", "dec", "nDiaSources", "lastDiaSourceMjdTai"],
+    "DiaSource": [
+        "diaSourceId",
+        "diaObjectId",
+        "ra",
+        "dec",
+        "midpointMjdTai",
+        "psfFlux",
+        "psfFluxErr",
+        "band",
+    ],
+    "DiaForcedSource": ["diaObjectId", "visit", "midpointMjdTai", "psfFlux", "psfFluxErr", "band"],
+}
+# Three fields 15 deg apart, chosen at random per visit: with one visit a night each spot
+# is revisited about 120 times in 12 months (ap_proto's model: ~134).
+_FIELDS = ((40.0, -30.0), (55.0, -30.0), (70.0, -30.0))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named benchmark size."""
+
+    name: str
+    visits: int
+    sim: SimConfig
+    #: Reference reads are slow at depth: read it every this many visits (it stores every visit).
+    reference_read_every: int
+    description: str
+
+
+def _patch(scale: float, seed: int = 1) -> SimConfig:
+    return SimConfig(
+        seed=seed,
+        scale=scale,
+        field_centres_deg=_FIELDS,
+        dither_deg=0.3,
+        night_hours=1.0,
+        visit_interval_s=3600.0,  # one visit per night: 12 months of revisits in a few hundred visits
+    )
+
+
+PROFILES = {
+    "ci": Profile("ci", 8, _patch(0.01), 1, "seconds; used by the tests"),
+    "demo": Profile("demo", 90, _patch(0.05), 3, "a minute or two; run by make demo"),
+    "year": Profile("year", 420, _patch(1.0), 20, "12-month revisit depth at full density; up to an hour"),
+}
+
+
+class System(Protocol):
+    name: str
+
+    def read(self, region: Region, mjd: float) -> ReadResult: ...
+
+    def store(self, visit: Visit) -> float: ...
+
+    def close(self) -> None: ...
+
+
+class DiadbSystem:
+    """diadb's own API (Arrow out)."""
+
+    def __init__(self, name: str, db: Apdb, columns: str) -> None:
+        self.name = name
+        self.db = db
+        self.columns = columns
+
+    def _cols(self, table: str) -> list[str] | None:
+        return ASSOCIATION_COLUMNS[table] if self.columns == "association" else None
+
+    def read(self, region: Region, mjd: float) -> ReadResult:
+        seconds = {}
+        t0 = time.perf_counter()
+        objects = self.db.get_objects(region, columns=self._cols("DiaObject"))
+        seconds["DiaObject"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sources = self.db.get_sources(region, mjd, columns=self._cols("DiaSource"))
+        seconds["DiaSource"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        forced = self.db.get_forced_sources(region, mjd, columns=self._cols("DiaForcedSource"))
+        seconds["DiaForcedSource"] = time.perf_counter() - t0
+        return ReadResult(
+            _ids(objects, "diaObjectId"),
+            _ids(sources, "diaSourceId"),
+            forced_key(_ids(forced, "diaObjectId"), _ids(forced, "visit")),
+            seconds,
+        )
+
+    def store(self, visit: Visit) -> float:
+        t0 = time.perf_counter()
+        self.db.store(visit.mjd_tai, visit.objects, visit.sources, visit.forced_sources, visit=visit.visit)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class ReferenceSystem:
+    """lsst-dax-apdb on SQLite, through its own API (pandas out)."""
+
+    name = "dax_apdb"
+
+    def __init__(self, path: Path, months: int) -> None:
+        self.ref = ReferenceApdb(path, months=months)
+
+    def read(self, region: Region, mjd: float) -> ReadResult:
+        return self.ref.read(region, mjd)
+
+    def store(self, visit: Visit) -> float:
+        return self.ref.store(visit.mjd_tai, visit.objects, visit.sources, visit.forced_sources)
+
+    def close(self) -> None:
+        pass
+
+
+def _ids(table: pa.Table, column: str) -> npt.NDArray[np.int64]:
+    return np.asarray(table.column(column).to_numpy(), dtype=np.int64)
+
+
+@dataclass
+class IdCheck:
+    """How one system's read differed from diadb's, summed over the checked visits."""
+
+    visits: int = 0
+    identical: int = 0
+    missing: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLES, 0))
+    extra: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLES, 0))
+    extra_outside_region: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLES, 0))
+
+
+def _compare(check: IdCheck, mine: ReadResult, theirs: ReadResult, region: Region) -> None:
+    check.visits += 1
+    same = True
+    pairs = [
+        ("DiaObject", mine.object_ids, theirs.object_ids, theirs.object_radec, theirs.object_ids),
+        ("DiaSource", mine.source_ids, theirs.source_ids, theirs.source_radec, theirs.source_ids),
+        ("DiaForcedSource", mine.forced_keys, theirs.forced_keys, None, None),
+    ]
+    for table, a, b, radec, ids in pairs:
+        missing = np.setdiff1d(a, b)
+        extra = np.setdiff1d(b, a)
+        check.missing[table] += len(missing)
+        check.extra[table] += len(extra)
+        same &= not len(missing) and not len(extra)
+        if len(extra) and radec is not None and ids is not None:
+            where = np.isin(ids, extra)
+            check.extra_outside_region[table] += int(
+                (~region.contains(radec[0][where], radec[1][where])).sum()
+            )
+    check.identical += int(same)
+
+
+def floor_read(db: Apdb, region: Region, mjd: float, months: int) -> tuple[float, int]:
+    """The hardware floor of one source + forced-source read: the same rows' bytes, every
+    column, summed straight from the memory-mapped segments (no filtering, merging or copy).
+    Returns (seconds, bytes touched)."""
+    tier = db.tier
+    if tier is None:
+        return float("nan"), 0
+    ranges = region.pixel_ranges(db.config.region_refinement)
+    start = mjd - 30.0 * months
+    t0 = time.perf_counter()
+    touched = 0
+    for info in db.segments():
+        if info.t_max <= start or info.t_min > mjd:
+            continue
+        data = open_segment(tier.directory, info)
+        rows = locate(data, ranges)
+        if not len(rows):
+            continue
+        # Contiguous row runs: slices of the mapped arrays, summed column by column.
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = rows[np.concatenate([[0], breaks])]
+        stops = rows[np.concatenate([breaks - 1, [len(rows) - 1]])] + 1
+        for column in data.columns:
+            array = column.chunk(0)
+            if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
+                continue
+            values = array.to_numpy(zero_copy_only=False)
+            for a, b in zip(starts, stops, strict=True):
+                values[a:b].sum()
+            touched += int(len(rows) * array.type.bit_width // 8)
+    return time.perf_counter() - t0, touched
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    metrics: pa.Table
+    summary: dict[str, Any]
+    summary_path: Path
+    plot_path: Path | None
+
+
+def run_bench(
+    profile_name: str,
+    out: Path,
+    *,
+    compare: Sequence[str] = (),
+    engine_only: bool = False,
+    visits: int | None = None,
+    columns: str = "all",
+    progress: Callable[[int, int], None] | None = None,
+    url: str | None = None,
+) -> BenchResult:
+    """Run one benchmark profile; see the module docstring."""
+    if profile_name not in PROFILES:
+        raise ConfigError(f"unknown profile {profile_name!r}; known: {', '.join(PROFILES)}")
+    unknown = sorted(set(compare) - {"dax_apdb"})
+    if unknown:
+        raise ConfigError(f"unknown --compare system(s) {unknown}; known: dax_apdb")
+    if columns not in ("all", "association"):
+        raise ConfigError(f"columns must be 'all' or 'association', got {columns!r}")
+    profile = PROFILES[profile_name]
+    n_visits = profile.visits if visits is None else visits
+    if n_visits < 1:
+        raise ConfigError(f"visits must be >= 1, got {n_visits}")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.db*"):
+        old.unlink()
+    for old in out.glob("*.history"):
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    months = 12
+    main = DiadbSystem("diadb", Apdb.create(url or str(out / "diadb.db")), columns)
+    systems: list[System] = [main]
+    if engine_only:
+        db = Apdb.create(str(out / "diadb-engine.db"), history_tier=False)
+        systems.append(DiadbSystem("diadb-engine-only", db, columns))
+    if "dax_apdb" in compare:
+        systems.append(ReferenceSystem(out / "dax_apdb.db", months))
+    simulator = VisitSimulator(profile.sim, main.db.schema)
+    rows: list[dict[str, Any]] = []
+    checks = {s.name: IdCheck() for s in systems[1:]}
+    floor: list[tuple[int, float, int, float]] = []
+    try:
+        for done, visit in enumerate(simulator.visits(n_visits), start=1):
+            order = systems[done % len(systems) :] + systems[: done % len(systems)]
+            results: dict[str, ReadResult] = {}
+            for system in order:
+                if system.name == "dax_apdb" and done % profile.reference_read_every and done != n_visits:
+                    continue
+                result = system.read(visit.region, visit.mjd_tai)
+                results[system.name] = result
+                for table, seconds in result.seconds.items():
+                    n = {"DiaObject": result.object_ids, "DiaSource": result.source_ids}.get(table)
+                    count = len(n) if n is not None else len(result.forced_keys)
+                    rows.append(_row(system.name, visit.visit, table, "select", seconds, count))
+            for system in order:
+                seconds = system.store(visit)
+                rows.append(_row(system.name, visit.visit, "all", "store", seconds, _stored(visit)))
+            for name, check in checks.items():
+                if name in results:
+                    _compare(check, results["diadb"], results[name], visit.region)
+            if done % max(1, n_visits // 10) == 0:
+                seconds, touched = floor_read(main.db, visit.region, visit.mjd_tai, months)
+                mine = results["diadb"].seconds
+                floor.append((visit.visit, seconds, touched, mine["DiaSource"] + mine["DiaForcedSource"]))
+            if progress is not None:
+                progress(done, n_visits)
+        sizes = {s.name: _size(s) for s in systems}
+    finally:
+        for system in systems:
+            system.close()
+    metrics = pa.Table.from_pylist(rows)
+    summary = _summarize(profile, n_visits, columns, metrics, checks, floor, sizes)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    import pyarrow.parquet as pq
+
+    pq.write_table(metrics, out / "metrics.parquet")
+    plot_path = _plot(metrics, out / "latency.png", profile.name)
+    summary_path = out / "summary.md"
+    summary_path.write_text(render_markdown(summary))
+    return BenchResult(out, metrics, summary, summary_path, plot_path)
+
+
+def _row(system: str, visit: int, table: str, op: str, seconds: float, rows: int) -> dict[str, Any]:
+    return {"system": system, "visit": visit, "table": table, "op": op, "seconds": seconds, "rows": rows}
+
+
+def _stored(visit: Visit) -> int:
+    return int(visit.objects.num_rows + visit.sources.num_rows + visit.forced_sources.num_rows)
+
+
+def _size(system: System) -> dict[str, Any]:
+    if isinstance(system, DiadbSystem):
+        return system.db.stats()
+    if isinstance(system, ReferenceSystem):
+        return {"file_bytes": system.ref.path.stat().st_size}
+    return {}
+
+
+def _median(metrics: pa.Table, system: str, op: str, table: str | None, last: int | None = None) -> float:
+    mask = pc.and_(pc.equal(metrics.column("system"), system), pc.equal(metrics.column("op"), op))
+    part = metrics.filter(mask)
+    if table is not None:
+        part = part.filter(pc.equal(part.column("table"), table))
+    if op == "select" and table is None:
+        part = part.group_by("visit").aggregate([("seconds", "sum")]).rename_columns(["visit", "seconds"])
+    if last is not None and part.num_rows:
+        visits = part.column("visit").to_numpy()
+        part = part.filter(pa.array(visits > visits.max() - last))
+    values = part.column("seconds").to_numpy()
+    return float(np.median(values)) if len(values) else float("nan")
+
+
+def _summarize(
+    profile: Profile,
+    n_visits: int,
+    columns: str,
+    metrics: pa.Table,
+    checks: dict[str, IdCheck],
+    floor: list[tuple[int, float, int, float]],
+    sizes: dict[str, Any],
+) -> dict[str, Any]:
+    systems = list(dict.fromkeys(metrics.column("system").to_pylist()))
+    # "at depth": the last 20% of visits, where the history window is fullest.
+    tail = max(1, n_visits // 5)
+    medians: dict[str, dict[str, float]] = {}
+    for s in systems:
+        entry = {f"select_{t}": _median(metrics, s, "select", t) for t in TABLES}
+        entry["select_total"] = _median(metrics, s, "select", None)
+        entry["select_total_at_depth"] = _median(metrics, s, "select", None, last=tail)
+        entry["store"] = _median(metrics, s, "store", None)
+        medians[s] = entry
+    rows_at_depth = {
+        t: float(
+            np.median(
+                metrics.filter(
+                    pc.and_(
+                        pc.and_(
+                            pc.equal(metrics.column("system"), "diadb"), pc.equal(metrics.column("table"), t)
+                        ),
+                        pc.greater(metrics.column("visit"), n_visits - tail),
+                    )
+                )
+                .column("rows")
+                .to_numpy()
+            )
+        )
+        for t in TABLES
+    }
+    ratios = {}
+    if "dax_apdb" in medians:
+        ref = medians["dax_apdb"]
+        for s in systems:
+            if s != "dax_apdb":
+                ratios[s] = {k: ref[k] / v if v else float("nan") for k, v in medians[s].items()}
+    floor_summary = None
+    if floor:
+        last_visit, seconds, touched, diadb_seconds = floor[-1]
+        floor_summary = {
+            "visit": last_visit,
+            "floor_s": seconds,
+            "bytes": touched,
+            "diadb_sources_plus_forced_s": diadb_seconds,
+            "ratio": diadb_seconds / seconds if seconds else float("nan"),
+        }
+    return {
+        "profile": profile.name,
+        "visits": n_visits,
+        "columns": columns,
+        "sim": dataclasses.asdict(profile.sim),
+        "medians_s": medians,
+        "ratio_reference_over_system": ratios,
+        "rows_per_visit_at_depth": rows_at_depth,
+        "id_checks": {k: dataclasses.asdict(v) for k, v in checks.items()},
+        "floor": floor_summary,
+        "sizes": sizes,
+    }
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown report."""
+    lines = [
+        f"# diadb bench: profile `{summary['profile']}`, {summary['visits']} visits, "
+        f"columns: {summary['columns']}",
+        "",
+        "Medians in seconds per visit (whole field). *At depth*: the last 20% of visits.",
+        "",
+        "| system | objects | sources | forced | select total | select at depth | store |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for system, m in summary["medians_s"].items():
+        lines.append(
+            f"| {system} | {m['select_DiaObject']:.3f} | {m['select_DiaSource']:.3f} | "
+            f"{m['select_DiaForcedSource']:.3f} | {m['select_total']:.3f} | "
+            f"{m['select_total_at_depth']:.3f} | {m['store']:.3f} |"
+        )
+    depth = summary["rows_per_visit_at_depth"]
+    lines += [
+        "",
+        f"Rows read per visit at depth (diadb): {depth['DiaObject']:,.0f} objects, "
+        f"{depth['DiaSource']:,.0f} sources, {depth['DiaForcedSource']:,.0f} forced sources.",
+    ]
+    if summary["ratio_reference_over_system"]:
+        lines += ["", "Speed-up over lsst-dax-apdb (its median / ours):", ""]
+        lines += ["| system | select total | select at depth | store |", "|---|---|---|---|"]
+        for system, r in summary["ratio_reference_over_system"].items():
+            lines.append(
+                f"| {system} | {r['select_total']:.1f}x | {r['select_total_at_depth']:.1f}x | "
+                f"{r['store']:.2f}x |"
+            )
+    for system, c in summary["id_checks"].items():
+        lines += [
+            "",
+            f"ID check against {system}: {c['identical']} of {c['visits']} checked visits identical.",
+        ]
+        for t in TABLES:
+            if c["missing"][t] or c["extra"][t]:
+                lines.append(
+                    f"- {t}: {c['extra'][t]:,} rows only in {system} "
+                    f"({c['extra_outside_region'][t]:,} of them outside the region), "
+                    f"{c['missing'][t]:,} rows only in diadb"
+                )
+    if summary["floor"]:
+        f = summary["floor"]
+        lines += [
+            "",
+            f"Distance to the floor (visit {f['visit']}): summing the same rows' numeric columns "
+            f"straight from the mapped segments takes {f['floor_s']:.3f} s ({f['bytes'] / 1e6:,.0f} MB); "
+            f"diadb's source + forced-source reads took {f['diadb_sources_plus_forced_s']:.3f} s: "
+            f"{f['ratio']:.1f}x the floor.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(metrics: pa.Table, path: Path, profile: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_select, ax_store) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system in dict.fromkeys(metrics.column("system").to_pylist()):
+        for op, ax in (("select", ax_select), ("store", ax_store)):
+            part = metrics.filter(
+                pc.and_(pc.equal(metrics.column("system"), system), pc.equal(metrics.column("op"), op))
+            )
+            per_visit = part.group_by("visit").aggregate([("seconds", "sum")]).sort_by("visit")
+            ax.plot(
+                per_visit.column("visit").to_numpy(),
+                per_visit.column("seconds_sum").to_numpy(),
+                ".",
+                markersize=3,
+                label=system,
+            )
+    ax_select.set(title="select (objects + sources + forced) per visit", xlabel="visit", ylabel="seconds")
+    ax_store.set(title="store per visit", xlabel="visit", ylabel="seconds")
+    for ax in (ax_select, ax_store):
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"diadb bench, profile {profile}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

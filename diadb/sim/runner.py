@@ -1,0 +1,240 @@
+"""Drive an APDB with simulated visits and time it, as the ap_proto prototype does.
+
+Each visit first reads what the pipeline reads (the latest DiaObjects in the region, then the
+DiaSources and DiaForcedSources of the history window before the visit time), then stores the
+visit's new rows. ``mode="field"`` does this once per visit for the whole field;
+``mode="detector"`` does it for each of the 189 detectors with its padded tile as the region
+and ``detector=<id>`` in the store, spread over ``workers`` processes that each open their own
+connection, as the pipeline's per-detector processes would.
+
+Metrics: one row per visit, detector (-1 in field mode) and table, with columns
+
+``visit``, ``detector``, ``table``
+    ``table`` is ``DiaObject``, ``DiaSource`` or ``DiaForcedSource`` for a read, or ``all``
+    for the whole visit/detector.
+``select_s``
+    Seconds of the table's read (``all``: the sum of the three reads).
+``store_s``
+    Seconds of the store. One transaction writes every table, so it is given on the ``all``
+    row only and is null on the per-table rows.
+``rows_read``, ``rows_stored``
+    Rows returned by the read and rows given to the store (``all``: the sums).
+``visit_wall_s``
+    Wall-clock seconds of the visit's reads and stores, all detectors included (repeated on
+    each of the visit's rows). Generating the visit is not counted.
+
+The metrics table's schema metadata carries ``db_bytes``: the database's size on disk when
+the run ended (for SQLite, the file plus its ``-wal`` file).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from diadb.apdb import Apdb
+from diadb.backends import scheme_of
+from diadb.errors import ConfigError
+from diadb.sim.model import Visit, VisitSimulator
+
+TABLES = ("DiaObject", "DiaSource", "DiaForcedSource")
+ALL = "all"
+
+METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("visit", pa.int64(), nullable=False),
+        pa.field("detector", pa.int16(), nullable=False),
+        pa.field("table", pa.string(), nullable=False),
+        pa.field("select_s", pa.float64(), nullable=False),
+        pa.field("store_s", pa.float64()),
+        pa.field("rows_read", pa.int64(), nullable=False),
+        pa.field("rows_stored", pa.int64(), nullable=False),
+        pa.field("visit_wall_s", pa.float64(), nullable=False),
+    ]
+)
+#: The metric columns, in order.
+METRIC_COLUMNS = tuple(METRICS_SCHEMA.names)
+
+Mode = Literal["field", "detector"]
+
+
+class _Metric(NamedTuple):
+    visit: int
+    detector: int
+    table: str
+    select_s: float
+    store_s: float | None
+    rows_read: int
+    rows_stored: int
+
+
+def _process(db: Apdb, visit: Visit) -> list[_Metric]:
+    """Read what the pipeline reads for ``visit``, then store its rows; time both."""
+    times: list[float] = []
+    counts: list[int] = []
+    for name in TABLES:
+        start = time.perf_counter()
+        if name == "DiaObject":
+            got = db.get_objects(visit.region)
+        elif name == "DiaSource":
+            got = db.get_sources(visit.region, visit.mjd_tai)
+        else:
+            got = db.get_forced_sources(visit.region, visit.mjd_tai)
+        times.append(time.perf_counter() - start)
+        counts.append(got.num_rows)
+    start = time.perf_counter()
+    db.store(
+        visit.mjd_tai,
+        visit.objects,
+        visit.sources,
+        visit.forced_sources,
+        visit=visit.visit,
+        detector=visit.detector,
+    )
+    store_s = time.perf_counter() - start
+    stored = [visit.objects.num_rows, visit.sources.num_rows, visit.forced_sources.num_rows]
+    det = -1 if visit.detector is None else visit.detector
+    rows = [
+        _Metric(visit.visit, det, name, t, None, n, s)
+        for name, t, n, s in zip(TABLES, times, counts, stored, strict=True)
+    ]
+    rows.append(_Metric(visit.visit, det, ALL, sum(times), store_s, sum(counts), sum(stored)))
+    return rows
+
+
+# Each worker process keeps one connection for the whole run.
+_WORKER_DB: Apdb | None = None
+
+
+def _init_worker(url: str) -> None:
+    global _WORKER_DB
+    _WORKER_DB = Apdb.open(url)
+
+
+def _run_detector(visit: Visit) -> list[_Metric]:
+    if _WORKER_DB is None:
+        raise RuntimeError("worker used before _init_worker opened its database")
+    return _process(_WORKER_DB, visit)
+
+
+def database_bytes(url: str) -> int | None:
+    """Size on disk of the database at ``url`` (SQLite: file plus ``-wal``); None if unknown."""
+    if scheme_of(url) != "sqlite":
+        return None
+    from diadb.backends.sqlite import path_from_url
+
+    path = path_from_url(url)
+    return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+
+
+def run(
+    db: Apdb,
+    simulator: VisitSimulator,
+    n_visits: int,
+    *,
+    mode: Mode = "field",
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> pa.Table:
+    """Process the simulator's next ``n_visits`` visits against ``db``; return the metrics.
+
+    ``progress(done, n_visits)`` is called after each visit. With ``mode="detector"`` and
+    ``workers > 1`` the detectors run in that many 'spawn' processes, each opening ``db.url``.
+    """
+    if mode not in ("field", "detector"):
+        raise ConfigError(f"mode must be 'field' or 'detector', got {mode!r}")
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if n_visits < 0:
+        raise ConfigError(f"n_visits must be >= 0, got {n_visits}")
+    rows: list[tuple[_Metric, float]] = []
+    pool = None
+    if mode == "detector" and workers > 1:
+        # 'spawn' because forking a process that holds an open SQLite connection is unsafe.
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(db.url,)
+        )
+    failed = True
+    try:
+        for done, visit in enumerate(simulator.visits(n_visits), start=1):
+            start = time.perf_counter()
+            if mode == "field":
+                got = _process(db, visit)
+            elif pool is None:
+                got = [m for part in visit.split_by_detector() for m in _process(db, part)]
+            else:
+                got = [m for part in pool.map(_run_detector, visit.split_by_detector()) for m in part]
+            wall = time.perf_counter() - start
+            rows.extend((m, wall) for m in got)
+            if progress is not None:
+                progress(done, n_visits)
+        failed = False
+    finally:
+        if pool is not None:
+            if failed:
+                pool.terminate()
+            else:
+                pool.close()
+            pool.join()
+    table = _metrics_table(rows)
+    meta = {"mode": mode, "workers": str(workers)}
+    size = database_bytes(db.url)
+    if size is not None:
+        meta["db_bytes"] = str(size)
+    return table.replace_schema_metadata(meta)
+
+
+def _metrics_table(rows: list[tuple[_Metric, float]]) -> pa.Table:
+    columns: dict[str, list[object]] = {name: [] for name in METRIC_COLUMNS}
+    for metric, wall in rows:
+        for name, value in zip(_Metric._fields, metric, strict=True):
+            columns[name].append(value)
+        columns["visit_wall_s"].append(wall)
+    return pa.Table.from_pydict(columns, schema=METRICS_SCHEMA)
+
+
+def save_metrics(table: pa.Table, path: str | Path) -> None:
+    """Write the metrics as Parquet (``.parquet``/``.pq``, keeps ``db_bytes``) or CSV (``.csv``)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif suffix == ".csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, path)
+    else:
+        raise ConfigError(f"metrics path must end in .parquet, .pq or .csv, got {path.name!r}")
+
+
+def summarize(table: pa.Table) -> dict[str, float]:
+    """Medians of the metrics, keyed ``"<table>.<metric>"`` (e.g. ``"DiaSource.select_s"``).
+
+    Also ``visits`` (how many), ``visit_wall_s`` (median over visits) and, when recorded,
+    ``db_bytes``. In detector mode the per-table medians are over every detector of every visit.
+    """
+    out: dict[str, float] = {}
+    for name in (*TABLES, ALL):
+        part = table.filter(pc.equal(table.column("table"), name))
+        for metric in ("select_s", "store_s", "rows_read", "rows_stored"):
+            values = part.column(metric).drop_null().to_numpy()
+            if len(values):
+                out[f"{name}.{metric}"] = float(np.median(values))
+    visits = table.select(["visit", "visit_wall_s"]).group_by("visit").aggregate([("visit_wall_s", "max")])
+    out["visits"] = float(visits.num_rows)
+    if visits.num_rows:
+        out["visit_wall_s"] = float(np.median(visits.column("visit_wall_s_max").to_numpy()))
+    meta: Mapping[bytes, bytes] = table.schema.metadata or {}
+    if b"db_bytes" in meta:
+        out["db_bytes"] = float(meta[b"db_bytes"])
+    return out

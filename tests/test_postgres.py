@@ -1,0 +1,308 @@
+"""PostgreSQL-only behaviour: many writer processes, a read-only role, secrets, partitions,
+and the server restarted in the middle of a store. The shared suite (test_store_read.py,
+test_validation.py) also runs on PostgreSQL through the ``backend_url`` fixture."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import diadb
+from diadb.errors import ConfigError, StorageError
+from tests.helpers import make_visit, random_positions
+from tests.service_postgres import PostgresServer, postgres_server
+
+ROOT = Path(__file__).resolve().parents[1]
+EVERYWHERE = diadb.Box(0, 360, -90, 90)
+N = 200  # objects per visit/detector
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> PostgresServer:
+    return postgres_server(request)
+
+
+def _ids(visit: int, detector: int) -> np.ndarray:
+    return np.arange(1, N + 1) + visit * 1_000_000 + detector * 10_000
+
+
+def _visit(schema, visit: int, detector: int, mjd: float):
+    ra, dec = random_positions(N, 1000 + detector)
+    return make_visit(schema, visit, mjd, _ids(visit, detector), ra, dec, detector=detector)
+
+
+def _sorted(t: pa.Table, keys: list[str]) -> pa.Table:
+    return t.take(pc.sort_indices(t, sort_keys=[(k, "ascending") for k in keys]))
+
+
+def _assert_same(got: pa.Table, sent: pa.Table, key: list[str]) -> None:
+    assert got.num_rows == sent.num_rows
+    got = _sorted(got.drop_columns(["_healpix_29"]), key)
+    sent = _sorted(sent, key).cast(got.schema)
+    for name in sent.column_names:
+        assert got.column(name).equals(sent.column(name)), name
+
+
+def _assert_exact(url: str, schema, stored: list[tuple[int, int, float]]) -> None:
+    """The database holds exactly the rows of ``stored`` (visit, detector, mjd), each once."""
+    visits = [_visit(schema, v, d, mjd) for v, d, mjd in stored]
+    with diadb.Apdb.open(url) as db:
+        _assert_same(
+            db.get_objects(EVERYWHERE), pa.concat_tables([v.objects for v in visits]), ["diaObjectId"]
+        )
+        _assert_same(
+            db.get_sources(EVERYWHERE, 61000.0, months=120),
+            pa.concat_tables([v.sources for v in visits]),
+            ["diaSourceId"],
+        )
+        _assert_same(
+            db.get_forced_sources(EVERYWHERE, 61000.0, months=120),
+            pa.concat_tables([v.forced for v in visits]),
+            ["diaObjectId", "visit"],
+        )
+        stats = db.stats()
+        assert stats["diadb_visit"]["rows"] == len({(v, d) for v, d, _ in stored})
+        assert stats["DiaSource"]["rows"] == N * len(stored)
+
+
+# ---- URLs and secrets ------------------------------------------------------------------
+def test_url_with_password_is_refused_without_echoing_it(official_schema):
+    for url in (
+        "postgresql://alice:hunter2-secret@db.example:5432/apdb?schema=x",
+        "postgresql://alice@db.example/apdb?schema=x&password=hunter2-secret",
+    ):
+        with pytest.raises(ConfigError, match="PGPASSWORD") as info:
+            diadb.Apdb.create(url, schema=official_schema)
+        assert "hunter2" not in str(info.value)
+
+
+def test_password_from_environment_never_reaches_metadata(server, official_schema, monkeypatch):
+    password = "pw-" + uuid.uuid4().hex
+    server.sql(
+        "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'diadb_password_user') "
+        "THEN CREATE ROLE diadb_password_user LOGIN; END IF; END$$"
+    )
+    server.sql(f"ALTER ROLE diadb_password_user PASSWORD '{password}'")
+    server.sql("GRANT CREATE ON DATABASE postgres TO diadb_password_user")
+    url = server.fresh_url().replace("postgres@", "diadb_password_user@", 1) + "&retry_seconds=2"
+    monkeypatch.setenv("PGPASSWORD", password)
+    db = diadb.Apdb.create(url, schema=official_schema)
+    v = _visit(official_schema, 1, 0, 60000.0)
+    assert db.store(v.mjd, v.objects, v.sources, v.forced, visit=1, detector=0)
+    meta = db._backend.read_metadata()
+    assert meta and all(password not in k and password not in val for k, val in meta.items())
+    assert not any("password" in k.lower() for k in meta)
+    assert password not in repr(db.config) and password not in db.url
+    db.close()
+    # The password really is what let us in: without it (or with a wrong one) the server refuses,
+    # at once (no retry loop) and without echoing anything secret.
+    monkeypatch.delenv("PGPASSWORD")
+    monkeypatch.setenv("PGPASSFILE", os.devnull)
+    with pytest.raises(StorageError, match="password") as info:
+        diadb.Apdb.open(url)
+    monkeypatch.setenv("PGPASSWORD", "wrong-" + password)
+    with pytest.raises(StorageError, match="password authentication failed") as info:
+        diadb.Apdb.open(url)
+    assert password not in str(info.value)
+
+
+# ---- the read-only role ----------------------------------------------------------------
+def test_read_only_role_reads_and_cannot_write(server, official_schema):
+    server.sql(
+        "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'diadb_reader') "
+        "THEN CREATE ROLE diadb_reader LOGIN; END IF; END$$"
+    )
+    url = server.fresh_url() + "&partition_days=10"
+    with diadb.Apdb.create(url, schema=official_schema) as db:
+        v = _visit(official_schema, 1, 0, 60000.0)
+        assert db.store(v.mjd, v.objects, v.sources, v.forced, visit=1, detector=0)
+        db._backend.grant_read_only("diadb_reader")
+    reader_url = url.replace("postgres@", "diadb_reader@", 1) + "&retry_seconds=2"
+    with diadb.Apdb.open(reader_url) as reader:
+        assert reader.get_sources(EVERYWHERE, 60000.0).num_rows == N
+        assert reader.get_objects(EVERYWHERE).num_rows == N
+        assert reader.contains_visit_detector(1, 0)
+        for visit, mjd in ((2, 60001.0), (3, 60100.0)):  # an existing partition, then a new one
+            w = _visit(official_schema, visit, 0, mjd)
+            with pytest.raises(StorageError, match="permission denied"):
+                reader.store(w.mjd, w.objects, w.sources, w.forced, visit=visit, detector=0)
+            assert not reader.contains_visit_detector(visit)
+    _assert_exact(url, official_schema, [(1, 0, 60000.0)])
+
+
+# ---- time partitions ---------------------------------------------------------------------
+def test_reads_touch_only_the_window_and_old_partitions_drop(server, official_schema):
+    url = server.fresh_url() + "&partition_days=10"
+    db = diadb.Apdb.create(url, schema=official_schema)
+    other = diadb.Apdb.open(url)  # a second client whose partition cache goes stale
+    stored = [(1, 0, 60000.0), (2, 0, 60015.0), (3, 0, 60025.0), (4, 0, 60045.0)]
+    for visit, det, mjd in stored:
+        v = _visit(official_schema, visit, det, mjd)
+        assert (db if visit % 2 else other).store(
+            mjd, v.objects, v.sources, v.forced, visit=visit, detector=det
+        )
+    backend = db._backend
+    names = [p[0] for p in backend.partitions("DiaSource")]
+    assert names == ["DiaSource_p6000", "DiaSource_p6001", "DiaSource_p6002", "DiaSource_p6004"]
+    # The plan of a history read names only the partitions of its window.
+    sql, settings = backend.select_sql(
+        "DiaSource",
+        diadb.Circle(55, -30, 3).pixel_ranges(4),
+        ["diaSourceId"],
+        window=diadb.backends.TimeWindow(60020.0, 60029.0),
+    )
+
+    import psycopg
+
+    with psycopg.connect(server.url) as conn:  # EXPLAIN cannot go through ADBC's COPY path
+        for name, value in settings.items():
+            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql).fetchall())
+    assert "DiaSource_p6002" in plan
+    assert not any(n in plan for n in ("DiaSource_p6000", "DiaSource_p6001", "DiaSource_p6004"))
+    # Dropping old history removes whole partitions.
+    assert backend.delete_before("DiaSource", 60020.0) == 2 * N
+    assert backend.delete_before("DiaForcedSource", 60020.0) == 2 * N
+    names = [p[0] for p in backend.partitions("DiaSource")]
+    assert names == ["DiaSource_p6002", "DiaSource_p6004"]
+    assert db.get_sources(EVERYWHERE, 60050.0, months=12).num_rows == 2 * N
+    # The other client still believes p6000 exists: its store recreates it and succeeds.
+    v = _visit(official_schema, 5, 0, 60005.0)
+    assert other.store(v.mjd, v.objects, v.sources, v.forced, visit=5, detector=0)
+    assert db.get_sources(EVERYWHERE, 60005.0, months=1).num_rows == N
+    other.close()
+    db.close()
+
+
+# ---- many writer processes ----------------------------------------------------------------
+WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    import numpy as np
+    import diadb
+    from tests.test_postgres import _visit, N
+    det = {detector}
+    db = diadb.Apdb.open({url!r})
+    region = diadb.Circle(55.0, -30.0, 3.0)
+    bad = 0
+    for visit in range(1, {visits} + 1):
+        v = _visit(db.schema, visit, det, 60000.0 + 5 * visit)
+        assert db.store(v.mjd, v.objects, v.sources, v.forced, visit=visit, detector=det)
+        if det % 4 == 0:  # some writers read too: every visit/detector they see is whole
+            s = db.get_sources(region, 60100.0, columns=["visit", "detector"])
+            key = s.column("visit").to_numpy() * 1000 + s.column("detector").to_numpy()
+            counts = np.unique(key, return_counts=True)[1]
+            bad += int((counts > N).sum())
+    # Everyone races for the same visit/detector, then for one whole visit: one store each wins.
+    c = _visit(db.schema, 100, 0, 60500.0)
+    won = int(db.store(c.mjd, c.objects, c.sources, c.forced, visit=100, detector=0))
+    w = _visit(db.schema, 101, 99, 60501.0)
+    won_whole = int(db.store(w.mjd, w.objects, w.sources, w.forced, visit=101))
+    again = int(db.store(60005.0, v.objects, visit=1, detector=det))  # already stored: a no-op
+    print("result", won, won_whole, again, bad, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_writers_exact_contents(server, official_schema):
+    url = server.fresh_url() + "&partition_days=4&pool_size=2"
+    diadb.Apdb.create(url, schema=official_schema).close()
+    writers, visits = 16, 3
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER.format(root=str(ROOT), url=url, detector=d, visits=visits)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for d in range(writers)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        results.append([int(x) for x in out.split("result", 1)[1].split()])
+    won, won_whole, again, bad = (np.array(col) for col in zip(*results, strict=True))
+    assert won.sum() == 1 and won_whole.sum() == 1 and again.sum() == 0 and bad.sum() == 0
+    stored = [(v, d, 60000.0 + 5 * v) for v in range(1, visits + 1) for d in range(writers)]
+    stored += [(100, 0, 60500.0), (101, 99, 60501.0)]
+    _assert_exact(url, official_schema, stored)
+
+
+# ---- the server restarted in the middle of a store ---------------------------------------
+RESTART_WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    import diadb
+    from tests.test_postgres import _visit
+    db = diadb.Apdb.open({url!r})
+    for visit in range(1, {visits} + 1):
+        v = _visit(db.schema, visit, 0, 60000.0 + visit)
+        print("storing", visit, flush=True)
+        done = db.store(v.mjd, v.objects, v.sources, v.forced, visit=visit, detector=0)
+        print("stored", visit, done, flush=True)
+    # A retry of a visit whose first store committed is a no-op.
+    v = _visit(db.schema, 3, 0, 60003.0)
+    print("retry", db.store(v.mjd, v.objects, v.sources, v.forced, visit=3, detector=0), flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_server_restart_mid_store_is_retried_idempotently(server, official_schema):
+    import psycopg
+
+    url = server.fresh_url() + "&partition_days=10"
+    schema_name = url.rsplit("schema=", 1)[1].split("&", 1)[0]
+    diadb.Apdb.create(url, schema=official_schema).close()
+    # Hold a lock the writer's first store needs, so that store is in the middle of its
+    # transaction (advisory lock taken, registry insert waiting) when the server goes down.
+    blocker = psycopg.connect(server.url)
+    blocker.execute(f'LOCK TABLE "{schema_name}".diadb_visit IN EXCLUSIVE MODE')
+    visits = 6
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RESTART_WRITER.format(root=str(ROOT), url=url, visits=visits)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The first store blocks on the lock: wait until the server says it is waiting.
+        deadline = time.monotonic() + 120
+        with psycopg.connect(server.url, autocommit=True) as watch:
+            while True:
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'diadb' "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()
+                if row and row[0] > 0:
+                    break
+                assert time.monotonic() < deadline, "the writer never blocked"
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.2)
+        server.script("restart")  # kills the blocked store's connection (and the blocker's)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        blocker.close()
+    assert proc.returncode == 0, err[-3000:]
+    lines = out.splitlines()
+    assert [ln for ln in lines if ln.startswith("stored")] == [
+        f"stored {v} True" for v in range(1, visits + 1)
+    ]
+    assert "retry False" in lines
+    _assert_exact(url, official_schema, [(v, 0, 60000.0 + v) for v in range(1, visits + 1)])
