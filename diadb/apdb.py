@@ -32,7 +32,9 @@ import pyarrow.compute as pc
 from diadb.backends import Backend, ReadTable, TimeWindow, VisitBatch, open_backend
 from diadb.backends.base import FaultHook, HistoryCapable
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
+from diadb.daytime import DaytimeMixin
 from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
+from diadb.evolution import upgrade, version_tuple
 from diadb.history.segment import SegmentInfo
 from diadb.history.tier import HISTORY_TABLES, HistoryTier, compaction_boundary
 from diadb.schema.felis import load_schema, schema_from_yaml
@@ -45,12 +47,7 @@ from diadb.times import DAYS_PER_MONTH, mjd_tai
 _TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
 
 
-def _version_tuple(text: str) -> tuple[int, int, int]:
-    parts = [*(int(p) for p in text.split(".")[:3]), 0, 0, 0]
-    return parts[0], parts[1], parts[2]
-
-
-class Apdb:
+class Apdb(DaytimeMixin):
     """An Alert Production Database. Make one with :meth:`create`, reopen it with :meth:`open`."""
 
     def __init__(
@@ -130,14 +127,25 @@ class Apdb:
             raise SchemaVersionError(
                 f"{url} uses pixelization {meta.get('diadb.pixelization')!r}, not {PIXELIZATION}"
             )
-        have = _version_tuple(meta["diadb.layout_version"])
-        mine = _version_tuple(LAYOUT_VERSION)
+        have = version_tuple(meta["diadb.layout_version"])
+        mine = version_tuple(LAYOUT_VERSION)
         if have[0] != mine[0]:
             raise SchemaVersionError(
                 f"{url} has diadb layout {meta['diadb.layout_version']}; this diadb reads layout {mine[0]}.x "
                 "(run 'diadb upgrade' with a diadb that knows both)"
             )
+        if have[1] < mine[1]:
+            raise SchemaVersionError(
+                f"{url} has diadb layout {meta['diadb.layout_version']}, older than {LAYOUT_VERSION}: "
+                f"run 'diadb upgrade {url}' first"
+            )
         return have[1] > mine[1]
+
+    @staticmethod
+    def upgrade(url: str | Path, schema: str | Path | None = None) -> list[str]:
+        """Migrate an older database in place (layout and, with ``schema``, the Felis schema);
+        see :mod:`diadb.evolution`. Returns the steps taken."""
+        return upgrade(str(url), schema)
 
     def close(self) -> None:
         self._backend.close()
@@ -229,7 +237,8 @@ class Apdb:
             + ([_TIME_COLUMN[table]] if table in _TIME_COLUMN else [])
             + list(spec.primary_key)
         )
-        needed = list(dict.fromkeys([*wanted, "ra", "dec", *order]))
+        extra = ["diaObjectId"] if object_ids is not None else []
+        needed = list(dict.fromkeys([*wanted, "ra", "dec", *order, *extra]))
         if object_ids is not None and len(object_ids) == 0:
             return self._finish(spec.arrow_schema().empty_table().select(wanted), as_pandas)
         ranges = (
@@ -240,12 +249,15 @@ class Apdb:
         if region is not None and len(ranges) == 0:
             return self._finish(spec.arrow_schema().empty_table().select(wanted), as_pandas)
         segments: list[SegmentInfo] = []
+        overlay: pa.Table | None = None
         if self._tier is not None and table in HISTORY_TABLES:
             assert isinstance(self._backend, HistoryCapable)
-            # The manifest and the engine rows are read in one snapshot: a concurrent
-            # compaction is seen wholly or not at all, so every row appears exactly once.
+            # The manifest, the overlay and the engine rows are read in one snapshot: a
+            # concurrent compaction or daytime update is seen wholly or not at all.
             with self._backend.read_snapshot():
                 segments = self._backend.list_segments(table)
+                if table == "DiaSource":
+                    overlay = self._backend.select_overlay(ranges, window)
                 raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
         else:
             raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
@@ -256,9 +268,27 @@ class Apdb:
                 data = data.filter(pa.array(inside))
         if self._tier is not None and table in HISTORY_TABLES:
             self._tier.forget(table, segments)
+            include = None
+            if overlay is not None and overlay.num_rows and object_ids is not None:
+                # Rows an overlay moved to one of these objects, though stored under another.
+                moved = pc.is_in(overlay.column("diaObjectId").cast(pa.int64()), pa.array(object_ids))
+                include = overlay.filter(moved).column("diaSourceId").to_numpy().astype(np.int64)
             parts = self._tier.select(
-                segments, ranges, needed, region=region, window=window, object_ids=object_ids
+                segments,
+                ranges,
+                needed,
+                region=region,
+                window=window,
+                object_ids=object_ids,
+                include_ids=include,
             )
+            if overlay is not None and overlay.num_rows:
+                parts = [self._apply_overlay(p, overlay) for p in parts]
+                if object_ids is not None:
+                    ids = pa.array(object_ids)
+                    parts = [
+                        p.filter(pc.fill_null(pc.is_in(p.column("diaObjectId"), ids), False)) for p in parts
+                    ]
             if parts:
                 data = pa.concat_tables([data, *(p.cast(data.schema) for p in parts)])
         if data.num_rows > 1:
@@ -406,6 +436,8 @@ class Apdb:
         for table in HISTORY_TABLES:
             report[table]["rows"] += self._backend.count_before(table, cutoff)
         if not dry_run:
+            if isinstance(self._backend, HistoryCapable):
+                self._backend.drop_overlay_before(cutoff)
             if old:
                 assert isinstance(self._backend, HistoryCapable)
                 self._backend.drop_segments([s.segment_id for s in old])
@@ -494,3 +526,37 @@ class Apdb:
             entry["bytes"] += info.bytes
             entry["segments"] += 1
         return result
+
+    # ---- PPDB publication support (issue 6: diadb.ppdb) -----------------------------
+    def read_pixels(
+        self, table: ReadTable, ranges: np.ndarray, *, columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """Every stored row of ``table`` whose ``_healpix_29`` lies in ``ranges`` (an ``(n, 2)``
+        array of sorted, disjoint ``[lo, hi)`` order-29 ranges), whatever its time; for
+        ``DiaObject`` the latest versions. Columns and order as the other reads."""
+        cover = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+        if len(cover) == 0:
+            spec = self.schema.table(table)
+            return spec.arrow_schema().empty_table().select(self._check_columns(spec, columns))
+        result: pa.Table = self._read(table, _PixelCover(cover), columns, None, None, False)
+        return result
+
+
+class _PixelCover(Region):
+    """Internal: a set of order-29 pixel ranges read as they are (for :meth:`Apdb.read_pixels`)."""
+
+    def __init__(self, ranges: np.ndarray) -> None:
+        self._ranges = ranges
+
+    def contains(self, ra_deg: Any, dec_deg: Any) -> Any:
+        # The backends return exactly the rows inside the ranges: nothing to remove.
+        return np.ones(np.shape(ra_deg), dtype=bool)
+
+    def size_deg(self) -> float:
+        return 180.0
+
+    def _cover(self, depth: int) -> np.ndarray:
+        return self._ranges
+
+    def pixel_ranges(self, refinement: int = 0) -> np.ndarray:
+        return self._ranges

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from diadb.errors import ConfigError
 
 #: Version of diadb's own table layout; the major part must match to open a database.
-LAYOUT_VERSION = "1.0.0"
+LAYOUT_VERSION = "1.1.0"  # 1.1: the change log (replica chunks) and the source overlay
 #: The one pixelization diadb uses everywhere.
 PIXELIZATION = "healpix_nested_29"
 

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from diadb.history.segment import SegmentInfo
-from diadb.schema.model import ApdbSchema
+from diadb.schema.model import ApdbSchema, ColumnSpec
 
 #: The tables a read addresses. "DiaObject" reads the latest version of each object.
 ReadTable = Literal["DiaObject", "DiaSource", "DiaForcedSource"]
@@ -103,6 +103,43 @@ class Backend(Protocol):
 
     def table_stats(self) -> dict[str, TableStats]: ...
 
+    # ---- change log (replica chunks) -----------------------------------------------
+    def list_chunks(self, published: bool | None = None) -> pa.Table:
+        """Chunks in commit order: chunk_id, kind, visit, detector, visit_mjd_tai, stored_at, published."""
+
+    def chunk_rows(self, chunk_ids: Sequence[int]) -> dict[str, pa.Table]:
+        """Engine rows written by store chunks (``_chunk_id`` first) and update records."""
+
+    def mark_published(self, chunk_ids: Sequence[int]) -> None: ...
+
+    # ---- daytime updates -----------------------------------------------------------
+    def update_sources(
+        self,
+        changes: pa.Table,
+        *,
+        kind: str,
+        when_mjd: float,
+        segment_lookup: Callable[[Int64Array], pa.Table],
+        object_deltas: bool,
+        remove_empty: bool,
+    ) -> int:
+        """Set mutable DiaSource columns atomically (LookupError for unknown ids); return the chunk."""
+
+    def set_validity_end(self, object_ids: Int64Array, when_mjd: float) -> int: ...
+
+    def objects_since(self, since_mjd: float) -> pa.Table: ...
+
+    def count_unassociated(self) -> int: ...
+
+    # ---- schema evolution (diadb.evolution) -----------------------------------------
+    def upgrade_layout(self, from_version: str) -> list[str]:
+        """Migrate diadb's own tables from an older layout; return the steps taken."""
+
+    def add_columns(self, table: str, columns: Sequence[ColumnSpec]) -> None:
+        """Add nullable columns to a stored table."""
+
+    def set_metadata(self, values: Mapping[str, str]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -128,3 +165,8 @@ class HistoryCapable(Protocol):
         """Atomically move rows older than ``boundary`` into segments written by ``write``."""
 
     def drop_segments(self, segment_ids: Sequence[int]) -> None: ...
+
+    def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        """Current mutable columns of sources in segments that daytime updates changed."""
+
+    def drop_overlay_before(self, cutoff_mjd: float) -> None: ...

@@ -72,8 +72,10 @@ class HistoryTier:
         region: Region | None,
         window: TimeWindow | None,
         object_ids: Int64Array | None,
+        include_ids: Int64Array | None = None,
     ) -> list[pa.Table]:
-        """The rows of ``segments`` in the region's cover, exactly inside ``region``, in the window."""
+        """The rows of ``segments`` in the region's cover, exactly inside ``region``, in the window,
+        of ``object_ids`` (or whose ``diaSourceId`` is in ``include_ids``) when given."""
         parts: list[pa.Table] = []
         for info in segments:
             if window is not None and (info.t_max <= window.start or info.t_min > window.end):
@@ -86,12 +88,35 @@ class HistoryTier:
                 t = _column(data, TIME_COLUMN)[idx]
                 idx = idx[(t > window.start) & (t <= window.end)]
             if idx.size and object_ids is not None:
-                idx = idx[np.isin(_column(data, "diaObjectId")[idx], object_ids)]
+                keep = np.isin(_column(data, "diaObjectId")[idx], object_ids)
+                if include_ids is not None and len(include_ids):
+                    keep |= np.isin(_column(data, "diaSourceId")[idx], include_ids)
+                idx = idx[keep]
             if idx.size and region is not None:
                 idx = idx[region.contains(_column(data, "ra")[idx], _column(data, "dec")[idx])]
             if idx.size:
-                parts.append(data.select(list(columns)).take(pa.array(idx)))
+                parts.append(_select(data, columns).take(pa.array(idx)))
         return parts
+
+    def find_rows(
+        self, segments: Sequence[SegmentInfo], column: str, ids: Int64Array, columns: Sequence[str]
+    ) -> pa.Table:
+        """Rows whose ``column`` is in ``ids``, searching ``segments`` in the order given and
+        stopping once every id is found (daytime updates mostly touch recent rows)."""
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        parts: list[pa.Table] = []
+        for info in segments:
+            if not len(wanted):
+                break
+            data = self._segment(info)
+            values = _column(data, column)
+            idx = np.flatnonzero(np.isin(values, wanted))
+            if idx.size:
+                parts.append(_select(data, columns).take(pa.array(idx)))
+                wanted = np.setdiff1d(wanted, values[idx])
+        if not parts:
+            return pa.table({c: pa.array([], pa.int64()) for c in columns}).select(list(columns))
+        return pa.concat_tables(parts, promote_options="permissive")
 
     def write(self, table: str, rows: pa.Table, fault: FaultHook | None = None) -> list[SegmentInfo]:
         """Write ``rows`` as one segment per time span they fall in."""
@@ -134,6 +159,16 @@ class HistoryTier:
             except Exception as e:  # every failure is reported, none stops the check
                 problems.append(str(e))
         return problems
+
+
+def _select(data: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of a segment; a column added to the schema after it was written reads as nulls."""
+    missing = [c for c in columns if c not in data.column_names]
+    if not missing:
+        return data.select(list(columns))
+    for name in missing:
+        data = data.append_column(name, pa.nulls(data.num_rows))
+    return data.select(list(columns))
 
 
 def _column(data: pa.Table, name: str) -> npt.NDArray[Any]:

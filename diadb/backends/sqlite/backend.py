@@ -30,12 +30,12 @@ from diadb.backends.base import (
     TimeWindow,
     VisitBatch,
 )
+from diadb.backends.sqlite.changes import CHANGE_LOG_DDL, LATEST_TABLE, SqliteChanges
 from diadb.errors import ConfigError, StorageError
 from diadb.history.segment import SegmentInfo
-from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
+from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
 
-LATEST_TABLE = "diadb_DiaObjectLatest"
 TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
 # Above this many ranges a query's cover is coarsened (merged across the smallest gaps);
 # the exact region filter in the facade removes the extra rows.
@@ -74,7 +74,7 @@ def coarsen_ranges(ranges: Int64Array, max_ranges: int = MAX_RANGES) -> Int64Arr
     return np.stack([ranges[starts, 0], ranges[ends, 1]], axis=1)
 
 
-class SqliteBackend:
+class SqliteBackend(SqliteChanges):
     """SQLite through ADBC. See the module docstring for the layout."""
 
     def __init__(self, url: str, *, create: bool, synchronous: str = "FULL") -> None:
@@ -153,7 +153,8 @@ class SqliteBackend:
         ddl.append(
             "CREATE TABLE diadb_visit (visit INTEGER NOT NULL, detector INTEGER NOT NULL, "
             "visit_mjd_tai REAL NOT NULL, stored_at TEXT NOT NULL, n_objects INTEGER NOT NULL, "
-            "n_sources INTEGER NOT NULL, n_forced_sources INTEGER NOT NULL, PRIMARY KEY (visit, detector))"
+            "n_sources INTEGER NOT NULL, n_forced_sources INTEGER NOT NULL, chunk_id INTEGER, "
+            "PRIMARY KEY (visit, detector))"
         )
         # The manifest of history segments (diadb.history), and segments waiting for deletion.
         ddl.append(
@@ -178,6 +179,7 @@ class SqliteBackend:
             )
             if pk[:1] != ("diaObjectId",):
                 ddl.append(f"CREATE INDEX {q('diadb_' + name + '_object')} ON {q(name)} (diaObjectId)")
+        ddl += CHANGE_LOG_DDL
         with self._transaction() as cur:
             for stmt in ddl:
                 cur.execute(stmt)
@@ -322,14 +324,20 @@ class SqliteBackend:
                     )
                 if cur.fetchall():
                     raise _AlreadyStored
+                chunk = self._log_chunk(cur, "store", batch.visit, batch.detector, batch.visit_mjd_tai)
                 if batch.objects.num_rows:
                     self._store_objects(cur, batch.objects)
+                    keys = batch.objects.select(["diaObjectId", "validityStartMjdTai"])
+                    keys = keys.add_column(
+                        0, "chunk_id", pa.array(np.full(keys.num_rows, chunk, dtype=np.int64))
+                    )
+                    cur.adbc_ingest("diadb_chunk_object", keys, mode="append")
                 if batch.sources.num_rows:
                     cur.adbc_ingest("DiaSource", batch.sources, mode="append")
                 if batch.forced_sources.num_rows:
                     cur.adbc_ingest("DiaForcedSource", batch.forced_sources, mode="append")
                 cur.execute(
-                    "INSERT INTO diadb_visit VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO diadb_visit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         batch.visit,
                         batch.detector,
@@ -338,6 +346,7 @@ class SqliteBackend:
                         batch.objects.num_rows,
                         batch.sources.num_rows,
                         batch.forced_sources.num_rows,
+                        chunk,
                     ],
                 )
         except _AlreadyStored:
@@ -482,6 +491,50 @@ class SqliteBackend:
                 [time.time(), *ids],
             )
             cur.execute(f"DELETE FROM diadb_segment WHERE segment_id IN ({marks})", ids)
+
+    # ---- schema evolution ----------------------------------------------------------
+    def upgrade_layout(self, from_version: str) -> list[str]:
+        """Migrate diadb's own tables from an older layout, in one transaction."""
+        steps: list[str] = []
+        if from_version.startswith("1.0."):
+            with self._transaction() as cur:
+                for stmt in CHANGE_LOG_DDL:
+                    cur.execute(stmt)
+                cur.execute("ALTER TABLE diadb_visit ADD COLUMN chunk_id INTEGER")
+                # One store chunk per visit already stored, in the order they were stored.
+                cur.execute(
+                    "INSERT INTO diadb_chunk (kind, visit, detector, visit_mjd_tai, created_at, published) "
+                    "SELECT 'store', visit, detector, visit_mjd_tai, stored_at, 0 FROM diadb_visit "
+                    "ORDER BY stored_at, visit, detector"
+                )
+                cur.execute(
+                    "UPDATE diadb_visit SET chunk_id = (SELECT c.chunk_id FROM diadb_chunk c "
+                    "WHERE c.visit = diadb_visit.visit AND c.detector = diadb_visit.detector)"
+                )
+                # Layout 1.0 did not record which store wrote an object version: a version
+                # that started at a visit's time is attributed to that visit's chunk.
+                cur.execute(
+                    "INSERT INTO diadb_chunk_object "
+                    'SELECT c.chunk_id, o."diaObjectId", o."validityStartMjdTai" '
+                    'FROM "DiaObject" o JOIN diadb_chunk c ON c.visit_mjd_tai = o."validityStartMjdTai"'
+                )
+            steps.append("layout 1.0 -> 1.1: change log tables (chunks backfilled from the visit registry)")
+        return steps
+
+    def add_columns(self, table: str, columns: Sequence[ColumnSpec]) -> None:
+        """Add nullable columns to a stored table (and to the latest-object table for DiaObject)."""
+        physical = [table] + ([LATEST_TABLE] if table == "DiaObject" else [])
+        with self._transaction() as cur:
+            for name in physical:
+                for col in columns:
+                    cur.execute(
+                        f"ALTER TABLE {q(name)} ADD COLUMN {q(col.name)} {sql_type(col.datatype, 'sqlite')}"
+                    )
+
+    def set_metadata(self, values: Mapping[str, str]) -> None:
+        with self._transaction() as cur:
+            for key, value in values.items():
+                cur.execute("INSERT OR REPLACE INTO diadb_metadata (key, value) VALUES (?, ?)", [key, value])
 
     # ---- bookkeeping ---------------------------------------------------------------
     def table_stats(self) -> dict[str, TableStats]:

@@ -1,0 +1,384 @@
+"""SQLite: the change log (replica chunks) and the daytime updates of stored rows.
+
+Every store and every daytime call is one chunk, numbered in commit order (the write lock
+serialises them). A store chunk's rows are found by the ``visit``/``detector`` columns that
+every source row carries, and by a list of the object versions it wrote; a daytime chunk
+holds update records (JSON). Sources already moved into history segments cannot be updated
+in place: their mutable columns go to an overlay table that reads apply on top.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from diadb.backends.base import Int64Array, TimeWindow
+from diadb.errors import StorageError
+
+LATEST_TABLE = "diadb_DiaObjectLatest"
+#: The DiaSource columns daytime operations change (and the overlay carries).
+MUTABLE_SOURCE_COLUMNS = ("diaObjectId", "ssObjectId", "ssObjectReassocTimeMjdTai", "timeWithdrawnMjdTai")
+
+CHANGE_LOG_DDL = [
+    "CREATE TABLE diadb_chunk (chunk_id INTEGER PRIMARY KEY, kind TEXT NOT NULL, visit INTEGER, "
+    "detector INTEGER, visit_mjd_tai REAL, created_at TEXT NOT NULL, published INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE diadb_chunk_object (chunk_id INTEGER NOT NULL, diaObjectId INTEGER NOT NULL, "
+    "validityStartMjdTai REAL NOT NULL)",
+    "CREATE INDEX diadb_chunk_object_chunk ON diadb_chunk_object (chunk_id)",
+    "CREATE TABLE diadb_update (chunk_id INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, "
+    "payload TEXT NOT NULL, PRIMARY KEY (chunk_id, seq))",
+    "CREATE TABLE diadb_source_overlay (diaSourceId INTEGER PRIMARY KEY, _healpix_29 INTEGER NOT NULL, "
+    "midpointMjdTai REAL NOT NULL, diaObjectId INTEGER, ssObjectId INTEGER, ssObjectReassocTimeMjdTai REAL, "
+    "timeWithdrawnMjdTai REAL)",
+    "CREATE INDEX diadb_source_overlay_pix ON diadb_source_overlay (_healpix_29)",
+    'CREATE INDEX diadb_DiaSource_visit ON "DiaSource" (visit, detector)',
+    'CREATE INDEX diadb_DiaForcedSource_visit ON "DiaForcedSource" (visit, detector)',
+]
+
+#: Finds sources in the history segments: ids -> their current row (id, pixel, time, mutable columns).
+SegmentSourceLookup = Callable[[Int64Array], pa.Table]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat()
+
+
+class SqliteChanges:
+    """Mixed into ``SqliteBackend``; uses its connection helpers."""
+
+    # Provided by SqliteBackend.
+    _errors: tuple[type[BaseException], ...]
+    path: str
+    _transaction: Callable[[], Any]
+    _fetch: Callable[..., pa.Table]
+    _temp_table: Callable[[Any, str, pa.Table], None]
+    _cursor: Callable[[], Any]
+
+    # ---- the change log ------------------------------------------------------------
+    def _log_chunk(
+        self, cur: Any, kind: str, visit: int | None, detector: int | None, mjd: float | None
+    ) -> int:
+        cur.execute(
+            "INSERT INTO diadb_chunk (kind, visit, detector, visit_mjd_tai, created_at) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING chunk_id",
+            [kind, visit, detector, mjd, _now()],
+        )
+        return int(cur.fetchall()[0][0])
+
+    def _log_updates(self, cur: Any, chunk_id: int, kind: str, payloads: Sequence[dict[str, Any]]) -> None:
+        if payloads:
+            records = pa.table(
+                {
+                    "chunk_id": pa.array([chunk_id] * len(payloads), pa.int64()),
+                    "seq": pa.array(np.arange(len(payloads)), pa.int64()),
+                    "kind": pa.array([kind] * len(payloads)),
+                    "payload": pa.array([json.dumps(p) for p in payloads]),
+                }
+            )
+            cur.adbc_ingest("diadb_update", records, mode="append")
+
+    def list_chunks(self, published: bool | None = None) -> pa.Table:
+        sql = (
+            "SELECT chunk_id, kind, visit, detector, visit_mjd_tai, created_at, published FROM diadb_chunk"
+            + ("" if published is None else f" WHERE published = {int(published)}")
+            + " ORDER BY chunk_id"
+        )
+        t = self._fetch(sql)
+        return pa.table(
+            {
+                "chunk_id": t.column(0).cast(pa.int64()),
+                "kind": t.column(1).cast(pa.string()),
+                "visit": t.column(2).cast(pa.int64()),
+                "detector": t.column(3).cast(pa.int64()),
+                "visit_mjd_tai": t.column(4).cast(pa.float64()),
+                "stored_at": t.column(5).cast(pa.string()),
+                "published": t.column(6).cast(pa.bool_()),
+            }
+        )
+
+    def mark_published(self, chunk_ids: Sequence[int]) -> None:
+        ids = pa.table({"id": np.asarray(chunk_ids, dtype=np.int64)})
+        with self._transaction() as cur:
+            self._temp_table(cur, "diadb_publish", ids)
+            cur.execute(
+                "UPDATE diadb_chunk SET published = 1 WHERE chunk_id IN (SELECT id FROM temp.diadb_publish)"
+            )
+
+    def chunk_rows(self, chunk_ids: Sequence[int]) -> dict[str, pa.Table]:
+        """The engine's rows written by these store chunks, each with a ``_chunk_id`` column first,
+        and the update records of these daytime chunks."""
+        ids = pa.table({"id": np.asarray(chunk_ids, dtype=np.int64)})
+        cur = self._cursor()
+        try:
+            self._temp_table(cur, "diadb_chunks", ids)
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS diadb_chunk_keys AS SELECT chunk_id, visit, detector "
+                "FROM diadb_chunk WHERE 0"
+            )
+            cur.execute("DELETE FROM temp.diadb_chunk_keys")
+            cur.execute(
+                "INSERT INTO temp.diadb_chunk_keys SELECT chunk_id, visit, detector FROM diadb_chunk "
+                "WHERE kind = 'store' AND chunk_id IN (SELECT id FROM temp.diadb_chunks)"
+            )
+            out: dict[str, pa.Table] = {}
+            for table in ("DiaSource", "DiaForcedSource"):
+                cur.execute(
+                    f'SELECT k.chunk_id AS _chunk_id, t.* FROM temp.diadb_chunk_keys k JOIN "{table}" t '
+                    "ON t.visit = k.visit AND (k.detector = -1 OR t.detector = k.detector)"
+                )
+                out[table] = cur.fetch_arrow_table()
+            cur.execute(
+                'SELECT o.chunk_id AS _chunk_id, t.* FROM diadb_chunk_object o JOIN "DiaObject" t '
+                'ON t."diaObjectId" = o.diaObjectId AND t."validityStartMjdTai" = o.validityStartMjdTai '
+                "WHERE o.chunk_id IN (SELECT id FROM temp.diadb_chunks)"
+            )
+            out["DiaObject"] = cur.fetch_arrow_table()
+            cur.execute(
+                "SELECT chunk_id, seq, kind, payload FROM diadb_update "
+                "WHERE chunk_id IN (SELECT id FROM temp.diadb_chunks) ORDER BY chunk_id, seq"
+            )
+            out["updates"] = cur.fetch_arrow_table()
+            return out
+        except self._errors as e:
+            raise StorageError(f"SQLite change-log read failed on {self.path}: {e}") from e
+        finally:
+            cur.close()
+
+    # ---- the overlay ---------------------------------------------------------------
+    def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        """Overlay rows (current values of the mutable source columns) in the ranges and window."""
+        where: list[str] = []
+        params: list[float] = []
+        if len(ranges):
+            lo, hi = int(ranges[0, 0]), int(ranges[-1, 1])
+            where.append("_healpix_29 >= ? AND _healpix_29 < ?")
+            params += [lo, hi]
+        if window is not None:
+            if np.isfinite(window.start):
+                where.append("midpointMjdTai > ?")
+                params.append(float(window.start))
+            if np.isfinite(window.end):
+                where.append("midpointMjdTai <= ?")
+                params.append(float(window.end))
+        sql = "SELECT diaSourceId, " + ", ".join(MUTABLE_SOURCE_COLUMNS) + " FROM diadb_source_overlay"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return self._fetch(sql, params)
+
+    def drop_overlay_before(self, cutoff_mjd: float) -> None:
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM diadb_source_overlay WHERE midpointMjdTai < ?", [cutoff_mjd])
+
+    # ---- daytime updates -----------------------------------------------------------
+    def update_sources(
+        self,
+        changes: pa.Table,
+        *,
+        kind: str,
+        when_mjd: float,
+        segment_lookup: SegmentSourceLookup,
+        object_deltas: bool,
+        remove_empty: bool,
+    ) -> int:
+        """Set mutable columns of DiaSources, in one transaction; return the chunk id.
+
+        ``changes`` has ``diaSourceId`` and any of the mutable columns (the new values).
+        With ``object_deltas`` the nDiaSources of the old and new DiaObjects follow the move;
+        with ``remove_empty`` a DiaObject left with no sources is closed and leaves the latest table.
+        Raises LookupError naming unknown DiaSource or DiaObject ids; nothing changes then.
+        """
+        ids = np.asarray(changes.column("diaSourceId").to_numpy(), dtype=np.int64)
+        with self._transaction() as cur:
+            self._temp_table(cur, "diadb_change", changes)
+            cols = ", ".join(
+                f"s.{c}" for c in ("diaSourceId", "_healpix_29", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS)
+            )
+            cur.execute(
+                f'SELECT {cols} FROM temp.diadb_change c JOIN "DiaSource" s ON s.diaSourceId = c.diaSourceId'
+            )
+            in_engine: pa.Table = cur.fetch_arrow_table()
+            rest = np.setdiff1d(ids, np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64))
+            in_segments = segment_lookup(rest) if len(rest) else _empty_current()
+            if len(rest):
+                # The overlay holds the current values of sources already in segments.
+                overlay = self._fetch(
+                    "SELECT diaSourceId, " + ", ".join(MUTABLE_SOURCE_COLUMNS) + " FROM diadb_source_overlay "
+                    "WHERE diaSourceId IN (SELECT diaSourceId FROM temp.diadb_change)"
+                )
+                in_segments = _apply_overlay_values(in_segments, overlay)
+            missing = np.setdiff1d(
+                rest, np.asarray(in_segments.column("diaSourceId").to_numpy(), dtype=np.int64)
+            )
+            if len(missing):
+                raise LookupError(f"unknown DiaSource ids: {missing[:20].tolist()}")
+            current = pa.concat_tables([_normalise_current(in_engine), _normalise_current(in_segments)])
+            new = _merge_changes(current, changes)
+            if "diaObjectId" in changes.column_names:
+                targets = np.unique(pc.drop_null(changes.column("diaObjectId")).to_numpy())
+                if len(targets):
+                    self._temp_table(cur, "diadb_targets", pa.table({"id": targets.astype(np.int64)}))
+                    cur.execute(
+                        f"SELECT diaObjectId FROM {LATEST_TABLE} "
+                        "WHERE diaObjectId IN (SELECT id FROM temp.diadb_targets)"
+                    )
+                    found = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), dtype=np.int64)
+                    unknown = np.setdiff1d(targets, found)
+                    if len(unknown):
+                        raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
+            if object_deltas:
+                self._apply_object_deltas(cur, current, new, when_mjd, remove_empty)
+            engine_ids = np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64)
+            is_engine = np.isin(np.asarray(new.column("diaSourceId").to_numpy(), dtype=np.int64), engine_ids)
+            self._write_engine_sources(cur, new.filter(pa.array(is_engine)))
+            self._write_overlay(cur, new.filter(pa.array(~is_engine)))
+            chunk = self._log_chunk(cur, "update", None, None, when_mjd)
+            payload = new.select(["diaSourceId", *[c for c in changes.column_names if c != "diaSourceId"]])
+            self._log_updates(cur, chunk, kind, [{"when_mjd_tai": when_mjd, "rows": payload.to_pylist()}])
+        return chunk
+
+    def _write_engine_sources(self, cur: Any, new: pa.Table) -> None:
+        if not new.num_rows:
+            return
+        self._temp_table(cur, "diadb_new_values", new.select(["diaSourceId", *MUTABLE_SOURCE_COLUMNS]))
+        sets = ", ".join(f"{c} = n.{c}" for c in MUTABLE_SOURCE_COLUMNS)
+        cur.execute(
+            f'UPDATE "DiaSource" SET {sets} FROM temp.diadb_new_values n '
+            'WHERE "DiaSource".diaSourceId = n.diaSourceId'
+        )
+
+    def _write_overlay(self, cur: Any, new: pa.Table) -> None:
+        if not new.num_rows:
+            return
+        self._temp_table(cur, "diadb_new_overlay", new)
+        cols = ["diaSourceId", "_healpix_29", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in MUTABLE_SOURCE_COLUMNS)
+        cur.execute(
+            f"INSERT INTO diadb_source_overlay ({', '.join(cols)}) SELECT {', '.join(cols)} "
+            f"FROM temp.diadb_new_overlay WHERE true ON CONFLICT (diaSourceId) DO UPDATE SET {updates}"
+        )
+
+    def _apply_object_deltas(
+        self, cur: Any, current: pa.Table, new: pa.Table, when_mjd: float, remove_empty: bool
+    ) -> None:
+        old_ids = pc.drop_null(current.column("diaObjectId")).to_numpy()
+        new_ids = pc.drop_null(new.column("diaObjectId")).to_numpy()
+        ids = np.concatenate([old_ids, new_ids]).astype(np.int64)
+        if not len(ids):
+            return
+        signs = np.concatenate([-np.ones(len(old_ids)), np.ones(len(new_ids))]).astype(np.int64)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        delta = np.zeros(len(uniq), dtype=np.int64)
+        np.add.at(delta, inverse, signs)
+        keep = delta != 0
+        self._temp_table(cur, "diadb_delta", pa.table({"id": uniq[keep], "delta": delta[keep]}))
+        for table, extra in ((LATEST_TABLE, ""), ("DiaObject", ' AND "validityEndMjdTai" IS NULL')):
+            cur.execute(
+                f'UPDATE "{table}" SET "nDiaSources" = "nDiaSources" + d.delta FROM temp.diadb_delta d '
+                f'WHERE "{table}"."diaObjectId" = d.id{extra}'
+            )
+        if remove_empty:
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS diadb_empty AS "
+                f"SELECT diaObjectId AS id FROM {LATEST_TABLE} WHERE 0"
+            )
+            cur.execute("DELETE FROM temp.diadb_empty")
+            cur.execute(
+                f"INSERT INTO temp.diadb_empty SELECT diaObjectId FROM {LATEST_TABLE} "
+                'WHERE "nDiaSources" <= 0 '
+                "AND diaObjectId IN (SELECT id FROM temp.diadb_delta)"
+            )
+            cur.execute(
+                'UPDATE "DiaObject" SET "validityEndMjdTai" = ? WHERE "validityEndMjdTai" IS NULL '
+                'AND "diaObjectId" IN (SELECT id FROM temp.diadb_empty)',
+                [when_mjd],
+            )
+            cur.execute(f"DELETE FROM {LATEST_TABLE} WHERE diaObjectId IN (SELECT id FROM temp.diadb_empty)")
+
+    def set_validity_end(self, object_ids: Int64Array, when_mjd: float) -> int:
+        """Close the open version of these objects (they leave the latest table); return how many."""
+        ids = np.unique(np.asarray(object_ids, dtype=np.int64))
+        with self._transaction() as cur:
+            self._temp_table(cur, "diadb_close", pa.table({"id": ids}))
+            cur.execute(
+                'SELECT DISTINCT "diaObjectId" FROM "DiaObject" '
+                'WHERE "diaObjectId" IN (SELECT id FROM temp.diadb_close)'
+            )
+            known = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), dtype=np.int64)
+            unknown = np.setdiff1d(ids, known)
+            if len(unknown):
+                raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
+            cur.execute(
+                'SELECT count(*) FROM "DiaObject" WHERE "validityEndMjdTai" IS NULL '
+                'AND "diaObjectId" IN (SELECT id FROM temp.diadb_close)'
+            )
+            count = int(cur.fetchall()[0][0])
+            cur.execute(
+                'UPDATE "DiaObject" SET "validityEndMjdTai" = ? WHERE "validityEndMjdTai" IS NULL '
+                'AND "diaObjectId" IN (SELECT id FROM temp.diadb_close)',
+                [when_mjd],
+            )
+            cur.execute(f"DELETE FROM {LATEST_TABLE} WHERE diaObjectId IN (SELECT id FROM temp.diadb_close)")
+            chunk = self._log_chunk(cur, "update", None, None, when_mjd)
+            self._log_updates(
+                cur, chunk, "set_validity_end", [{"when_mjd_tai": when_mjd, "diaObjectIds": ids.tolist()}]
+            )
+        return count
+
+    def objects_since(self, since_mjd: float) -> pa.Table:
+        """Latest versions of objects whose version started at or after ``since_mjd``."""
+        return self._fetch(f'SELECT * FROM {LATEST_TABLE} WHERE "validityStartMjdTai" >= ?', [since_mjd])
+
+    def count_unassociated(self) -> int:
+        t = self._fetch(f'SELECT count(*) FROM {LATEST_TABLE} WHERE "nDiaSources" = 1')
+        return int(t.column(0)[0].as_py())
+
+
+def _empty_current() -> pa.Table:
+    return pa.table(
+        {
+            "diaSourceId": pa.array([], pa.int64()),
+            "_healpix_29": pa.array([], pa.int64()),
+            "midpointMjdTai": pa.array([], pa.float64()),
+            "diaObjectId": pa.array([], pa.int64()),
+            "ssObjectId": pa.array([], pa.int64()),
+            "ssObjectReassocTimeMjdTai": pa.array([], pa.float64()),
+            "timeWithdrawnMjdTai": pa.array([], pa.float64()),
+        }
+    )
+
+
+def _normalise_current(t: pa.Table) -> pa.Table:
+    schema = _empty_current().schema
+    return pa.table({f.name: t.column(f.name).cast(f.type) for f in schema}, schema=schema)
+
+
+def _apply_overlay_values(current: pa.Table, overlay: pa.Table) -> pa.Table:
+    """Replace the mutable columns of ``current`` rows that the overlay names."""
+    if not overlay.num_rows or not current.num_rows:
+        return current
+    pos = pc.index_in(current.column("diaSourceId"), value_set=overlay.column("diaSourceId").cast(pa.int64()))
+    hit = pc.is_valid(pos)
+    for name in MUTABLE_SOURCE_COLUMNS:
+        values = overlay.column(name).cast(current.schema.field(name).type).take(pc.fill_null(pos, 0))
+        index = current.schema.get_field_index(name)
+        current = current.set_column(index, name, pc.if_else(hit, values, current.column(name)))
+    return current
+
+
+def _merge_changes(current: pa.Table, changes: pa.Table) -> pa.Table:
+    """``current`` rows with the changed columns replaced by ``changes`` (matched by diaSourceId)."""
+    pos = pc.index_in(current.column("diaSourceId"), value_set=changes.column("diaSourceId"))
+    out = current
+    for name in changes.column_names:
+        if name == "diaSourceId":
+            continue
+        target = current.schema.field(name).type
+        values = changes.column(name).cast(target).take(pos)
+        out = out.set_column(out.schema.get_field_index(name), name, values)
+    return out
