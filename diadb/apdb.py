@@ -311,9 +311,9 @@ class Apdb(DaytimeMixin):
     @staticmethod
     def _cast_to_schema(spec: TableSpec, raw: pa.Table, names: Sequence[str]) -> pa.Table:
         full = spec.arrow_schema()
-        fields = [full.field(n) for n in names]
-        arrays = [raw.column(i).cast(f.type) for i, f in enumerate(fields)]
-        return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=full.metadata))
+        target = pa.schema([full.field(n) for n in names], metadata=full.metadata)
+        # One cast of the whole table (per-column casts cost ~40 us each in Python, x104).
+        return raw.rename_columns(list(names)).cast(target)
 
     # ---- writes --------------------------------------------------------------------
     def store(

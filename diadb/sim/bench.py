@@ -59,7 +59,8 @@ class Profile:
     name: str
     visits: int
     sim: SimConfig
-    #: Reference reads are slow at depth: read it every this many visits (it stores every visit).
+    #: Reads of the systems beside diadb are slow at depth: they read every this many visits
+    #: (and on the last); they store every visit.
     reference_read_every: int
     description: str
 
@@ -95,10 +96,12 @@ class System(Protocol):
 class DiadbSystem:
     """diadb's own API (Arrow out)."""
 
-    def __init__(self, name: str, db: Apdb, columns: str) -> None:
+    def __init__(self, name: str, db: Apdb, columns: str, *, owner: bool = True) -> None:
         self.name = name
         self.db = db
         self.columns = columns
+        #: A view shares another system's database: it reads, but neither stores nor closes.
+        self.owner = owner
 
     def _cols(self, table: str) -> list[str] | None:
         return ASSOCIATION_COLUMNS[table] if self.columns == "association" else None
@@ -127,7 +130,8 @@ class DiadbSystem:
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        self.db.close()
+        if self.owner:
+            self.db.close()
 
 
 class ReferenceSystem:
@@ -233,6 +237,7 @@ def run_bench(
     *,
     compare: Sequence[str] = (),
     engine_only: bool = False,
+    association_view: bool = False,
     visits: int | None = None,
     columns: str = "all",
     progress: Callable[[int, int], None] | None = None,
@@ -260,6 +265,8 @@ def run_bench(
     months = 12
     main = DiadbSystem("diadb", Apdb.create(url or str(out / "diadb.db")), columns)
     systems: list[System] = [main]
+    if association_view:
+        systems.append(DiadbSystem("diadb-association-columns", main.db, "association", owner=False))
     if engine_only:
         db = Apdb.create(str(out / "diadb-engine.db"), history_tier=False)
         systems.append(DiadbSystem("diadb-engine-only", db, columns))
@@ -267,14 +274,14 @@ def run_bench(
         systems.append(ReferenceSystem(out / "dax_apdb.db", months))
     simulator = VisitSimulator(profile.sim, main.db.schema)
     rows: list[dict[str, Any]] = []
-    checks = {s.name: IdCheck() for s in systems[1:]}
+    checks = {s.name: IdCheck() for s in systems[1:] if s.name != "diadb-association-columns"}
     floor: list[tuple[int, float, int, float]] = []
     try:
         for done, visit in enumerate(simulator.visits(n_visits), start=1):
             order = systems[done % len(systems) :] + systems[: done % len(systems)]
             results: dict[str, ReadResult] = {}
             for system in order:
-                if system.name == "dax_apdb" and done % profile.reference_read_every and done != n_visits:
+                if system is not main and done % profile.reference_read_every and done != n_visits:
                     continue
                 result = system.read(visit.region, visit.mjd_tai)
                 results[system.name] = result
@@ -283,6 +290,8 @@ def run_bench(
                     count = len(n) if n is not None else len(result.forced_keys)
                     rows.append(_row(system.name, visit.visit, table, "select", seconds, count))
             for system in order:
+                if isinstance(system, DiadbSystem) and not system.owner:
+                    continue
                 seconds = system.store(visit)
                 rows.append(_row(system.name, visit.visit, "all", "store", seconds, _stored(visit)))
             for name, check in checks.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -43,8 +44,11 @@ class Region(ABC):
         """Order-29 ranges that contain the region, computed at ``depth``."""
 
     def pixel_ranges(self, refinement: int = DEFAULT_REFINEMENT) -> Int64Array:
-        """Sorted, merged ``[lo, hi)`` order-29 pixel ranges covering the region (a superset)."""
-        return self._cover(healpix.depth_for_size(self.size_deg(), refinement))
+        """Sorted, merged ``[lo, hi)`` order-29 pixel ranges covering the region (a superset).
+
+        Cached: a pipeline reads objects, sources and forced sources of one region in turn."""
+        ranges = _cover_cached(self, refinement)
+        return ranges.copy()
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,11 @@ class Polygon(Region):
     def _cover(self, depth: int) -> Int64Array:
         arr = np.asarray(self.vertices, dtype=np.float64)
         return healpix.polygon_cells(arr[:, 0], arr[:, 1], depth)
+
+
+@functools.lru_cache(maxsize=512)
+def _cover_cached(region: Region, refinement: int) -> Int64Array:
+    return region._cover(healpix.depth_for_size(region.size_deg(), refinement))
 
 
 def _check_radec(kind: str, ra: float, dec: float) -> None:
