@@ -17,7 +17,10 @@ Layout (mirrors the SQLite backend):
   sorted by ``_healpix_29``, and :meth:`PostgresBackend.cluster` rewrites partitions in key order.
 - ``DiaObject`` keeps every version; ``diadb_DiaObjectLatest`` holds the latest version of each
   object, which ``get_objects`` reads (index on ``_healpix_29``).
-- ``diadb_visit`` records stored visit/detectors in the store's transaction.
+- ``diadb_visit`` records stored visit/detectors in the store's transaction, with the chunk id.
+- The change log (replica chunks) and the daytime updates live in
+  :mod:`diadb.backends.postgres_changes`: every store and every daytime call is one chunk,
+  numbered in commit order (see there for how).
 
 Data moves as Arrow through ADBC's libpq driver: bulk writes are binary ``COPY FROM`` built from
 the Arrow columns in C, reads are fetched straight into Arrow (no per-row Python either way).
@@ -42,8 +45,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
+from diadb.backends.postgres_changes import PostgresChanges
 from diadb.errors import ConfigError, StorageError
-from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
+from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
 
 LATEST_TABLE = "diadb_DiaObjectLatest"
@@ -279,8 +283,11 @@ class _Pool:
                 c.close()
 
 
-class PostgresBackend:
+class PostgresBackend(PostgresChanges):
     """PostgreSQL through ADBC's libpq driver. See the module docstring for the layout."""
+
+    #: Parameters of one statement (used by the change-log mixin).
+    _bind = staticmethod(_params)
 
     def __init__(
         self,
@@ -439,7 +446,7 @@ class PostgresBackend:
             f"CREATE TABLE {self._t('diadb_visit')} (visit BIGINT NOT NULL, detector INTEGER NOT NULL, "
             "visit_mjd_tai DOUBLE PRECISION NOT NULL, stored_at TIMESTAMPTZ NOT NULL DEFAULT now(), "
             "n_objects INTEGER NOT NULL, n_sources INTEGER NOT NULL, n_forced_sources INTEGER NOT NULL, "
-            "PRIMARY KEY (visit, detector))"
+            "chunk_id BIGINT, PRIMARY KEY (visit, detector))"
         )
         obj = schema.table("DiaObject")
         ddl.append(
@@ -469,9 +476,10 @@ class PostgresBackend:
                 ddl.append(
                     f'CREATE INDEX {q("diadb_" + name + "_object")} ON {self._t(name)} ("diaObjectId")'
                 )
+        ddl += self._change_log_ddl()
         meta = dict(metadata)
         meta["postgres.partition_days"] = repr(self.partition_days)
-        meta["postgres.layout"] = "partitioned-by-time-1"
+        meta["postgres.layout"] = "partitioned-by-time-2"  # 2: with the change log
 
         def work(cur: Any) -> None:
             for stmt in ddl:
@@ -867,6 +875,10 @@ class PostgresBackend:
             cur.adbc_ingest(
                 "DiaForcedSource", self._pg_ready(forced), mode="append", db_schema_name=self.namespace
             )
+        # The change log: the object versions first, then (last, under the chunk counter's lock
+        # held to commit) the chunk itself, so chunk ids follow commit order.
+        self._log_store_objects(cur, batch.visit, batch.detector, batch.objects)
+        self._log_chunk(cur, "store", batch.visit, batch.detector, float(batch.visit_mjd_tai))
         return True
 
     def _check_new_keys(self, cur: Any, table: str, keys: pa.Table) -> None:
@@ -919,6 +931,37 @@ class PostgresBackend:
         data = self._pg_ready(self._sorted(objects))
         cur.adbc_ingest("DiaObject", data, mode="append", db_schema_name=self.namespace)
         cur.adbc_ingest(LATEST_TABLE, data, mode="append", db_schema_name=self.namespace)
+
+    # ---- schema evolution (upgrade_layout: see postgres_changes) -------------------
+    def add_columns(self, table: str, columns: Sequence[ColumnSpec]) -> None:
+        """Add nullable columns to a stored table (and to the latest-object table for DiaObject);
+        a partitioned table passes them on to its partitions."""
+        physical = [table] + ([LATEST_TABLE] if table == "DiaObject" else [])
+
+        def work(cur: Any) -> None:
+            for name in physical:
+                for col in columns:
+                    cur.execute(
+                        f"ALTER TABLE {self._t(name)} ADD COLUMN {q(col.name)} "
+                        f"{sql_type(col.datatype, 'postgresql')}"
+                    )
+
+        self._run("column addition", work)
+
+    def set_metadata(self, values: Mapping[str, str]) -> None:
+        keys, vals = list(values), [values[k] for k in values]
+
+        def work(cur: Any) -> None:
+            cur.execute(
+                f"INSERT INTO {self._t('diadb_metadata')} (key, value) "
+                "SELECT * FROM unnest($1::text[], $2::text[]) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                parameters=_params(
+                    (pa.array(keys, pa.string()), pa.string()), (pa.array(vals, pa.string()), pa.string())
+                ),
+            )
+
+        self._run("metadata update", work)
 
     # ---- bookkeeping ---------------------------------------------------------------
     def table_stats(self) -> dict[str, TableStats]:
