@@ -85,6 +85,9 @@ def verify(
     (a directory: checksums, types, nullability and row counts against the Felis schema)."""
     from diadb.apdb import Apdb
 
+    if Path(url).is_dir():
+        _verify_export(url)
+        return
     try:
         with Apdb.open(url) as db:
             problems = db.verify()
@@ -279,6 +282,75 @@ def demo(
     typer.echo(f"report: {result.summary_path}")
     if result.plot_path is not None:
         typer.echo(f"plot: {result.plot_path}")
+
+
+def _verify_export(directory: str) -> None:
+    from diadb.ppdb.verify import verify_export
+
+    try:
+        report = verify_export(directory)
+    except Error as e:
+        raise _fail(str(e)) from None
+    for line in report.lines():
+        typer.echo(line, err=line.startswith("BAD"))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def export(
+    url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")],
+    directory: Annotated[
+        Path, typer.Argument(help="Export directory (new, or an earlier export to update).")
+    ],
+    region: Annotated[
+        str | None, typer.Option(help='Only this part of the sky, e.g. "circle 55 -30 3" (degrees).')
+    ] = None,
+    max_rows: Annotated[
+        int | None, typer.Option(help="Most rows in one partition file (all tables).")
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="Refuse to update an existing export.")] = False,
+) -> None:
+    """Publish DiaObjects (latest), DiaSources and DiaForcedSources as HATS catalogs (LSDB reads them);
+    an existing export of the same database is updated with the new change-log chunks."""
+    from diadb.apdb import Apdb
+    from diadb.ppdb.hats_export import ExportOptions, export_hats
+
+    try:
+        opts = (
+            ExportOptions()
+            if max_rows is None
+            else ExportOptions(max_rows=dict.fromkeys(TABLES_PPDB, max_rows))
+        )
+        with Apdb.open(url) as db:
+            result = export_hats(
+                db, directory, region=region, options=opts, incremental=False if full else None
+            )
+    except Error as e:
+        raise _fail(str(e)) from None
+    kind = f"incremental ({result.chunks_applied} chunk(s))" if result.incremental else "full"
+    for table, s in result.tables.items():
+        typer.echo(f"{table:16s} {s['rows']:>12,d} rows {s['partitions']:>6d} partition(s)")
+    typer.echo(f"{kind} export to {directory} in {result.seconds:.1f} s")
+
+
+@app.command()
+def restore(
+    directory: Annotated[Path, typer.Argument(help="A PPDB export directory (diadb export).")],
+    url: Annotated[str, typer.Argument(help="SQLite path or URL of the new database.")],
+) -> None:
+    """Rebuild an APDB from a PPDB export into a new database (disaster recovery)."""
+    from diadb.ppdb.restore import restore_export
+
+    try:
+        result = restore_export(directory, url)
+    except Error as e:
+        raise _fail(str(e)) from None
+    rows = ", ".join(f"{n:,} {t}" for t, n in result.rows.items())
+    typer.echo(f"restored {rows} in {result.visits} visit(s) into {url}")
+
+
+TABLES_PPDB = ("DiaObject", "DiaSource", "DiaForcedSource")
 
 
 def main() -> None:

@@ -1,0 +1,214 @@
+"""Incremental export: apply the APDB change-log chunks newer than an export to it.
+
+The partitions whose rows the new chunks stored or changed are read again from the APDB and
+rewritten whole; daytime updates name rows by id, so their partitions are found through the
+export's own index catalog (DiaObjects) and DiaSource files. New rows outside every partition get
+new partitions. Margins whose pixels hold a changed row are rewritten, then metadata and checksums.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from diadb.ppdb import partition as part
+from diadb.ppdb.hats_export import (
+    ExportOptions,
+    ExportResult,
+    Progress,
+    _max_rows,
+    _public_url,
+    _scan_cover,
+    _TableWriter,
+)
+from diadb.ppdb.layout import TABLES, Manifest, PublicationError, catalog_dir
+from diadb.schema.model import HEALPIX_COLUMN
+from diadb.sky.regions import Region, as_region
+
+if TYPE_CHECKING:
+    from diadb.apdb import Apdb
+
+
+def chunk_ids(apdb: Apdb) -> np.ndarray | None:
+    """All change-log chunk ids, or None when this database has no change log."""
+    if not hasattr(apdb, "replica_chunks"):
+        return None
+    chunks = apdb.replica_chunks()
+    return np.asarray(chunks.column("chunk_id").to_numpy(), dtype=np.int64)
+
+
+def check_same_source(manifest: Manifest, apdb: Apdb, region_text: str | None) -> None:
+    if manifest.source_url != _public_url(apdb.url):
+        raise PublicationError(
+            f"the export was made from {manifest.source_url}, not {_public_url(apdb.url)}; "
+            "use an empty directory for a new export"
+        )
+    if region_text is not None and region_text != manifest.region:
+        raise PublicationError(
+            f"the export covers region {manifest.region!r}, not {region_text!r}; use an empty directory"
+        )
+
+
+def update_export(
+    apdb: Apdb,
+    root: Path,
+    manifest: Manifest,
+    region: Region | None,
+    opts: ExportOptions,
+    mark_published: bool,
+    say: Progress,
+    t0: float,
+) -> ExportResult:
+    if manifest.last_chunk_id is None or not hasattr(apdb, "read_chunks"):
+        raise PublicationError(
+            f"{root} cannot be updated incrementally (no change log recorded); export to an empty directory"
+        )
+    if manifest.region is not None and region is None:
+        region = as_region(manifest.region)
+    chunks = apdb.replica_chunks()
+    ids = np.asarray(chunks.column("chunk_id").to_numpy(), dtype=np.int64)
+    new_ids = ids[ids > manifest.last_chunk_id]
+    result_tables: dict[str, dict[str, int]] = {}
+    rewritten = 0
+    if len(new_ids):
+        say(f"applying {len(new_ids)} change-log chunk(s)")
+        changes = apdb.read_chunks(new_ids.tolist())
+        touched = _touched(root, manifest, changes)
+        written: list[Path] = []
+        for table in TABLES:
+            writer = _TableWriter(apdb, root, table, region, opts)
+            old = [part.Pixel(int(o), int(n)) for o, n in manifest.tables[table]["pixels"]]
+            hp29 = touched[table]
+            where = part.partition_of(hp29, old)
+            affected = sorted(
+                {old[i] for i in np.unique(where[where >= 0]).tolist()}, key=lambda p: p.range29()
+            )
+            # New rows outside every partition get new partitions, planned from their counts.
+            outside = hp29[where < 0]
+            if region is not None and len(outside):
+                outside = outside[part.in_ranges(outside, _scan_cover(region))]
+            fresh: list[part.Pixel] = []
+            if len(outside):
+                pixels, counts = part.histogram(np.unique(outside))
+                fresh = [
+                    p
+                    for p, _ in part.plan_partitions(
+                        pixels, counts, max_rows=_max_rows(opts, table), forbidden=old
+                    )
+                ]
+            for pixel in [*affected, *fresh]:
+                writer.write_partition(pixel)
+            plan = sorted(set(old) | set(fresh), key=lambda p: p.range29())
+            writer.write_margins(
+                sorted(set(old) - set(fresh), key=lambda p: p.range29()), np.unique(touched["all"])
+            )
+            writer.write_margins(fresh, None)
+            for stale in set(old) - {p for p in plan if writer.data_path(p).exists()}:
+                writer.margin_path(stale).unlink(missing_ok=True)
+            written += writer.finish(plan)
+            manifest.tables[table] = writer.summary(plan)
+            rewritten += len(affected) + len(fresh)
+        manifest.forget_missing(root)
+        manifest.record(root, written)
+    manifest.last_chunk_id = int(ids.max()) if len(ids) else manifest.last_chunk_id
+    manifest.created_at = _dt.datetime.now(_dt.UTC).isoformat()
+    manifest.write(root)
+    if mark_published and manifest.region is None and len(new_ids):
+        apdb.mark_published(new_ids.tolist())
+    for table, s in manifest.tables.items():
+        result_tables[table] = {"rows": int(s["rows"]), "partitions": int(s["partitions"])}
+    return ExportResult(
+        root=root,
+        incremental=True,
+        tables=result_tables,
+        chunks_applied=len(new_ids),
+        last_chunk_id=manifest.last_chunk_id,
+        seconds=time.perf_counter() - t0,
+        rewritten_partitions=rewritten,
+    )
+
+
+def _touched(root: Path, manifest: Manifest, changes: dict[str, pa.Table]) -> dict[str, np.ndarray]:
+    """The order-29 pixels whose rows the chunks may have changed, per table (and ``all``).
+
+    Stored rows carry their ``_healpix_29`` (or ra/dec). Daytime updates name DiaSources and
+    DiaObjects by id: their pixels come from the export itself (the index catalog for objects,
+    the DiaSource files for sources) and from the rows the chunks carry.
+    """
+    from diadb.sky.healpix import radec_to_healpix29
+
+    def pixels_of(t: pa.Table | None) -> np.ndarray:
+        if t is None or not t.num_rows:
+            return np.zeros(0, np.int64)
+        if HEALPIX_COLUMN in t.column_names:
+            return np.asarray(t.column(HEALPIX_COLUMN).to_numpy(), dtype=np.int64)
+        return radec_to_healpix29(t.column("ra").to_numpy(), t.column("dec").to_numpy())
+
+    out = {t: pixels_of(changes.get(t)) for t in TABLES}
+    source_ids, object_ids = _ids_in_updates(changes.get("updates"))
+    object_ids = np.concatenate(
+        [
+            object_ids,
+            _column_ids(changes.get("DiaObject"), "diaObjectId"),
+            _column_ids(changes.get("DiaSource"), "diaObjectId"),
+        ]
+    )
+    if len(source_ids):
+        found = _lookup(root, "DiaSource", "diaSourceId", source_ids, [HEALPIX_COLUMN, "diaObjectId"])
+        out["DiaSource"] = np.concatenate([out["DiaSource"], pixels_of(found)])
+        object_ids = np.concatenate([object_ids, _column_ids(found, "diaObjectId")])
+    if len(object_ids):
+        found = _lookup(root, "DiaObject", "diaObjectId", np.unique(object_ids), [HEALPIX_COLUMN])
+        out["DiaObject"] = np.concatenate([out["DiaObject"], pixels_of(found)])
+    out["all"] = np.concatenate([out[t] for t in TABLES])
+    return out
+
+
+def _column_ids(t: pa.Table | None, column: str) -> np.ndarray:
+    if t is None or not t.num_rows or column not in t.column_names:
+        return np.zeros(0, np.int64)
+    return np.asarray(pc.drop_null(t.column(column)).to_numpy(), dtype=np.int64)
+
+
+def _ids_in_updates(updates: pa.Table | None) -> tuple[np.ndarray, np.ndarray]:
+    """DiaSource and DiaObject ids named anywhere in the update records' JSON payloads."""
+    sources: list[int] = []
+    objects: list[int] = []
+    if updates is None or not updates.num_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def walk(node: Any, key: str | None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, key)
+        elif isinstance(node, int) and not isinstance(node, bool):
+            if key == "diaSourceId":
+                sources.append(node)
+            elif key in ("diaObjectId", "diaObjectIds"):
+                objects.append(node)
+
+    for payload in updates.column("payload").to_pylist():
+        walk(json.loads(payload), None)
+    return np.asarray(sources, dtype=np.int64), np.asarray(objects, dtype=np.int64)
+
+
+def _lookup(root: Path, table: str, column: str, ids: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows of the exported ``table`` whose ``column`` is in ``ids`` (only ``columns``)."""
+    import pyarrow.dataset as pds
+
+    data = catalog_dir(root, table) / "dataset"
+    files = sorted(str(p) for p in data.rglob("Npix=*.parquet"))
+    if not files:
+        return pa.table({c: pa.array([], pa.int64()) for c in columns})
+    ds = pds.dataset(files, format="parquet")
+    return ds.to_table(columns=columns, filter=pc.field(column).isin(pa.array(ids, pa.int64())))

@@ -1,0 +1,124 @@
+"""The on-disk layout of a diadb PPDB export, its manifest and checksums.
+
+::
+
+    DIR/
+      diadb_export.json            the manifest: provenance, tables, rows, a checksum per file
+      felis_schema.yaml            the Felis schema of the APDB, verbatim
+      DiaObject/                   a HATS collection (collection.properties)
+        DiaObject/                 the object catalog (latest versions): hats.properties,
+                                   partition_info.csv, skymap.fits, dataset/_metadata,
+                                   dataset/_common_metadata, dataset/Norder=k/Dir=d/Npix=n.parquet
+        DiaObject_margin/          its margin catalog (rows near each partition's edge)
+        DiaObject_diaObjectId/     its index catalog: diaObjectId -> Norder, Npix
+      DiaSource/ ...               the same for DiaSource and DiaForcedSource
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diadb.errors import Error
+
+MANIFEST = "diadb_export.json"
+SCHEMA_FILE = "felis_schema.yaml"
+FORMAT = "diadb-ppdb-hats"
+FORMAT_VERSION = 1
+TABLES = ("DiaObject", "DiaSource", "DiaForcedSource")
+INDEX_COLUMN = "diaObjectId"
+
+
+class PublicationError(Error):
+    """A PPDB export directory is missing, foreign, damaged, or cannot be written."""
+
+
+def catalog_dir(root: Path, table: str) -> Path:
+    return root / table / table
+
+
+def margin_dir(root: Path, table: str) -> Path:
+    return root / table / f"{table}_margin"
+
+
+def index_dir(root: Path, table: str) -> Path:
+    return root / table / f"{table}_{INDEX_COLUMN}"
+
+
+def checksum(path: Path) -> str:
+    """blake2b (128-bit) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """What an export holds. ``files`` maps each path (relative to the export) to its size and checksum."""
+
+    source_url: str
+    schema_name: str
+    schema_version: str
+    region: str | None
+    created_at: str
+    max_rows: int
+    margin_arcsec: float
+    last_chunk_id: int | None
+    apdb_config: str | None = None
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1, sort_keys=True)
+
+    @classmethod
+    def read(cls, root: Path) -> Manifest:
+        """The manifest of the export at ``root``; a one-line :class:`PublicationError` otherwise."""
+        path = root / MANIFEST
+        if not root.is_dir():
+            raise PublicationError(f"{root} is not a directory")
+        if not path.is_file():
+            raise PublicationError(f"{root} is not a diadb PPDB export (no {MANIFEST})")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT:
+                raise PublicationError(f"{path} is not a diadb PPDB manifest (format {data.get('format')!r})")
+            if int(data.get("format_version", -1)) > FORMAT_VERSION:
+                raise PublicationError(
+                    f"{path} has format version {data['format_version']}; this diadb reads {FORMAT_VERSION}"
+                )
+            return cls(**data)
+        except PublicationError:
+            raise
+        except (ValueError, TypeError, AttributeError) as e:
+            raise PublicationError(f"{path} is damaged: {e}") from None
+
+    def write(self, root: Path) -> None:
+        """Write atomically (temporary file, fsync, rename)."""
+        tmp = root / (MANIFEST + ".tmp")
+        with tmp.open("w") as f:
+            f.write(self.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(root / MANIFEST)
+
+    def record(self, root: Path, paths: list[Path]) -> None:
+        """Record (or refresh) the size and checksum of these files."""
+        for p in paths:
+            key = str(p.relative_to(root))
+            st = p.stat()
+            old = self.files.get(key)
+            if old and old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+                continue  # unchanged since it was hashed
+            self.files[key] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "blake2b": checksum(p)}
+
+    def forget_missing(self, root: Path) -> None:
+        self.files = {k: v for k, v in self.files.items() if (root / k).exists()}
