@@ -151,6 +151,9 @@ def bench(
         "build/bench"
     ),
     visits: Annotated[int | None, typer.Option(help="Override the profile's number of visits.")] = None,
+    scale: Annotated[
+        float | None, typer.Option(help="Override the profile's source density (fraction of full).")
+    ] = None,
     columns: Annotated[str, typer.Option(help="Columns diadb reads: all, or association.")] = "all",
     url: Annotated[str | None, typer.Option(help="diadb database URL (default: SQLite in --out).")] = None,
 ) -> None:
@@ -167,6 +170,7 @@ def bench(
                 engine_only=engine_only,
                 association_view=association_view,
                 visits=visits,
+                scale=scale,
                 columns=columns,
                 progress=progress,
                 url=url,

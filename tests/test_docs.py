@@ -55,6 +55,6 @@ def test_cli_create_stats_and_errors(tmp_path):
 def test_cli_demo_runs_the_demo_profile(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--visits", "3"])
     assert result.exit_code == 0, result.output
-    assert "diadb bench: profile `demo`, 3 visits" in result.output
+    assert "diadb bench: profile `demo`, 3 visits, source density x0.05" in result.output
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     assert (tmp_path / "diadb.db").exists()

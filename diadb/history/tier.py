@@ -163,7 +163,8 @@ class HistoryTier:
 
 def _select(data: pa.Table, columns: Sequence[str]) -> pa.Table:
     """``columns`` of a segment; a column added to the schema after it was written reads as nulls."""
-    missing = [c for c in columns if c not in data.column_names]
+    present = set(data.schema.names)
+    missing = [c for c in columns if c not in present]
     if not missing:
         return data.select(list(columns))
     for name in missing:

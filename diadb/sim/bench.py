@@ -242,6 +242,7 @@ def run_bench(
     columns: str = "all",
     progress: Callable[[int, int], None] | None = None,
     url: str | None = None,
+    scale: float | None = None,
 ) -> BenchResult:
     """Run one benchmark profile; see the module docstring."""
     if profile_name not in PROFILES:
@@ -252,6 +253,9 @@ def run_bench(
     if columns not in ("all", "association"):
         raise ConfigError(f"columns must be 'all' or 'association', got {columns!r}")
     profile = PROFILES[profile_name]
+    if scale is not None:
+        # Same revisit depth, a fraction of the source density (SimConfig checks the range).
+        profile = dataclasses.replace(profile, sim=dataclasses.replace(profile.sim, scale=scale))
     n_visits = profile.visits if visits is None else visits
     if n_visits < 1:
         raise ConfigError(f"visits must be >= 1, got {n_visits}")
@@ -419,7 +423,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown report."""
     lines = [
         f"# diadb bench: profile `{summary['profile']}`, {summary['visits']} visits, "
-        f"columns: {summary['columns']}",
+        f"source density x{summary['sim']['scale']}, columns: {summary['columns']}",
         "",
         "Medians in seconds per visit (whole field). *At depth*: the last 20% of visits.",
         "",
