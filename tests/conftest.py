@@ -12,7 +12,7 @@ from diadb.schema import ApdbSchema, load_schema
 # Every backend variant runs the shared suite (test_store_read.py, test_validation.py).
 # The SQLite variants: the default (history tier on, 7-day segments), one where nearly
 # every row lives in 1-day history segments, and one without the history tier.
-BACKENDS = ["sqlite", "sqlite-segments", "sqlite-engine-only", "postgresql"]
+BACKENDS = ["sqlite", "sqlite-segments", "sqlite-engine-only", "postgresql", "cassandra"]
 CREATE_OPTIONS: dict[str, dict[str, Any]] = {
     "sqlite-segments": {"history_span_days": 1.0, "history_compact_lag_days": 0.0},
     "sqlite-engine-only": {"history_tier": False},
@@ -32,6 +32,11 @@ def make_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest | None
 
         assert request is not None, "a PostgreSQL URL needs the test's request"
         return fresh_url(request)
+    if backend == "cassandra":  # a fresh keyspace on the session's node (tests/service_cassandra.py)
+        from tests.service_cassandra import fresh_url as fresh_keyspace_url
+
+        assert request is not None, "a Cassandra URL needs the test's request"
+        return fresh_keyspace_url(request)
     raise AssertionError(backend)
 
 

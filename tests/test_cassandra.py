@@ -1,0 +1,175 @@
+"""Cassandra on a real 3-node cluster: RF=3, QUORUM, one node SIGKILLed during a run.
+
+The cluster (127.0.0.1/.2/.3, CQL port 9043) is started by ``scripts/cassandra.sh up --nodes 3``
+for this module and stopped afterwards. Checks: stores and reads go on while a node is down,
+every acknowledged store is there, the node restarts and rejoins, and after ``nodetool repair``
+the restarted node alone holds every row and the whole content read at QUORUM is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import diadb
+from tests.helpers import Visit, make_visit, random_positions
+from tests.service_cassandra import ROOT, script
+from tests.services import unavailable
+
+pytestmark = pytest.mark.slow
+
+EVERYWHERE = diadb.Box(0, 360, -90, 90)
+CLUSTER_DIR = Path(os.environ.get("DIADB_CASSANDRA_DIR", ROOT / "build" / "cassandra")) / "n3"
+N_OBJECTS = 300
+VISITS = 10
+KILL_AFTER = 4  # node 3 is killed after this many visits ...
+RESTART_AFTER = 8  # ... and restarted after this many
+
+
+@pytest.fixture(scope="module")
+def cluster3() -> Iterator[str]:
+    try:
+        import cassandra  # noqa: F401
+    except ImportError as e:
+        unavailable("cassandra", f"driver missing ({e.name})")
+    try:
+        script("install")
+        script("reset", "--nodes", "3")  # a fresh cluster: no state from an earlier run
+        script("up", "--nodes", "3")
+        contact = script("contact", "--nodes", "3")
+    except Exception as e:
+        unavailable("cassandra (3 nodes)", str(e))
+        raise
+    try:
+        yield contact
+    finally:
+        script("down", "--nodes", "3")
+
+
+def _kill_node(i: int) -> int:
+    pid = int((CLUSTER_DIR / f"node{i}" / "pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    return pid
+
+
+def _sorted(t: pa.Table, keys: list[str]) -> pa.Table:
+    return t.take(pc.sort_indices(t, sort_keys=[(k, "ascending") for k in keys]))
+
+
+def _assert_same(got: pa.Table, sent: pa.Table, keys: list[str]) -> None:
+    assert got.num_rows == sent.num_rows
+    got_cmp = _sorted(got.drop_columns(["_healpix_29"]), keys)
+    sent_cmp = _sorted(sent, keys).cast(got_cmp.schema)
+    for name in sent_cmp.column_names:
+        assert got_cmp.column(name).equals(sent_cmp.column(name)), name
+
+
+def _node_counts(host: str, port: int, keyspace: str) -> dict[str, int]:
+    """Row counts of every table as stored on ``host`` alone (consistency ONE, whitelisted)."""
+    from cassandra import ConsistencyLevel
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.policies import WhiteListRoundRobinPolicy
+    from cassandra.query import SimpleStatement
+
+    profile = ExecutionProfile(
+        load_balancing_policy=WhiteListRoundRobinPolicy([host]),
+        consistency_level=ConsistencyLevel.ONE,
+        request_timeout=60,
+    )
+    cluster = Cluster(
+        [host], port=port, protocol_version=5, execution_profiles={EXEC_PROFILE_DEFAULT: profile}
+    )
+    try:
+        session = cluster.connect()
+        tables = [
+            r.table_name
+            for r in session.execute(
+                "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", [keyspace]
+            )
+        ]
+        counts = {}
+        for t in tables:
+            stmt = SimpleStatement(
+                f'SELECT count(*) FROM "{keyspace}"."{t}"', consistency_level=ConsistencyLevel.ONE
+            )
+            counts[t] = int(session.execute(stmt).one()[0])
+        return counts
+    finally:
+        cluster.shutdown()
+
+
+def test_quorum_survives_a_killed_node_and_repair_restores_it(cluster3, official_schema):
+    hosts, port = cluster3.rsplit(":", 1)
+    keyspace = f"f_{uuid.uuid4().hex[:12]}"
+    url = f"cassandra://{hosts}:{port}/{keyspace}?rf=3&consistency=QUORUM"
+    db = diadb.Apdb.create(url, schema=official_schema)
+    try:
+        assert db._backend.rf == 3 and db._backend.write_consistency == "QUORUM"  # type: ignore[attr-defined]
+        ids = np.arange(1, N_OBJECTS + 1)
+        ra, dec = random_positions(N_OBJECTS, 21)
+        visits: list[Visit] = []
+        acknowledged: list[Visit] = []
+        killed = None
+        for k in range(1, VISITS + 1):
+            # Every visit updates every object (a new version) and moves it a little.
+            v = make_visit(official_schema, k, 60000.0 + 0.5 * k, ids, ra + 1e-5 * k, dec, seed=k)
+            visits.append(v)
+            if db.store(v.mjd, v.objects, v.sources, v.forced, visit=k):
+                acknowledged.append(v)
+            # Reads go on at QUORUM, with or without the third node.
+            n = db.get_sources(EVERYWHERE, v.mjd, columns=["diaSourceId"]).num_rows
+            assert n == N_OBJECTS * len(acknowledged)
+            assert db.get_objects(EVERYWHERE, columns=["diaObjectId"]).num_rows == N_OBJECTS
+            if k == KILL_AFTER:
+                killed = _kill_node(3)
+            if k == RESTART_AFTER:
+                script("up", "--nodes", "3")  # restarts the node that is not running
+        assert killed is not None
+        assert len(acknowledged) == VISITS
+        status = script("status", "--nodes", "3")
+        assert status.count("CQL port 9043 open") == 3, status
+        script("nodetool", "--nodes", "3", "--node", "3", "repair", "--full", keyspace, timeout=900)
+
+        # The restarted node alone now holds every row (it is a full replica at RF=3).
+        on_node3 = _node_counts("127.0.0.3", int(port), keyspace)
+        assert on_node3["diadb_visit"] == VISITS
+        assert on_node3["diadb_DiaObjectLatest"] == N_OBJECTS
+        assert on_node3["DiaObject"] == N_OBJECTS * VISITS
+        src_rows = sum(n for t, n in on_node3.items() if t.startswith("DiaSource_"))
+        forced_rows = sum(n for t, n in on_node3.items() if t.startswith("DiaForcedSource_"))
+        assert src_rows == forced_rows == N_OBJECTS * VISITS
+
+        # The whole content, read at QUORUM, is exact.
+        last = visits[-1]
+        _assert_same(db.get_objects(EVERYWHERE), last.objects, ["diaObjectId"])
+        all_sources = pa.concat_tables([v.sources for v in visits])
+        all_forced = pa.concat_tables([v.forced for v in visits])
+        _assert_same(db.get_sources(EVERYWHERE, last.mjd), all_sources, ["diaSourceId"])
+        _assert_same(db.get_forced_sources(EVERYWHERE, last.mjd), all_forced, ["diaForcedSourceId"])
+        for k in range(1, VISITS + 1):
+            assert db.contains_visit_detector(k)
+        # Closed versions: every version but the last has its end set to the next one's start.
+        hist = db._backend.select(  # type: ignore[attr-defined]
+            "DiaSource", np.zeros((0, 2), np.int64), ["visit"], object_ids=np.array([1])
+        )
+        assert sorted(hist.column("visit").to_pylist()) == list(range(1, VISITS + 1))
+    finally:
+        try:
+            db._backend.drop()  # type: ignore[attr-defined]
+        finally:
+            db.close()
