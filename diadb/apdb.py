@@ -6,15 +6,22 @@ Reads
     ``get_sources`` / ``get_forced_sources(region, visit_time, months=12)`` return the rows
     with ``visit_time - 30 * months < midpointMjdTai <= visit_time`` (MJD TAI): the start is
     exclusive, as in the reference implementation; the end is inclusive, so a visit re-read
-    after a retried store sees its own rows. All results are Arrow tables (``as_pandas=True``
-    for pandas) with the schema's columns in schema order plus ``_healpix_29`` last, or the
-    ``columns`` asked for in the order given, sorted by ``_healpix_29``, then time, then key.
+    after a retried store sees its own rows. An explicit window overrides it: ``start=t``
+    gives ``t < midpointMjdTai`` (``t <= midpointMjdTai`` with ``start_inclusive=True``) and
+    ``end=u`` gives ``midpointMjdTai <= u``; ``start=-inf`` or ``end=inf`` leaves that side
+    open (the lsst.dax.apdb facade reads ``start`` to ``inf``). All results are Arrow tables
+    (``as_pandas=True`` for pandas) with the schema's columns in schema order plus
+    ``_healpix_29`` last, or the ``columns`` asked for in the order given, sorted by
+    ``_healpix_29``, then time, then key.
 
 Writes
     ``store(visit_time, objects, sources, forced_sources, visit=, detector=)`` validates every
     catalog against the Felis schema, then writes all of it in one transaction. The
     visit/detector pair is recorded; storing it again is a no-op returning ``False`` (or a
-    ``DuplicateVisitError`` when created with ``on_duplicate_visit="error"``).
+    ``DuplicateVisitError`` when created with ``on_duplicate_visit="error"``). With
+    ``key="..."`` the store is idempotent by that text instead: stores of one visit/detector
+    under different keys all append, and each one's change-log chunk lists its rows by
+    primary key.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import pyarrow.compute as pc
 
 from diadb.backends import Backend, ReadTable, TimeWindow, VisitBatch, open_backend
 from diadb.backends.base import FaultHook, HistoryCapable
+from diadb.backends.sqlite.forced import apply_forced_overlay
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
 from diadb.daytime import DaytimeMixin
 from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
@@ -178,12 +186,17 @@ class Apdb(DaytimeMixin):
         *,
         object_ids: Sequence[int] | np.ndarray | None = None,
         months: int | None = None,
+        start: Any = None,
+        start_inclusive: bool = False,
+        end: Any = None,
         columns: Sequence[str] | None = None,
         as_pandas: bool = False,
     ) -> Any:
         """DiaSources inside ``region`` (or of ``object_ids`` when ``region`` is None) in the
-        history window before ``visit_time``."""
-        return self._read_history("DiaSource", region, visit_time, object_ids, months, columns, as_pandas)
+        history window before ``visit_time``, or in the ``start``/``end`` window given (see the
+        module docstring for the exact bounds)."""
+        window = self._window(visit_time, months, start, start_inclusive, end)
+        return self._read_history("DiaSource", region, window, object_ids, columns, as_pandas)
 
     def get_forced_sources(
         self,
@@ -192,33 +205,42 @@ class Apdb(DaytimeMixin):
         *,
         object_ids: Sequence[int] | np.ndarray | None = None,
         months: int | None = None,
+        start: Any = None,
+        start_inclusive: bool = False,
+        end: Any = None,
         columns: Sequence[str] | None = None,
         as_pandas: bool = False,
     ) -> Any:
         """DiaForcedSources, as :meth:`get_sources`."""
-        return self._read_history(
-            "DiaForcedSource", region, visit_time, object_ids, months, columns, as_pandas
-        )
+        window = self._window(visit_time, months, start, start_inclusive, end)
+        return self._read_history("DiaForcedSource", region, window, object_ids, columns, as_pandas)
+
+    def _window(
+        self, visit_time: Any, months: int | None, start: Any, inclusive: bool, end: Any
+    ) -> TimeWindow:
+        """The time window of a source read (bounds: see the module docstring)."""
+        months = self.config.history_months if months is None else int(months)
+        if months < 0:
+            raise ConfigError(f"months must be >= 0, got {months}")
+        hi = mjd_tai(visit_time) if end is None else _bound(end)
+        lo = hi - DAYS_PER_MONTH * months if start is None else _bound(start)
+        if inclusive and np.isfinite(lo):
+            lo = float(np.nextafter(lo, -np.inf))
+        return TimeWindow(lo, hi)
 
     def _read_history(
         self,
         table: ReadTable,
         region: Any,
-        visit_time: Any,
+        window: TimeWindow,
         object_ids: Any,
-        months: int | None,
         columns: Sequence[str] | None,
         as_pandas: bool,
     ) -> Any:
-        end = mjd_tai(visit_time)
-        months = self.config.history_months if months is None else int(months)
-        if months < 0:
-            raise ConfigError(f"months must be >= 0, got {months}")
         if region is None and object_ids is None:
             raise ConfigError(f"{table}: give a region, object_ids, or both")
         ids = None if object_ids is None else np.asarray(object_ids, dtype=np.int64)
         reg = None if region is None else as_region(region)
-        window = TimeWindow(end - DAYS_PER_MONTH * months, end)
         return self._read(table, reg, columns, window, ids, as_pandas)
 
     def _read(
@@ -250,14 +272,17 @@ class Apdb(DaytimeMixin):
             return self._finish(spec.arrow_schema().empty_table().select(wanted), as_pandas)
         segments: list[SegmentInfo] = []
         overlay: pa.Table | None = None
+        forced_overlay: pa.Table | None = None
         if self._tier is not None and table in HISTORY_TABLES:
             assert isinstance(self._backend, HistoryCapable)
-            # The manifest, the overlay and the engine rows are read in one snapshot: a
+            # The manifest, the overlays and the engine rows are read in one snapshot: a
             # concurrent compaction or daytime update is seen wholly or not at all.
             with self._backend.read_snapshot():
                 segments = self._backend.list_segments(table)
                 if table == "DiaSource":
                     overlay = self._backend.select_overlay(ranges, window)
+                elif segments:
+                    forced_overlay = self._backend.select_forced_overlay(ranges, window)
                 raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
         else:
             raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
@@ -289,6 +314,8 @@ class Apdb(DaytimeMixin):
                     parts = [
                         p.filter(pc.fill_null(pc.is_in(p.column("diaObjectId"), ids), False)) for p in parts
                     ]
+            if forced_overlay is not None and forced_overlay.num_rows:
+                parts = [apply_forced_overlay(p, forced_overlay) for p in parts]
             if parts:
                 data = pa.concat_tables([data, *(p.cast(data.schema) for p in parts)])
         if data.num_rows > 1:
@@ -325,15 +352,23 @@ class Apdb(DaytimeMixin):
         *,
         visit: int,
         detector: int | None = None,
+        key: str | None = None,
     ) -> bool:
         """Validate and store one visit (``detector=None``: the whole visit) in one transaction.
 
         Returns ``True`` when written, ``False`` when this visit/detector was already stored
         (nothing is written then). ``validityStartMjdTai`` of objects defaults to the visit time;
         the previous version of each updated object is closed at the new version's start.
+
+        With ``key``, idempotency is by that text instead of by visit/detector: a key already
+        stored writes nothing, and stores of one visit/detector under other keys append (the
+        visit/detector is still recorded for :meth:`contains_visit_detector`). The change log
+        then records the store's rows by primary key.
         """
         if self.read_only:
             raise SchemaVersionError(f"{self.url} was written by a newer diadb; it is open read-only")
+        if key is not None and not getattr(self._backend, "supports_store_key", False):
+            raise ConfigError(f"the backend of {self.url} does not support keyed stores (store(key=...))")
         mjd = mjd_tai(visit_time)
         det = -1 if detector is None else int(detector)
         obj_spec = self.schema.table("DiaObject")
@@ -352,6 +387,7 @@ class Apdb(DaytimeMixin):
             objects=self._with_healpix(objs),
             sources=self._with_healpix(srcs),
             forced_sources=self._with_healpix(forced),
+            key=None if key is None else str(key),
         )
         try:
             stored = self._backend.store_visit(batch)
@@ -359,7 +395,9 @@ class Apdb(DaytimeMixin):
             self._diagnose_key_conflicts(batch)
             raise
         if not stored and self.config.on_duplicate_visit == "error":
-            what = "the whole visit" if det == -1 else f"detector {det}"
+            what = (
+                f"key {key!r}" if key is not None else "the whole visit" if det == -1 else f"detector {det}"
+            )
             raise DuplicateVisitError(f"visit {visit} {what} is already stored in {self.url}")
         if stored and self._tier is not None and self.config.history_auto_compact:
             boundary = compaction_boundary(
@@ -540,6 +578,13 @@ class Apdb(DaytimeMixin):
             return spec.arrow_schema().empty_table().select(self._check_columns(spec, columns))
         result: pa.Table = self._read(table, _PixelCover(cover), columns, None, None, False)
         return result
+
+
+def _bound(value: Any) -> float:
+    """A window bound: a time, or +-inf for an open side."""
+    if isinstance(value, (int, float, np.floating)) and not np.isfinite(value):
+        return float(value)
+    return mjd_tai(value)
 
 
 class _PixelCover(Region):

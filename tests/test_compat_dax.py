@@ -200,19 +200,7 @@ class DiadbDaxApdbTest(ApdbTest, unittest.TestCase):
 
 # ApdbTest tests that fail against the facade, and why (the README lists them too). Strict: a
 # test that starts passing (diadb gained the feature) must leave this list.
-STORE_KEY = "stores one visit/detector twice with different rows; the facade's store key is idempotent"
-KNOWN_FAILURES = {
-    "test_midpointMjdTai_src": STORE_KEY,
-    "test_getDiaSourcesForDiaObjects": STORE_KEY,
-    "test_withdraw_sources": STORE_KEY + "; diadb re-withdrawal overwrites the first time",
-    "test_reassignDiaSourcesToDiaObjects": STORE_KEY + "; no increment/decrement switches in diadb",
-    "test_getChunks": "one store with sources of one visit and forced sources of another",
-    "test_config_freeze": "diadb.Apdb has no metadata API to freeze the facade's config",
-    "test_metadata": "diadb.Apdb has no metadata API",
-    "test_resetDedup": "diadb.Apdb has no metadata API to keep the deduplication time",
-    "test_withdraw_forced_sources": "diadb has no withdraw_forced_sources",
-    "test_storeUpdateRecord": "diadb cannot log foreign update records in its change log",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _known_failure(name: str, reason: str) -> Any:

@@ -38,6 +38,9 @@ class VisitBatch:
     objects: pa.Table
     sources: pa.Table
     forced_sources: pa.Table
+    #: When set, the store's idempotency key (instead of visit/detector): a store of a key
+    #: already stored writes nothing, and the chunk records its rows by primary key.
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,10 +125,30 @@ class Backend(Protocol):
         segment_lookup: Callable[[Int64Array], pa.Table],
         object_deltas: bool,
         remove_empty: bool,
+        increment: bool = True,
+        decrement: bool = True,
+        only_null: str | None = None,
     ) -> int:
-        """Set mutable DiaSource columns atomically (LookupError for unknown ids); return the chunk."""
+        """Set mutable DiaSource columns atomically (LookupError for unknown ids); return the
+        chunk (0 when nothing changed). ``increment``/``decrement`` choose which side of a move
+        ``nDiaSources`` follows; rows whose ``only_null`` column is already set are left alone."""
 
-    def set_validity_end(self, object_ids: Int64Array, when_mjd: float) -> int: ...
+    def withdraw_forced_sources(
+        self,
+        keys: pa.Table,
+        when_mjd: float,
+        segment_lookup: Callable[[pa.Table], pa.Table],
+        logged_mjd: float | None = None,
+    ) -> int:
+        """Set ``timeWithdrawnMjdTai`` of the DiaForcedSources ``keys`` (diaObjectId, visit,
+        detector) that have none, atomically (LookupError for unknown keys); return the chunk
+        (logged at ``logged_mjd``, default ``when_mjd``; 0 when nothing changed)."""
+
+    def set_validity_end(self, object_ids: Int64Array, when_mjd: float, missing_ok: bool = False) -> int:
+        """Close the open versions (LookupError for unknown ids unless ``missing_ok``)."""
+
+    def log_updates(self, kind: str, payloads: Sequence[Mapping[str, object]], when_mjd: float) -> int:
+        """Record foreign update records as one daytime chunk; return its id."""
 
     def objects_since(self, since_mjd: float) -> pa.Table: ...
 
@@ -138,7 +161,8 @@ class Backend(Protocol):
     def add_columns(self, table: str, columns: Sequence[ColumnSpec]) -> None:
         """Add nullable columns to a stored table."""
 
-    def set_metadata(self, values: Mapping[str, str]) -> None: ...
+    def set_metadata(self, values: Mapping[str, str], delete: Sequence[str] = ()) -> None:
+        """Set ``values`` and remove the ``delete`` keys, in one transaction."""
 
     def close(self) -> None: ...
 
@@ -168,5 +192,8 @@ class HistoryCapable(Protocol):
 
     def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
         """Current mutable columns of sources in segments that daytime updates changed."""
+
+    def select_forced_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        """Withdrawal times of forced sources in segments (diaObjectId, visit, detector, time)."""
 
     def drop_overlay_before(self, cutoff_mjd: float) -> None: ...

@@ -45,7 +45,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
+from diadb.backends.members import MEMBER_TABLES, member_rows
 from diadb.backends.postgres_changes import PostgresChanges
+from diadb.backends.postgres_forced import PostgresForced
 from diadb.errors import ConfigError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
@@ -283,8 +285,11 @@ class _Pool:
                 c.close()
 
 
-class PostgresBackend(PostgresChanges):
+class PostgresBackend(PostgresChanges, PostgresForced):
     """PostgreSQL through ADBC's libpq driver. See the module docstring for the layout."""
+
+    #: ``Apdb.store(key=...)`` is supported (a key registry and chunk membership).
+    supports_store_key = True
 
     #: Parameters of one statement (used by the change-log mixin).
     _bind = staticmethod(_params)
@@ -829,7 +834,10 @@ class PostgresBackend(PostgresChanges):
         # store takes it exclusively. The registry row is inserted first: a second writer of the
         # same visit/detector waits on it and then finds it taken.
         lock_key = f"({self._lock_space}::bigint << 32) # (hashtextextended($1::text, 0) & 4294967295)"
-        if batch.detector == -1:
+        store_id: int | None = None
+        if batch.key is not None:
+            store_id = self._register_keyed(cur, batch, sources.num_rows, forced.num_rows)
+        elif batch.detector == -1:
             cur.execute(f"SELECT pg_advisory_xact_lock({lock_key})", parameters=_params(str(batch.visit)))
             cur.fetchall()
             cur.execute(f"SELECT 1 FROM {visits} WHERE visit = $1 LIMIT 1", parameters=_params(batch.visit))
@@ -846,20 +854,21 @@ class PostgresBackend(PostgresChanges):
             )
             if cur.fetchall():
                 raise _AlreadyStored
-        cur.execute(
-            f"INSERT INTO {visits} (visit, detector, visit_mjd_tai, n_objects, n_sources, n_forced_sources) "
-            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
-            parameters=_params(
-                batch.visit,
-                batch.detector,
-                float(batch.visit_mjd_tai),
-                batch.objects.num_rows,
-                sources.num_rows,
-                forced.num_rows,
-            ),
-        )
-        if not cur.fetchall():
-            raise _AlreadyStored
+        if batch.key is None:
+            cur.execute(
+                f"INSERT INTO {visits} (visit, detector, visit_mjd_tai, n_objects, n_sources, "
+                "n_forced_sources) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
+                parameters=_params(
+                    batch.visit,
+                    batch.detector,
+                    float(batch.visit_mjd_tai),
+                    batch.objects.num_rows,
+                    sources.num_rows,
+                    forced.num_rows,
+                ),
+            )
+            if not cur.fetchall():
+                raise _AlreadyStored
         # Keys stored by another visit: the partitioned tables cannot have a global unique index.
         for name, data in (("DiaSource", sources), ("DiaForcedSource", forced)):
             pk = list(self.schema.table(name).primary_key)
@@ -877,9 +886,45 @@ class PostgresBackend(PostgresChanges):
             )
         # The change log: the object versions first, then (last, under the chunk counter's lock
         # held to commit) the chunk itself, so chunk ids follow commit order.
-        self._log_store_objects(cur, batch.visit, batch.detector, batch.objects)
-        self._log_chunk(cur, "store", batch.visit, batch.detector, float(batch.visit_mjd_tai))
+        self._log_store_objects(cur, batch.visit, batch.detector, batch.objects, store_id)
+        if store_id is not None:
+            for name, data in (("DiaSource", sources), ("DiaForcedSource", forced)):
+                if data.num_rows and name in MEMBER_TABLES:
+                    members = member_rows(self.schema.table(name), data, "store_id", store_id)
+                    cur.adbc_ingest(
+                        "diadb_chunk_member", members, mode="append", db_schema_name=self.namespace
+                    )
+        self._log_chunk(cur, "store", batch.visit, batch.detector, float(batch.visit_mjd_tai), store_id)
         return True
+
+    def _register_keyed(self, cur: Any, batch: VisitBatch, n_sources: int, n_forced: int) -> int:
+        """A keyed store: take its key (a second writer of the key waits on it, then finds it
+        taken) and record its visit/detector, shared with other keyed stores of it."""
+        cur.execute(
+            f"INSERT INTO {self._t('diadb_store_key')} (key) VALUES ($1) ON CONFLICT DO NOTHING "
+            "RETURNING store_id",
+            parameters=_params(str(batch.key)),
+        )
+        rows = cur.fetchall()
+        if not rows:
+            raise _AlreadyStored
+        cur.execute(
+            f"INSERT INTO {self._t('diadb_visit')} AS v (visit, detector, visit_mjd_tai, n_objects, "
+            "n_sources, n_forced_sources) VALUES ($1, $2, $3, $4, $5, $6) "
+            "ON CONFLICT (visit, detector) DO UPDATE SET "
+            "visit_mjd_tai = GREATEST(v.visit_mjd_tai, excluded.visit_mjd_tai), "
+            "n_objects = v.n_objects + excluded.n_objects, n_sources = v.n_sources + excluded.n_sources, "
+            "n_forced_sources = v.n_forced_sources + excluded.n_forced_sources",
+            parameters=_params(
+                batch.visit,
+                batch.detector,
+                float(batch.visit_mjd_tai),
+                batch.objects.num_rows,
+                n_sources,
+                n_forced,
+            ),
+        )
+        return int(rows[0][0])
 
     def _check_new_keys(self, cur: Any, table: str, keys: pa.Table) -> None:
         cols = keys.column_names
@@ -948,10 +993,18 @@ class PostgresBackend(PostgresChanges):
 
         self._run("column addition", work)
 
-    def set_metadata(self, values: Mapping[str, str]) -> None:
+    def set_metadata(self, values: Mapping[str, str], delete: Sequence[str] = ()) -> None:
         keys, vals = list(values), [values[k] for k in values]
+        gone = [str(k) for k in delete]
 
         def work(cur: Any) -> None:
+            if gone:
+                cur.execute(
+                    f"DELETE FROM {self._t('diadb_metadata')} WHERE key = ANY($1::text[])",
+                    parameters=_params((pa.array(gone, pa.string()), pa.string())),
+                )
+            if not keys:
+                return
             cur.execute(
                 f"INSERT INTO {self._t('diadb_metadata')} (key, value) "
                 "SELECT * FROM unnest($1::text[], $2::text[]) "

@@ -31,9 +31,23 @@ import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array
 
+if TYPE_CHECKING:
+    from diadb.schema.model import ApdbSchema
+
 # Helpers shared with SQLite's change log: the same code computes the new values, so the two
 # backends cannot drift apart.
-from diadb.backends.sqlite.changes import MUTABLE_SOURCE_COLUMNS, _merge_changes, _normalise_current
+from diadb.backends.members import MEMBER_TABLES, member_key, member_match
+from diadb.backends.sqlite.changes import (
+    CURRENT_COLUMNS,
+    MUTABLE_SOURCE_COLUMNS,
+    _merge_changes,
+    _normalise_current,
+    closing_payload,
+    object_counts,
+    object_delta,
+    unset_only,
+    update_payload,
+)
 from diadb.errors import StorageError
 
 LATEST_TABLE = "diadb_DiaObjectLatest"
@@ -49,12 +63,22 @@ CHANGE_LOG_DDL = [
     "published BOOLEAN NOT NULL DEFAULT false)",
     "CREATE INDEX {diadb_chunk_unpublished} ON {diadb_chunk} (chunk_id) WHERE NOT published",
     'CREATE TABLE {diadb_chunk_object} (visit BIGINT NOT NULL, detector INTEGER NOT NULL, "diaObjectId" '
-    'BIGINT NOT NULL, "validityStartMjdTai" DOUBLE PRECISION NOT NULL)',
+    'BIGINT NOT NULL, "validityStartMjdTai" DOUBLE PRECISION NOT NULL, store_id BIGINT)',
     "CREATE INDEX {diadb_chunk_object_store} ON {diadb_chunk_object} (visit, detector)",
     "CREATE TABLE {diadb_update} (chunk_id BIGINT NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL, "
     "payload TEXT NOT NULL, PRIMARY KEY (chunk_id, seq))",
     "CREATE INDEX {diadb_DiaSource_visit} ON {DiaSource} (visit, detector)",
     "CREATE INDEX {diadb_DiaForcedSource_visit} ON {DiaForcedSource} (visit, detector)",
+    # Keyed stores (Apdb.store(key=...)): the key registry (store_id is taken when the store
+    # starts, chunk_id when it logs its chunk), and their rows by primary key.
+    "CREATE TABLE {diadb_store_key} (key TEXT PRIMARY KEY, "
+    "store_id BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, chunk_id BIGINT)",
+    "CREATE INDEX {diadb_store_key_chunk} ON {diadb_store_key} (chunk_id)",
+    "CREATE TABLE {diadb_chunk_member} (store_id BIGINT NOT NULL, table_name TEXT NOT NULL, "
+    "k0 BIGINT NOT NULL, k1 BIGINT, k2 BIGINT)",
+    "CREATE INDEX {diadb_chunk_member_store} ON {diadb_chunk_member} (store_id)",
+    "CREATE INDEX {diadb_chunk_member_key} ON {diadb_chunk_member} (table_name, k0, k1, k2)",
+    "CREATE INDEX {diadb_chunk_object_keyed} ON {diadb_chunk_object} (store_id) WHERE store_id IS NOT NULL",
 ]
 
 #: ``created_at`` as SQLite writes it (``datetime.isoformat()`` in UTC).
@@ -67,6 +91,10 @@ _MUTABLE_PG = {
     "ssObjectReassocTimeMjdTai": ("float8", pa.float64()),
     "timeWithdrawnMjdTai": ("float8", pa.float64()),
 }
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _ids(values: Any) -> tuple[pa.Array, pa.DataType]:
@@ -97,13 +125,27 @@ class PostgresChanges:
         namespace: str
         _lock_space: int
 
+        @property
+        def schema(self) -> ApdbSchema: ...
+
     def _change_log_ddl(self) -> list[str]:
-        tables = ("diadb_chunk_counter", "diadb_chunk", "diadb_chunk_object", "diadb_update")
+        tables = (
+            "diadb_chunk_counter",
+            "diadb_chunk",
+            "diadb_chunk_object",
+            "diadb_update",
+            "diadb_store_key",
+            "diadb_chunk_member",
+        )
         indexes = (  # not schema-qualified: an index lives in its table's schema
             "diadb_chunk_unpublished",
             "diadb_chunk_object_store",
             "diadb_DiaSource_visit",
             "diadb_DiaForcedSource_visit",
+            "diadb_store_key_chunk",
+            "diadb_chunk_member_store",
+            "diadb_chunk_member_key",
+            "diadb_chunk_object_keyed",
         )
         names = {n: self._t(n) for n in (*tables, "DiaSource", "DiaForcedSource")}
         names |= {n: f'"{n}"' for n in indexes}
@@ -122,7 +164,13 @@ class PostgresChanges:
 
     # ---- the change log ------------------------------------------------------------
     def _log_chunk(
-        self, cur: Any, kind: str, visit: int | None = None, detector: int | None = None, mjd: float = 0.0
+        self,
+        cur: Any,
+        kind: str,
+        visit: int | None = None,
+        detector: int | None = None,
+        mjd: float = 0.0,
+        store_id: int | None = None,
     ) -> int:
         """Take the next chunk id (under the counter's row lock, held to commit: see the module
         docstring) and record the chunk; a store chunk is also written to its registry row.
@@ -136,19 +184,33 @@ class PostgresChanges:
                 parameters=self._bind(kind, float(mjd)),
             )
         else:
+            keyed = ""
+            if store_id is not None:
+                keyed = (
+                    f", s AS (UPDATE {self._t('diadb_store_key')} SET chunk_id = (SELECT last_id FROM c) "
+                    "WHERE store_id = $5)"
+                )
             cur.execute(
                 f"{take}, v AS (UPDATE {self._t('diadb_visit')} SET chunk_id = (SELECT last_id FROM c) "
-                "WHERE visit = $2 AND detector = $3) "
+                f"WHERE visit = $2 AND detector = $3){keyed} "
                 f"INSERT INTO {chunks} (chunk_id, kind, visit, detector, visit_mjd_tai, created_at) "
                 "SELECT last_id, $1, $2, $3, $4, clock_timestamp() FROM c RETURNING chunk_id",
-                parameters=self._bind(kind, int(visit), int(detector), float(mjd)),
+                parameters=self._bind(
+                    kind,
+                    int(visit),
+                    int(detector),
+                    float(mjd),
+                    *([] if store_id is None else [int(store_id)]),
+                ),
             )
         rows = cur.fetchall()
         if not rows:
             raise StorageError(f"the change-log counter of schema {self.namespace} is missing")
         return int(rows[0][0])
 
-    def _log_store_objects(self, cur: Any, visit: int, detector: int, objects: pa.Table) -> None:
+    def _log_store_objects(
+        self, cur: Any, visit: int, detector: int, objects: pa.Table, store_id: int | None = None
+    ) -> None:
         """Record the object versions a store wrote (before its chunk is logged, outside the lock)."""
         n = objects.num_rows
         if not n:
@@ -159,6 +221,9 @@ class PostgresChanges:
                 "detector": pa.array(np.full(n, detector, dtype=np.int32)),
                 "diaObjectId": objects.column("diaObjectId").cast(pa.int64()),
                 "validityStartMjdTai": objects.column("validityStartMjdTai").cast(pa.float64()),
+                "store_id": pa.nulls(n, pa.int64())
+                if store_id is None
+                else pa.array(np.full(n, store_id, dtype=np.int64)),
             }
         )
         cur.adbc_ingest("diadb_chunk_object", keys, mode="append", db_schema_name=self.namespace)
@@ -212,29 +277,44 @@ class PostgresChanges:
 
     def chunk_rows(self, chunk_ids: Sequence[int]) -> dict[str, pa.Table]:
         """The engine's rows written by these store chunks, each with a ``_chunk_id`` column first,
-        and the update records of these daytime chunks; all read in one snapshot."""
+        and the update records of these daytime chunks; all read in one snapshot. A keyed
+        store's rows are found by the primary keys it recorded; any other store's by its
+        visit/detector (rows a keyed store recorded excepted)."""
         settings = {"diadb.p1": _int_array_text(np.unique(np.asarray(chunk_ids, dtype=np.int64)))}
         wanted = "ANY(current_setting('diadb.p1')::bigint[])"
         stores = (
-            f"(SELECT chunk_id, visit, detector FROM {self._t('diadb_chunk')} "
-            f"WHERE kind = 'store' AND chunk_id = {wanted})"
+            f"(SELECT c.chunk_id, c.visit, c.detector, s.store_id FROM {self._t('diadb_chunk')} c "
+            f"LEFT JOIN {self._t('diadb_store_key')} s ON s.chunk_id = c.chunk_id "
+            f"WHERE c.kind = 'store' AND c.chunk_id = {wanted})"
         )
+        members = self._t("diadb_chunk_member")
 
         def work(cur: Any) -> dict[str, pa.Table]:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             self.apply_settings(cur, settings)
             out: dict[str, pa.Table] = {}
-            for table in ("DiaSource", "DiaForcedSource"):
+            for table in MEMBER_TABLES:
+                # A constant of this module, not a value: safe as a literal.
+                name = "'" + table + "'"
+                match = member_match(member_key(self.schema.table(table)), _q)
                 cur.execute(
                     f"SELECT k.chunk_id AS _chunk_id, t.* FROM {stores} k JOIN {self._t(table)} t "
-                    "ON t.visit = k.visit AND (k.detector = -1 OR t.detector = k.detector)"
+                    "ON t.visit = k.visit AND (k.detector = -1 OR t.detector = k.detector) "
+                    f"WHERE k.store_id IS NULL AND NOT EXISTS (SELECT 1 FROM {members} m "
+                    f"WHERE m.table_name = {name} AND {match}) "
+                    f"UNION ALL SELECT k.chunk_id AS _chunk_id, t.* FROM {stores} k JOIN {members} m "
+                    f"ON m.store_id = k.store_id AND m.table_name = {name} JOIN {self._t(table)} t ON {match}"
                 )
                 out[table] = cur.fetch_arrow_table()
+            objects = self._t("DiaObject")
+            chunk_objects = self._t("diadb_chunk_object")
+            same = 't."diaObjectId" = o."diaObjectId" AND t."validityStartMjdTai" = o."validityStartMjdTai"'
             cur.execute(
-                f"SELECT k.chunk_id AS _chunk_id, t.* FROM {stores} k "
-                f"JOIN {self._t('diadb_chunk_object')} o ON o.visit = k.visit AND o.detector = k.detector "
-                f'JOIN {self._t("DiaObject")} t ON t."diaObjectId" = o."diaObjectId" '
-                'AND t."validityStartMjdTai" = o."validityStartMjdTai"'
+                f"SELECT k.chunk_id AS _chunk_id, t.* FROM {stores} k JOIN {chunk_objects} o "
+                "ON o.visit = k.visit AND o.detector = k.detector AND o.store_id IS NULL "
+                f"JOIN {objects} t ON {same} WHERE k.store_id IS NULL "
+                f"UNION ALL SELECT k.chunk_id AS _chunk_id, t.* FROM {stores} k JOIN {chunk_objects} o "
+                f"ON o.store_id = k.store_id JOIN {objects} t ON {same}"
             )
             out["DiaObject"] = cur.fetch_arrow_table()
             cur.execute(
@@ -264,19 +344,17 @@ class PostgresChanges:
         segment_lookup: Callable[[Int64Array], pa.Table],
         object_deltas: bool,
         remove_empty: bool,
+        increment: bool = True,
+        decrement: bool = True,
+        only_null: str | None = None,
     ) -> int:
-        """Set mutable columns of DiaSources, in one transaction; return the chunk id.
-
-        ``changes`` has ``diaSourceId`` and any of the mutable columns (the new values).
-        With ``object_deltas`` the nDiaSources of the old and new DiaObjects follow the move;
-        with ``remove_empty`` a DiaObject left with no sources is closed and leaves the latest table.
+        """Set mutable columns of DiaSources, in one transaction; return the chunk id (0 when no
+        row changed: no chunk then). As SQLite's (``diadb.backends.sqlite.changes``).
         Raises LookupError naming unknown DiaSource or DiaObject ids; nothing changes then.
         """
         ids = np.asarray(changes.column("diaSourceId").to_numpy(), dtype=np.int64)
         source = self._t("DiaSource")
-        cols = ", ".join(
-            f's."{c}"' for c in ("diaSourceId", "_healpix_29", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS)
-        )
+        cols = ", ".join(f's."{c}"' for c in CURRENT_COLUMNS)
 
         def work(cur: Any) -> int:
             # The rows are locked (in the order given) so that two daytime calls moving the same
@@ -297,16 +375,18 @@ class PostgresChanges:
                 if len(missing):
                     raise LookupError(f"unknown DiaSource ids: {missing[:20].tolist()}")
                 raise StorageError("PostgreSQL has no history tier: sources in segments cannot be updated")
-            new = _merge_changes(in_engine, changes)
-            if "diaObjectId" in changes.column_names:
-                self._check_targets(cur, changes)
+            current, kept = unset_only(in_engine, changes, only_null)
+            if not current.num_rows:
+                return 0
+            new = _merge_changes(current, kept)
+            if "diaObjectId" in kept.column_names:
+                self._check_targets(cur, kept)
+            counts: list[dict[str, Any]] = []
             if object_deltas:
-                self._apply_object_deltas(cur, in_engine, new, when_mjd, remove_empty)
+                delta = object_delta(current, new, increment, decrement)
+                counts = self._apply_object_deltas(cur, delta, when_mjd, remove_empty)
             self._write_sources(cur, new)
-            payload = new.select(["diaSourceId", *[c for c in changes.column_names if c != "diaSourceId"]])
-            return self._log_update(
-                cur, kind, when_mjd, {"when_mjd_tai": when_mjd, "rows": payload.to_pylist()}
-            )
+            return self._log_update(cur, kind, when_mjd, update_payload(new, kept, when_mjd, counts))
 
         return self._run(kind, work)
 
@@ -343,21 +423,12 @@ class PostgresChanges:
         )
 
     def _apply_object_deltas(
-        self, cur: Any, current: pa.Table, new: pa.Table, when_mjd: float, remove_empty: bool
-    ) -> None:
-        old_ids = pc.drop_null(current.column("diaObjectId")).to_numpy()
-        new_ids = pc.drop_null(new.column("diaObjectId")).to_numpy()
-        ids = np.concatenate([old_ids, new_ids]).astype(np.int64)
-        if not len(ids):
-            return
-        signs = np.concatenate([-np.ones(len(old_ids)), np.ones(len(new_ids))]).astype(np.int64)
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        delta = np.zeros(len(uniq), dtype=np.int64)
-        np.add.at(delta, inverse, signs)
-        keep = delta != 0
-        if not keep.any():
-            return
-        binds = self._bind(_ids(uniq[keep]), _ids(delta[keep]))
+        self, cur: Any, delta: pa.Table, when_mjd: float, remove_empty: bool
+    ) -> list[dict[str, Any]]:
+        """Add ``delta`` (id, delta) to nDiaSources; return the objects' new counts and positions."""
+        if not delta.num_rows:
+            return []
+        binds = self._bind(_ids(delta.column("id")), _ids(delta.column("delta")))
         history, latest = self._t("DiaObject"), self._t(LATEST_TABLE)
         for table, extra in ((latest, ""), (history, ' AND t."validityEndMjdTai" IS NULL')):
             cur.execute(
@@ -365,6 +436,12 @@ class PostgresChanges:
                 f'unnest($1::bigint[], $2::bigint[]) AS d(id, delta) WHERE t."diaObjectId" = d.id{extra}',
                 parameters=binds,
             )
+        cur.execute(
+            f'SELECT "diaObjectId", ra, dec, "nDiaSources" FROM {latest} '
+            'WHERE "diaObjectId" = ANY($1::bigint[]) ORDER BY "diaObjectId"',
+            parameters=self._bind(_ids(delta.column("id"))),
+        )
+        counts = object_counts(cur.fetch_arrow_table())
         if remove_empty:
             # An object left without sources leaves the latest table; its open version is closed.
             cur.execute(
@@ -372,11 +449,13 @@ class PostgresChanges:
                 'AND "diaObjectId" = ANY($1::bigint[]) RETURNING "diaObjectId") '
                 f'UPDATE {history} t SET "validityEndMjdTai" = $2 FROM gone '
                 'WHERE t."diaObjectId" = gone."diaObjectId" AND t."validityEndMjdTai" IS NULL',
-                parameters=self._bind(_ids(uniq[keep]), float(when_mjd)),
+                parameters=self._bind(_ids(delta.column("id")), float(when_mjd)),
             )
+        return counts
 
-    def set_validity_end(self, object_ids: Int64Array, when_mjd: float) -> int:
-        """Close the open version of these objects (they leave the latest table); return how many."""
+    def set_validity_end(self, object_ids: Int64Array, when_mjd: float, missing_ok: bool = False) -> int:
+        """Close the open version of these objects (they leave the latest table); return how many.
+        Unknown ids raise LookupError, or are skipped with ``missing_ok``."""
         ids = np.unique(np.asarray(object_ids, dtype=np.int64))
         history, latest = self._t("DiaObject"), self._t(LATEST_TABLE)
 
@@ -387,19 +466,21 @@ class PostgresChanges:
             )
             known = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), dtype=np.int64)
             unknown = np.setdiff1d(ids, known)
-            if len(unknown):
+            if len(unknown) and not missing_ok:
                 raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
             cur.execute(
                 f'WITH closed AS (UPDATE {history} SET "validityEndMjdTai" = $2 '
-                'WHERE "validityEndMjdTai" IS NULL AND "diaObjectId" = ANY($1::bigint[]) RETURNING 1), '
+                'WHERE "validityEndMjdTai" IS NULL AND "diaObjectId" = ANY($1::bigint[]) '
+                'RETURNING "diaObjectId", ra, dec), '
                 f'gone AS (DELETE FROM {latest} WHERE "diaObjectId" = ANY($1::bigint[])) '
-                "SELECT count(*) FROM closed",
+                'SELECT * FROM closed ORDER BY "diaObjectId"',
                 parameters=self._bind(_ids(ids), float(when_mjd)),
             )
-            count = int(cur.fetchall()[0][0])
-            payload = {"when_mjd_tai": when_mjd, "diaObjectIds": ids.tolist()}
-            self._log_update(cur, "set_validity_end", when_mjd, payload)
-            return count
+            closed = cur.fetch_arrow_table()
+            if not closed.num_rows:
+                return 0
+            self._log_update(cur, "set_validity_end", when_mjd, closing_payload(closed, when_mjd))
+            return int(closed.num_rows)
 
         return self._run("set_validity_end", work)
 

@@ -13,11 +13,10 @@ Where the semantics differ from the reference (``lsst.dax.apdb.sql.ApdbSql``), o
 
 - **Regions are exact**: ``getDiaObjects`` and region reads return only rows inside the region
   (the reference returns the superset of its HTM pixel cover).
-- **store() is idempotent** (the reference's is not): its key is the ``(visit, detector)`` that
-  the DiaSources and DiaForcedSources carry. A store whose key is already in the database
-  writes nothing (a retried store after a crash is harmless) and logs a warning. One visit with
-  several detectors is stored as the whole visit. A store without any source rows is keyed by a
-  hash of its visit time and DiaObject ids, under a negative "visit" that no real visit uses.
+- **store() is idempotent against exact retries**: each call is stored under a key hashed from
+  its visit time and every id it carries (``diadb.Apdb.store(key=...)``). The same call again
+  writes nothing (a retried store after a crash is harmless) and logs a warning; any other store
+  appends, as the reference's does, even of a visit/detector already stored.
 - **DiaForcedSources can be read by region** (``object_ids=None``), as Cassandra's can.
 """
 
@@ -52,7 +51,6 @@ from lsst.dax.apdb.apdbSchema import ApdbSchema, ApdbTables
 from lsst.dax.apdb.schema_model import Table
 
 import diadb
-from diadb.backends.base import TimeWindow
 from diadb.compat.dax_config import DEFAULT_SCHEMA, DiadbApdbConfig
 from diadb.schema.felis import schema_from_yaml
 from diadb.sky.healpix import radec_to_healpix29
@@ -116,29 +114,34 @@ def _schema_text(uri: str) -> str:
 
 def _store_key(
     visit_time_mjd: float, objects: pd.DataFrame, catalogs: Sequence[pd.DataFrame | None]
-) -> tuple[int, int | None]:
-    """The ``(visit, detector)`` under which diadb records one reference ``store`` call."""
-    visits: list[np.ndarray] = []
-    detectors: list[np.ndarray] = []
+) -> tuple[str, int, int | None]:
+    """The key, visit and detector under which diadb records one reference ``store`` call.
+
+    The key is a hash of the visit time and every id the call carries: a retried identical call
+    is a no-op, while other stores of the same visit/detector append, as the reference's do.
+    The visit/detector recorded (for ``containsVisitDetector``) is that of the first catalog
+    with rows; a call without source rows gets a negative visit that no real visit uses.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.float64(visit_time_mjd).tobytes())
+    for frame, columns in (
+        (objects, ("diaObjectId",)),
+        (catalogs[0], ("diaSourceId",)),
+        (catalogs[1], ("diaObjectId", "visit", "detector")),
+    ):
+        digest.update(b"|")
+        if frame is not None and len(frame):
+            for column in columns:
+                if column in frame:
+                    digest.update(np.asarray(frame[column], dtype=np.int64).tobytes())
+    key = "dax:" + digest.hexdigest()
     for frame in catalogs:
         if frame is not None and len(frame) and "visit" in frame and "detector" in frame:
-            visits.append(np.asarray(frame["visit"], dtype=np.int64))
-            detectors.append(np.asarray(frame["detector"], dtype=np.int64))
-    if visits:
-        uvisits = np.unique(np.concatenate(visits))
-        if len(uvisits) > 1:
-            raise ValueError(
-                f"one store() must hold one visit, these catalogs hold visits {uvisits[:10].tolist()}: "
-                "diadb records each store under its (visit, detector) so that a retry is a no-op"
-            )
-        udet = np.unique(np.concatenate(detectors))
-        return int(uvisits[0]), (int(udet[0]) if len(udet) == 1 else None)
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(np.float64(visit_time_mjd).tobytes())
-    if "diaObjectId" in objects:
-        digest.update(np.sort(np.asarray(objects["diaObjectId"], dtype=np.int64)).tobytes())
-    # A negative visit: never a real one, so containsVisitDetector cannot see it.
-    return -1 - (int.from_bytes(digest.digest(), "little") >> 2), None
+            visits = np.unique(np.asarray(frame["visit"], dtype=np.int64))
+            detectors = np.unique(np.asarray(frame["detector"], dtype=np.int64))
+            detector = int(detectors[0]) if len(visits) == 1 and len(detectors) == 1 else None
+            return key, int(visits[0]), detector
+    return key, -1 - (int.from_bytes(digest.digest()[:8], "little") >> 2), None
 
 
 class DiadbApdbMetadata(ApdbMetadata):
@@ -151,8 +154,7 @@ class DiadbApdbMetadata(ApdbMetadata):
         self._db = db
 
     def _all(self) -> dict[str, str]:
-        items: dict[str, str] = _native(self._db, "user_metadata")()
-        return items
+        return self._db.user_metadata()
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self._all().get(key, default)
@@ -162,12 +164,12 @@ class DiadbApdbMetadata(ApdbMetadata):
             raise ValueError("Empty key or value are not allowed")
         if not force and key in self._all():
             raise KeyError(f"Metadata key {key!r} already exists")
-        _native(self._db, "set_user_metadata")({key: value})
+        self._db.set_user_metadata({key: value})
 
     def delete(self, key: str) -> bool:
         if key not in self._all():
             return False
-        _native(self._db, "set_user_metadata")({key: None})
+        self._db.set_user_metadata({key: None})
         return True
 
     def items(self) -> Generator[tuple[str, str], None, None]:
@@ -256,10 +258,7 @@ class DiadbApdb(Apdb):
                 _META_FACADE_VERSION: str(FACADE_VERSION),
                 _META_CONFIG: json.dumps(frozen, sort_keys=True),
             }
-            if hasattr(db, "set_user_metadata"):
-                db.set_user_metadata(items)
-            else:
-                _LOG.warning("this diadb cannot keep metadata: %s not frozen in %s", sorted(items), db_url)
+            db.set_user_metadata(items)
         finally:
             db.close()
         return config
@@ -284,8 +283,7 @@ class DiadbApdb(Apdb):
                 )
 
     def _user_metadata(self) -> dict[str, str]:
-        method = getattr(self._db, "user_metadata", None)
-        return dict(method()) if method is not None else {}
+        return self._db.user_metadata()
 
     def _apply_frozen(self, config: DiadbApdbConfig) -> DiadbApdbConfig:
         text = self._user_metadata().get(_META_CONFIG)
@@ -340,12 +338,17 @@ class DiadbApdb(Apdb):
         """Rows after ``start`` (``>=`` when ``inclusive``), with no upper time bound, as the
         reference reads them: by ``object_ids`` alone when given, else by region."""
         ids = None if object_ids is None else np.fromiter((int(i) for i in object_ids), dtype=np.int64)
-        lo = float(np.nextafter(start, -np.inf)) if inclusive else start
-        window = TimeWindow(lo, np.inf)
         reg = None if ids is not None else as_region(region)
-        # diadb.Apdb's public reads end at a visit time; the reference has no end: the window
-        # is given directly (see the README: diadb needs a public start/end read).
-        data = self._db._read(table, reg, self._columns(table), window, ids, False)  # type: ignore[arg-type]
+        read = self._db.get_sources if table == "DiaSource" else self._db.get_forced_sources
+        data = read(
+            reg,
+            start,
+            object_ids=ids,
+            start=start,
+            start_inclusive=inclusive,
+            end=np.inf,
+            columns=self._columns(table),
+        )
         return to_pandas(data)
 
     def getDiaSources(
@@ -418,11 +421,12 @@ class DiadbApdb(Apdb):
             _LOG.debug("No objects to write to database.")
         # The reference sets the validity interval itself: the visit time, and open.
         objects = objects.drop(columns=["validityStartMjdTai", "validityEndMjdTai"], errors="ignore")
-        visit, detector = _store_key(mjd, objects, (sources, forced_sources))
-        stored = self._db.store(mjd, objects, sources, forced_sources, visit=visit, detector=detector)
+        key, visit, detector = _store_key(mjd, objects, (sources, forced_sources))
+        stored = self._db.store(
+            mjd, objects, sources, forced_sources, visit=visit, detector=detector, key=key
+        )
         if not stored:
-            what = "the whole visit" if detector is None else f"detector {detector}"
-            _LOG.warning("visit %d %s is already stored: nothing written (a retried store)", visit, what)
+            _LOG.warning("this store (visit %d, key %s) is already stored: nothing written", visit, key)
 
     def reassignDiaSourcesToDiaObjects(
         self,
@@ -434,14 +438,12 @@ class DiadbApdb(Apdb):
         mapping = {int(k.diaSourceId): int(v) for k, v in idMap.items()}
         if not mapping:
             return
-        now = self._current_time()
-        if increment_nDiaSources and decrement_nDiaSources:
-            self._db.reassign_sources(mapping, time=now)
-        else:
-            # diadb.Apdb.reassign_sources moves the counts with the sources; the reference can
-            # leave either side alone (see the README: a diadb feature this needs).
-            reassign: Any = self._db.reassign_sources
-            reassign(mapping, time=now, increment=increment_nDiaSources, decrement=decrement_nDiaSources)
+        self._db.reassign_sources(
+            mapping,
+            time=self._current_time(),
+            increment=increment_nDiaSources,
+            decrement=decrement_nDiaSources,
+        )
 
     def setValidityEnd(
         self, objects: list[DiaObjectId], validityEnd: astropy.time.Time, raise_on_missing_id: bool = False
@@ -449,26 +451,14 @@ class DiadbApdb(Apdb):
         ids = sorted({int(o.diaObjectId) for o in objects})
         if not ids:
             return 0
-        try:
-            return self._db.set_validity_end(ids, validityEnd)
-        except LookupError:
-            if raise_on_missing_id:
-                raise
-        # The reference skips unknown ids; diadb refuses the whole call. Close the known ones,
-        # one call each, so that only the unknown ones are left out.
-        closed = 0
-        for object_id in ids:
-            try:
-                closed += self._db.set_validity_end([object_id], validityEnd)
-            except LookupError:
-                continue
-        return closed
+        # The reference skips unknown ids unless asked to raise.
+        return self._db.set_validity_end(ids, validityEnd, missing_ok=not raise_on_missing_id)
 
     def resetDedup(self, dedup_time: astropy.time.Time | None = None) -> None:
         if dedup_time is None:
             dedup_time = self._current_time()
         text = json.dumps({"dedup_time_iso_tai": dedup_time.tai.to_value("iso")})
-        _native(self._db, "set_user_metadata")({_META_DEDUP: text})
+        self._db.set_user_metadata({_META_DEDUP: text})
 
     def reassignDiaSources(self, idMap: Mapping[int, int]) -> None:
         mapping = {int(k): int(v) for k, v in idMap.items()}
@@ -486,7 +476,7 @@ class DiadbApdb(Apdb):
         ids = sorted({int(s.diaSourceId) for s in diaSourceIds})
         when = self._current_time() if timeWithdrawn is None else timeWithdrawn
         if ids:
-            self._db.withdraw_sources(ids, time=when)
+            self._db.withdraw_sources(ids, time=when, update_time=self._current_time())
 
     def withdrawDiaForcedSources(
         self,
@@ -497,7 +487,7 @@ class DiadbApdb(Apdb):
         keys = sorted({(int(s.diaObjectId), int(s.visit), int(s.detector)) for s in diaForcedSourceIds})
         when = self._current_time() if timeWithdrawn is None else timeWithdrawn
         if keys:
-            _native(self._db, "withdraw_forced_sources")(keys, time=when)
+            self._db.withdraw_forced_sources(keys, time=when, update_time=self._current_time())
 
     def _store_update_records(
         self, records: Sequence[ApdbUpdateRecord], update_time: astropy.time.Time
@@ -509,7 +499,7 @@ class DiadbApdb(Apdb):
             {"update_time_ns": r.update_time_ns, "update_order": r.update_order, "record": r.to_json()}
             for r in records
         ]
-        _native(self._db, "log_updates")("dax_apdb", payloads, _mjd(update_time))
+        self._db.log_updates("dax_apdb", payloads, _mjd(update_time))
 
 
 __all__ = ["DiadbApdb", "DiadbApdbAdmin", "DiadbApdbConfig", "DiadbApdbMetadata", "to_pandas"]

@@ -30,6 +30,7 @@ from lsst.dax.apdb import (
     ApdbTableData,
     ApdbUpdateNDiaSourcesRecord,
     ApdbUpdateRecord,
+    ApdbWithdrawDiaForcedSourceRecord,
     ApdbWithdrawDiaSourceRecord,
     ReplicaChunk,
     VersionTuple,
@@ -183,8 +184,8 @@ def _time_ns(mjd_tai: float) -> int:
 def update_records(kind: str, payload: dict[str, Any]) -> list[ApdbUpdateRecord]:
     """The reference's update records for one entry of diadb's change log.
 
-    Positions (``ra``, ``dec``, ``midpointMjdTai``) locate a record for the PPDB; they are taken
-    from the entry when diadb records them, else NaN (see the README).
+    Positions (``ra``, ``dec``, ``midpointMjdTai``) locate a record for the PPDB; diadb records
+    them with each update (NaN only for entries written before it did).
     """
     if kind == "dax_apdb":
         time_ns, order = int(payload["update_time_ns"]), int(payload["update_order"])
@@ -194,16 +195,33 @@ def update_records(kind: str, payload: dict[str, Any]) -> list[ApdbUpdateRecord]
     nan = float("nan")
     out: list[ApdbUpdateRecord] = []
     if kind == "set_validity_end":
-        for order, object_id in enumerate(payload["diaObjectIds"]):
+        objects = payload.get("objects") or [{"diaObjectId": i} for i in payload["diaObjectIds"]]
+        for order, obj in enumerate(objects):
             out.append(
                 ApdbCloseDiaObjectValidityRecord(
                     update_time_ns=time_ns,
                     update_order=order,
-                    diaObjectId=int(object_id),
-                    ra=nan,
-                    dec=nan,
+                    diaObjectId=int(obj["diaObjectId"]),
+                    ra=float(obj.get("ra", nan)),
+                    dec=float(obj.get("dec", nan)),
                     validityEndMjdTai=when,
                     nDiaSources=None,
+                )
+            )
+        return out
+    if kind == "withdraw_forced_sources":
+        for order, row in enumerate(payload["rows"]):
+            out.append(
+                ApdbWithdrawDiaForcedSourceRecord(
+                    update_time_ns=time_ns,
+                    update_order=order,
+                    diaObjectId=int(row["diaObjectId"]),
+                    visit=int(row["visit"]),
+                    detector=int(row["detector"]),
+                    ra=float(row.get("ra", nan)),
+                    dec=float(row.get("dec", nan)),
+                    midpointMjdTai=float(row.get("midpointMjdTai", nan)),
+                    timeWithdrawnMjdTai=float(row["timeWithdrawnMjdTai"]),
                 )
             )
         return out

@@ -30,7 +30,9 @@ from diadb.backends.base import (
     TimeWindow,
     VisitBatch,
 )
+from diadb.backends.members import MEMBER_TABLES, member_rows
 from diadb.backends.sqlite.changes import CHANGE_LOG_DDL, LATEST_TABLE, SqliteChanges
+from diadb.backends.sqlite.forced import SqliteForced
 from diadb.errors import ConfigError, StorageError
 from diadb.history.segment import SegmentInfo
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
@@ -74,8 +76,11 @@ def coarsen_ranges(ranges: Int64Array, max_ranges: int = MAX_RANGES) -> Int64Arr
     return np.stack([ranges[starts, 0], ranges[ends, 1]], axis=1)
 
 
-class SqliteBackend(SqliteChanges):
+class SqliteBackend(SqliteChanges, SqliteForced):
     """SQLite through ADBC. See the module docstring for the layout."""
+
+    #: ``Apdb.store(key=...)`` is supported (a key registry and chunk membership).
+    supports_store_key = True
 
     def __init__(self, url: str, *, create: bool, synchronous: str = "FULL") -> None:
         import adbc_driver_manager
@@ -315,7 +320,9 @@ class SqliteBackend(SqliteChanges):
         try:
             with self._transaction() as cur:
                 # Checked inside the write transaction, so two writers cannot both store it.
-                if batch.detector == -1:
+                if batch.key is not None:
+                    cur.execute("SELECT 1 FROM diadb_store_key WHERE key = ?", [batch.key])
+                elif batch.detector == -1:
                     cur.execute("SELECT 1 FROM diadb_visit WHERE visit = ? LIMIT 1", [batch.visit])
                 else:
                     cur.execute(
@@ -336,19 +343,20 @@ class SqliteBackend(SqliteChanges):
                     cur.adbc_ingest("DiaSource", batch.sources, mode="append")
                 if batch.forced_sources.num_rows:
                     cur.adbc_ingest("DiaForcedSource", batch.forced_sources, mode="append")
-                cur.execute(
-                    "INSERT INTO diadb_visit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        batch.visit,
-                        batch.detector,
-                        batch.visit_mjd_tai,
-                        _dt.datetime.now(_dt.UTC).isoformat(),
-                        batch.objects.num_rows,
-                        batch.sources.num_rows,
-                        batch.forced_sources.num_rows,
-                        chunk,
-                    ],
-                )
+                row = [
+                    batch.visit,
+                    batch.detector,
+                    batch.visit_mjd_tai,
+                    _dt.datetime.now(_dt.UTC).isoformat(),
+                    batch.objects.num_rows,
+                    batch.sources.num_rows,
+                    batch.forced_sources.num_rows,
+                    chunk,
+                ]
+                if batch.key is None:
+                    cur.execute("INSERT INTO diadb_visit VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                else:
+                    self._register_keyed(cur, batch, chunk, row)
         except _AlreadyStored:
             return False
         except self._errors as e:
@@ -356,6 +364,22 @@ class SqliteBackend(SqliteChanges):
                 f"SQLite store of visit {batch.visit} detector {batch.detector} failed: {e}"
             ) from e
         return True
+
+    def _register_keyed(self, cur: Any, batch: VisitBatch, chunk: int, row: list[Any]) -> None:
+        """A keyed store: its key, the primary keys of its rows, and its visit/detector (shared
+        with other keyed stores of that visit/detector: counts add up, the latest time wins)."""
+        cur.execute("INSERT INTO diadb_store_key (key, chunk_id) VALUES (?, ?)", [batch.key, chunk])
+        for name, data in (("DiaSource", batch.sources), ("DiaForcedSource", batch.forced_sources)):
+            if data.num_rows and name in MEMBER_TABLES:
+                members = member_rows(self.schema.table(name), data, "chunk_id", chunk)
+                cur.adbc_ingest("diadb_chunk_member", members, mode="append")
+        cur.execute(
+            "INSERT INTO diadb_visit VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (visit, detector) DO UPDATE "
+            "SET visit_mjd_tai = max(visit_mjd_tai, excluded.visit_mjd_tai), "
+            "n_objects = n_objects + excluded.n_objects, n_sources = n_sources + excluded.n_sources, "
+            "n_forced_sources = n_forced_sources + excluded.n_forced_sources, chunk_id = excluded.chunk_id",
+            row,
+        )
 
     def _store_objects(self, cur: Any, objects: pa.Table) -> None:
         keys = objects.select(["diaObjectId", "validityStartMjdTai"]).rename_columns(["id", "start"])
@@ -531,10 +555,12 @@ class SqliteBackend(SqliteChanges):
                         f"ALTER TABLE {q(name)} ADD COLUMN {q(col.name)} {sql_type(col.datatype, 'sqlite')}"
                     )
 
-    def set_metadata(self, values: Mapping[str, str]) -> None:
+    def set_metadata(self, values: Mapping[str, str], delete: Sequence[str] = ()) -> None:
         with self._transaction() as cur:
             for key, value in values.items():
                 cur.execute("INSERT OR REPLACE INTO diadb_metadata (key, value) VALUES (?, ?)", [key, value])
+            for key in delete:
+                cur.execute("DELETE FROM diadb_metadata WHERE key = ?", [key])
 
     # ---- bookkeeping ---------------------------------------------------------------
     def table_stats(self) -> dict[str, TableStats]:

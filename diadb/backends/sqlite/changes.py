@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, TimeWindow
+from diadb.backends.members import MEMBER_TABLES, member_key, member_match
 from diadb.errors import StorageError
+
+if TYPE_CHECKING:
+    from diadb.schema.model import ApdbSchema
 
 LATEST_TABLE = "diadb_DiaObjectLatest"
 #: The DiaSource columns daytime operations change (and the overlay carries).
@@ -39,10 +43,26 @@ CHANGE_LOG_DDL = [
     "CREATE INDEX diadb_source_overlay_pix ON diadb_source_overlay (_healpix_29)",
     'CREATE INDEX diadb_DiaSource_visit ON "DiaSource" (visit, detector)',
     'CREATE INDEX diadb_DiaForcedSource_visit ON "DiaForcedSource" (visit, detector)',
+    # Stores made with a key (Apdb.store(key=...)): the key registry, and the rows of each such
+    # chunk by primary key (at most three integer columns).
+    "CREATE TABLE diadb_store_key (key TEXT PRIMARY KEY, chunk_id INTEGER NOT NULL)",
+    "CREATE TABLE diadb_chunk_member (chunk_id INTEGER NOT NULL, table_name TEXT NOT NULL, "
+    "k0 INTEGER NOT NULL, k1 INTEGER, k2 INTEGER)",
+    "CREATE INDEX diadb_chunk_member_chunk ON diadb_chunk_member (chunk_id)",
+    "CREATE INDEX diadb_chunk_member_key ON diadb_chunk_member (table_name, k0, k1, k2)",
+    # Withdrawal times of DiaForcedSources already in history segments.
+    "CREATE TABLE diadb_forced_overlay (diaObjectId INTEGER NOT NULL, visit INTEGER NOT NULL, "
+    "detector INTEGER NOT NULL, _healpix_29 INTEGER NOT NULL, midpointMjdTai REAL NOT NULL, "
+    "timeWithdrawnMjdTai REAL, PRIMARY KEY (diaObjectId, visit, detector))",
+    "CREATE INDEX diadb_forced_overlay_pix ON diadb_forced_overlay (_healpix_29)",
 ]
 
 #: Finds sources in the history segments: ids -> their current row (id, pixel, time, mutable columns).
 SegmentSourceLookup = Callable[[Int64Array], pa.Table]
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _now() -> str:
@@ -59,6 +79,11 @@ class SqliteChanges:
     _fetch: Callable[..., pa.Table]
     _temp_table: Callable[[Any, str, pa.Table], None]
     _cursor: Callable[[], Any]
+
+    if TYPE_CHECKING:
+
+        @property
+        def schema(self) -> ApdbSchema: ...
 
     # ---- the change log ------------------------------------------------------------
     def _log_chunk(
@@ -112,25 +137,35 @@ class SqliteChanges:
 
     def chunk_rows(self, chunk_ids: Sequence[int]) -> dict[str, pa.Table]:
         """The engine's rows written by these store chunks, each with a ``_chunk_id`` column first,
-        and the update records of these daytime chunks."""
+        the update records of these daytime chunks, and (``members``) the primary keys that keyed
+        stores recorded. A keyed store's rows are found by those keys; any other store's by its
+        visit/detector (rows that a keyed store recorded excepted)."""
         ids = pa.table({"id": np.asarray(chunk_ids, dtype=np.int64)})
         cur = self._cursor()
         try:
             self._temp_table(cur, "diadb_chunks", ids)
             cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS diadb_chunk_keys AS SELECT chunk_id, visit, detector "
-                "FROM diadb_chunk WHERE 0"
+                "CREATE TEMP TABLE IF NOT EXISTS diadb_chunk_keys AS SELECT chunk_id, visit, detector, "
+                "0 AS keyed FROM diadb_chunk WHERE 0"
             )
             cur.execute("DELETE FROM temp.diadb_chunk_keys")
             cur.execute(
-                "INSERT INTO temp.diadb_chunk_keys SELECT chunk_id, visit, detector FROM diadb_chunk "
-                "WHERE kind = 'store' AND chunk_id IN (SELECT id FROM temp.diadb_chunks)"
+                "INSERT INTO temp.diadb_chunk_keys SELECT c.chunk_id, c.visit, c.detector, "
+                "EXISTS (SELECT 1 FROM diadb_store_key s WHERE s.chunk_id = c.chunk_id) FROM diadb_chunk c "
+                "WHERE c.kind = 'store' AND c.chunk_id IN (SELECT id FROM temp.diadb_chunks)"
             )
             out: dict[str, pa.Table] = {}
-            for table in ("DiaSource", "DiaForcedSource"):
+            for table in MEMBER_TABLES:
+                match = member_match(member_key(self.schema.table(table)), _quote)
                 cur.execute(
                     f'SELECT k.chunk_id AS _chunk_id, t.* FROM temp.diadb_chunk_keys k JOIN "{table}" t '
-                    "ON t.visit = k.visit AND (k.detector = -1 OR t.detector = k.detector)"
+                    "ON t.visit = k.visit AND (k.detector = -1 OR t.detector = k.detector) WHERE NOT k.keyed "
+                    f"AND NOT EXISTS (SELECT 1 FROM diadb_chunk_member m WHERE m.table_name = ? AND {match}) "
+                    "UNION ALL "
+                    "SELECT k.chunk_id AS _chunk_id, t.* FROM temp.diadb_chunk_keys k "
+                    "JOIN diadb_chunk_member m ON m.chunk_id = k.chunk_id AND m.table_name = ? "
+                    f'JOIN "{table}" t ON {match} WHERE k.keyed',
+                    [table, table],
                 )
                 out[table] = cur.fetch_arrow_table()
             cur.execute(
@@ -144,11 +179,26 @@ class SqliteChanges:
                 "WHERE chunk_id IN (SELECT id FROM temp.diadb_chunks) ORDER BY chunk_id, seq"
             )
             out["updates"] = cur.fetch_arrow_table()
+            cur.execute(
+                "SELECT chunk_id AS _chunk_id, table_name, k0, k1, k2 FROM diadb_chunk_member "
+                "WHERE chunk_id IN (SELECT id FROM temp.diadb_chunks)"
+            )
+            out["members"] = cur.fetch_arrow_table()
             return out
         except self._errors as e:
             raise StorageError(f"SQLite change-log read failed on {self.path}: {e}") from e
         finally:
             cur.close()
+
+    def log_updates(self, kind: str, payloads: Sequence[Mapping[str, Any]], when_mjd: float) -> int:
+        """Record foreign update records as one daytime chunk."""
+        try:
+            with self._transaction() as cur:
+                chunk = self._log_chunk(cur, "update", None, None, when_mjd)
+                self._log_updates(cur, chunk, kind, [dict(p) for p in payloads])
+        except self._errors as e:
+            raise StorageError(f"SQLite change-log write failed on {self.path}: {e}") from e
+        return chunk
 
     # ---- the overlay ---------------------------------------------------------------
     def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
@@ -174,6 +224,7 @@ class SqliteChanges:
     def drop_overlay_before(self, cutoff_mjd: float) -> None:
         with self._transaction() as cur:
             cur.execute("DELETE FROM diadb_source_overlay WHERE midpointMjdTai < ?", [cutoff_mjd])
+            cur.execute("DELETE FROM diadb_forced_overlay WHERE midpointMjdTai < ?", [cutoff_mjd])
 
     # ---- daytime updates -----------------------------------------------------------
     def update_sources(
@@ -185,20 +236,24 @@ class SqliteChanges:
         segment_lookup: SegmentSourceLookup,
         object_deltas: bool,
         remove_empty: bool,
+        increment: bool = True,
+        decrement: bool = True,
+        only_null: str | None = None,
     ) -> int:
-        """Set mutable columns of DiaSources, in one transaction; return the chunk id.
+        """Set mutable columns of DiaSources, in one transaction; return the chunk id (0 when no
+        row changed: no chunk then).
 
         ``changes`` has ``diaSourceId`` and any of the mutable columns (the new values).
-        With ``object_deltas`` the nDiaSources of the old and new DiaObjects follow the move;
-        with ``remove_empty`` a DiaObject left with no sources is closed and leaves the latest table.
-        Raises LookupError naming unknown DiaSource or DiaObject ids; nothing changes then.
+        With ``object_deltas`` the nDiaSources of the new (``increment``) and old (``decrement``)
+        DiaObjects follow the move; with ``remove_empty`` a DiaObject left with no sources is
+        closed and leaves the latest table. Rows whose ``only_null`` column is already set keep
+        their values. Raises LookupError naming unknown DiaSource or DiaObject ids; nothing
+        changes then.
         """
         ids = np.asarray(changes.column("diaSourceId").to_numpy(), dtype=np.int64)
         with self._transaction() as cur:
             self._temp_table(cur, "diadb_change", changes)
-            cols = ", ".join(
-                f"s.{c}" for c in ("diaSourceId", "_healpix_29", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS)
-            )
+            cols = ", ".join(f"s.{c}" for c in CURRENT_COLUMNS)
             cur.execute(
                 f'SELECT {cols} FROM temp.diadb_change c JOIN "DiaSource" s ON s.diaSourceId = c.diaSourceId'
             )
@@ -218,6 +273,9 @@ class SqliteChanges:
             if len(missing):
                 raise LookupError(f"unknown DiaSource ids: {missing[:20].tolist()}")
             current = pa.concat_tables([_normalise_current(in_engine), _normalise_current(in_segments)])
+            current, changes = unset_only(current, changes, only_null)
+            if not current.num_rows:
+                return 0
             new = _merge_changes(current, changes)
             if "diaObjectId" in changes.column_names:
                 targets = np.unique(pc.drop_null(changes.column("diaObjectId")).to_numpy())
@@ -231,15 +289,16 @@ class SqliteChanges:
                     unknown = np.setdiff1d(targets, found)
                     if len(unknown):
                         raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
+            counts: list[dict[str, Any]] = []
             if object_deltas:
-                self._apply_object_deltas(cur, current, new, when_mjd, remove_empty)
+                delta = object_delta(current, new, increment, decrement)
+                counts = self._apply_object_deltas(cur, delta, when_mjd, remove_empty)
             engine_ids = np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64)
             is_engine = np.isin(np.asarray(new.column("diaSourceId").to_numpy(), dtype=np.int64), engine_ids)
             self._write_engine_sources(cur, new.filter(pa.array(is_engine)))
             self._write_overlay(cur, new.filter(pa.array(~is_engine)))
             chunk = self._log_chunk(cur, "update", None, None, when_mjd)
-            payload = new.select(["diaSourceId", *[c for c in changes.column_names if c != "diaSourceId"]])
-            self._log_updates(cur, chunk, kind, [{"when_mjd_tai": when_mjd, "rows": payload.to_pylist()}])
+            self._log_updates(cur, chunk, kind, [update_payload(new, changes, when_mjd, counts)])
         return chunk
 
     def _write_engine_sources(self, cur: Any, new: pa.Table) -> None:
@@ -255,8 +314,8 @@ class SqliteChanges:
     def _write_overlay(self, cur: Any, new: pa.Table) -> None:
         if not new.num_rows:
             return
-        self._temp_table(cur, "diadb_new_overlay", new)
         cols = ["diaSourceId", "_healpix_29", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS]
+        self._temp_table(cur, "diadb_new_overlay", new.select(cols))
         updates = ", ".join(f"{c} = excluded.{c}" for c in MUTABLE_SOURCE_COLUMNS)
         cur.execute(
             f"INSERT INTO diadb_source_overlay ({', '.join(cols)}) SELECT {', '.join(cols)} "
@@ -264,24 +323,22 @@ class SqliteChanges:
         )
 
     def _apply_object_deltas(
-        self, cur: Any, current: pa.Table, new: pa.Table, when_mjd: float, remove_empty: bool
-    ) -> None:
-        old_ids = pc.drop_null(current.column("diaObjectId")).to_numpy()
-        new_ids = pc.drop_null(new.column("diaObjectId")).to_numpy()
-        ids = np.concatenate([old_ids, new_ids]).astype(np.int64)
-        if not len(ids):
-            return
-        signs = np.concatenate([-np.ones(len(old_ids)), np.ones(len(new_ids))]).astype(np.int64)
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        delta = np.zeros(len(uniq), dtype=np.int64)
-        np.add.at(delta, inverse, signs)
-        keep = delta != 0
-        self._temp_table(cur, "diadb_delta", pa.table({"id": uniq[keep], "delta": delta[keep]}))
+        self, cur: Any, delta: pa.Table, when_mjd: float, remove_empty: bool
+    ) -> list[dict[str, Any]]:
+        """Add ``delta`` (id, delta) to nDiaSources; return the objects' new counts and positions."""
+        if not delta.num_rows:
+            return []
+        self._temp_table(cur, "diadb_delta", delta)
         for table, extra in ((LATEST_TABLE, ""), ("DiaObject", ' AND "validityEndMjdTai" IS NULL')):
             cur.execute(
                 f'UPDATE "{table}" SET "nDiaSources" = "nDiaSources" + d.delta FROM temp.diadb_delta d '
                 f'WHERE "{table}"."diaObjectId" = d.id{extra}'
             )
+        cur.execute(
+            f'SELECT o."diaObjectId", o.ra, o.dec, o."nDiaSources" FROM {LATEST_TABLE} o '
+            'WHERE o."diaObjectId" IN (SELECT id FROM temp.diadb_delta) ORDER BY o."diaObjectId"'
+        )
+        counts = object_counts(cur.fetch_arrow_table())
         if remove_empty:
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS diadb_empty AS "
@@ -299,9 +356,11 @@ class SqliteChanges:
                 [when_mjd],
             )
             cur.execute(f"DELETE FROM {LATEST_TABLE} WHERE diaObjectId IN (SELECT id FROM temp.diadb_empty)")
+        return counts
 
-    def set_validity_end(self, object_ids: Int64Array, when_mjd: float) -> int:
-        """Close the open version of these objects (they leave the latest table); return how many."""
+    def set_validity_end(self, object_ids: Int64Array, when_mjd: float, missing_ok: bool = False) -> int:
+        """Close the open version of these objects (they leave the latest table); return how many.
+        Unknown ids raise LookupError, or are skipped with ``missing_ok``."""
         ids = np.unique(np.asarray(object_ids, dtype=np.int64))
         with self._transaction() as cur:
             self._temp_table(cur, "diadb_close", pa.table({"id": ids}))
@@ -311,13 +370,15 @@ class SqliteChanges:
             )
             known = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), dtype=np.int64)
             unknown = np.setdiff1d(ids, known)
-            if len(unknown):
+            if len(unknown) and not missing_ok:
                 raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
             cur.execute(
-                'SELECT count(*) FROM "DiaObject" WHERE "validityEndMjdTai" IS NULL '
-                'AND "diaObjectId" IN (SELECT id FROM temp.diadb_close)'
+                'SELECT "diaObjectId", ra, dec FROM "DiaObject" WHERE "validityEndMjdTai" IS NULL '
+                'AND "diaObjectId" IN (SELECT id FROM temp.diadb_close) ORDER BY "diaObjectId"'
             )
-            count = int(cur.fetchall()[0][0])
+            closed = cur.fetch_arrow_table()
+            if not closed.num_rows:
+                return 0
             cur.execute(
                 'UPDATE "DiaObject" SET "validityEndMjdTai" = ? WHERE "validityEndMjdTai" IS NULL '
                 'AND "diaObjectId" IN (SELECT id FROM temp.diadb_close)',
@@ -325,10 +386,8 @@ class SqliteChanges:
             )
             cur.execute(f"DELETE FROM {LATEST_TABLE} WHERE diaObjectId IN (SELECT id FROM temp.diadb_close)")
             chunk = self._log_chunk(cur, "update", None, None, when_mjd)
-            self._log_updates(
-                cur, chunk, "set_validity_end", [{"when_mjd_tai": when_mjd, "diaObjectIds": ids.tolist()}]
-            )
-        return count
+            self._log_updates(cur, chunk, "set_validity_end", [closing_payload(closed, when_mjd)])
+        return int(closed.num_rows)
 
     def objects_since(self, since_mjd: float) -> pa.Table:
         """Latest versions of objects whose version started at or after ``since_mjd``."""
@@ -339,11 +398,17 @@ class SqliteChanges:
         return int(t.column(0)[0].as_py())
 
 
+#: The current values of a DiaSource a daytime update reads (position, time, mutable columns).
+CURRENT_COLUMNS = ("diaSourceId", "_healpix_29", "ra", "dec", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS)
+
+
 def _empty_current() -> pa.Table:
     return pa.table(
         {
             "diaSourceId": pa.array([], pa.int64()),
             "_healpix_29": pa.array([], pa.int64()),
+            "ra": pa.array([], pa.float64()),
+            "dec": pa.array([], pa.float64()),
             "midpointMjdTai": pa.array([], pa.float64()),
             "diaObjectId": pa.array([], pa.int64()),
             "ssObjectId": pa.array([], pa.int64()),
@@ -351,6 +416,68 @@ def _empty_current() -> pa.Table:
             "timeWithdrawnMjdTai": pa.array([], pa.float64()),
         }
     )
+
+
+def unset_only(current: pa.Table, changes: pa.Table, column: str | None) -> tuple[pa.Table, pa.Table]:
+    """Keep the rows (of both) whose ``column`` is not set yet (all rows when ``column`` is None)."""
+    if column is None or not current.num_rows:
+        return current, changes
+    current = current.filter(pc.is_null(current.column(column)))
+    keep = pc.is_in(changes.column("diaSourceId"), value_set=current.column("diaSourceId"))
+    return current, changes.filter(keep)
+
+
+def object_delta(current: pa.Table, new: pa.Table, increment: bool, decrement: bool) -> pa.Table:
+    """``(id, delta)`` of nDiaSources: +1 per source moved to an object (``increment``), -1 per
+    source moved away (``decrement``); zero deltas left out."""
+    old_ids = pc.drop_null(current.column("diaObjectId")).to_numpy() if decrement else np.zeros(0)
+    new_ids = pc.drop_null(new.column("diaObjectId")).to_numpy() if increment else np.zeros(0)
+    ids = np.concatenate([old_ids, new_ids]).astype(np.int64)
+    signs = np.concatenate([-np.ones(len(old_ids)), np.ones(len(new_ids))]).astype(np.int64)
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    delta = np.zeros(len(uniq), dtype=np.int64)
+    np.add.at(delta, inverse, signs)
+    keep = delta != 0
+    return pa.table({"id": uniq[keep], "delta": delta[keep]})
+
+
+def object_counts(rows: pa.Table) -> list[dict[str, Any]]:
+    """``{diaObjectId, ra, dec, nDiaSources}`` per row of (id, ra, dec, count)."""
+    names = ["diaObjectId", "ra", "dec", "nDiaSources"]
+    typed = pa.table(
+        [rows.column(i).cast(t) for i, t in enumerate((pa.int64(), pa.float64(), pa.float64(), pa.int64()))],
+        names=names,
+    )
+    counts: list[dict[str, Any]] = typed.to_pylist()
+    return counts
+
+
+def update_payload(
+    new: pa.Table, changes: pa.Table, when_mjd: float, counts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The change-log record of a source update: each row's new values and its position."""
+    changed = [c for c in changes.column_names if c != "diaSourceId"]
+    rows = new.select(["diaSourceId", "ra", "dec", "midpointMjdTai", *changed]).to_pylist()
+    payload: dict[str, Any] = {"when_mjd_tai": when_mjd, "rows": rows}
+    if counts:
+        payload["objects"] = counts
+    return payload
+
+
+def closing_payload(closed: pa.Table, when_mjd: float) -> dict[str, Any]:
+    """The change-log record of ``set_validity_end``: the objects closed, with positions."""
+    objects = pa.table(
+        {
+            "diaObjectId": closed.column(0).cast(pa.int64()),
+            "ra": closed.column(1).cast(pa.float64()),
+            "dec": closed.column(2).cast(pa.float64()),
+        }
+    ).to_pylist()
+    return {
+        "when_mjd_tai": when_mjd,
+        "diaObjectIds": [o["diaObjectId"] for o in objects],
+        "objects": objects,
+    }
 
 
 def _normalise_current(t: pa.Table) -> pa.Table:
