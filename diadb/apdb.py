@@ -67,12 +67,15 @@ class Apdb(DaytimeMixin):
         self.config = config
         self.read_only = read_only
         self._tier: HistoryTier | None = None
+        # The backend as a history engine, checked once: a runtime Protocol check costs ~ms.
+        self._history: HistoryCapable | None = None
         self._compacted_to = -np.inf
         if config.history_tier:
             if not isinstance(backend, HistoryCapable):
                 raise ConfigError(
                     f"the backend of {url} does not support the history tier (history_tier=True)"
                 )
+            self._history = backend
             self._tier = HistoryTier(backend.history_directory(), config.history_span_days)
 
     # ---- life cycle ----------------------------------------------------------------
@@ -273,16 +276,16 @@ class Apdb(DaytimeMixin):
         segments: list[SegmentInfo] = []
         overlay: pa.Table | None = None
         forced_overlay: pa.Table | None = None
-        if self._tier is not None and table in HISTORY_TABLES:
-            assert isinstance(self._backend, HistoryCapable)
+        if self._history is not None and table in HISTORY_TABLES:
+            history = self._history
             # The manifest, the overlays and the engine rows are read in one snapshot: a
             # concurrent compaction or daytime update is seen wholly or not at all.
-            with self._backend.read_snapshot():
-                segments = self._backend.list_segments(table)
+            with history.read_snapshot():
+                segments = history.list_segments(table)
                 if table == "DiaSource":
-                    overlay = self._backend.select_overlay(ranges, window)
+                    overlay = history.select_overlay(ranges, window)
                 elif segments:
-                    forced_overlay = self._backend.select_forced_overlay(ranges, window)
+                    forced_overlay = history.select_forced_overlay(ranges, window)
                 raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
         else:
             raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
