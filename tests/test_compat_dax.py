@@ -348,3 +348,18 @@ def test_incompatible_schema_version_is_refused(tmp_path: Path) -> None:
     config.schema_file = str(newer)
     with pytest.raises(IncompatibleVersionError):
         Apdb.from_config(config)
+
+
+class DiadbDaxApdbPostgresTest(DiadbDaxApdbTest):
+    """The same ``ApdbTest`` on the facade over diadb's PostgreSQL backend (a schema per instance)."""
+
+    @pytest.fixture(autouse=True)
+    def _postgres(self, request: pytest.FixtureRequest) -> None:
+        from tests.service_postgres import postgres_server
+
+        self._server = postgres_server(request)
+
+    def make_instance(self, **kwargs: Any) -> ApdbConfig:
+        kwargs.setdefault("schema_file", str(self.schema_path))
+        kwargs.setdefault("enable_replica", self.enable_replica)
+        return DiadbApdb.init_database(self._server.fresh_url("dax"), **kwargs)
