@@ -16,16 +16,22 @@ from diadb.sim.sizing import project
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return run_bench("ci", out, compare=("dax_apdb",), engine_only=True, association_view=True)
+    return run_bench("ci", out, compare=("dax_apdb", "facade"), engine_only=True, association_view=True)
 
 
 def test_side_by_side_run_writes_metrics_report_and_plot(ci_run):
     metrics = pq.read_table(ci_run.out / "metrics.parquet")
-    systems = {"diadb", "diadb-engine-only", "dax_apdb", "diadb-association-columns"}
+    systems = {
+        "diadb",
+        "diadb-engine-only",
+        "dax_apdb",
+        "diadb-association-columns",
+        "diadb via lsst.dax.apdb facade",
+    }
     assert set(metrics.column("system").to_pylist()) == systems
     assert set(metrics.column("op").to_pylist()) == {"select", "store"}
     stores = metrics.filter(metrics.column("op").to_numpy(zero_copy_only=False) == "store")
-    assert stores.num_rows == 3 * PROFILES["ci"].visits  # the association view only reads
+    assert stores.num_rows == 4 * PROFILES["ci"].visits  # the association view only reads
     assert "diadb-association-columns" in ci_run.summary["ratio_reference_over_system"]
     report = ci_run.summary_path.read_text()
     assert "| dax_apdb |" in report and "Speed-up over lsst-dax-apdb" in report

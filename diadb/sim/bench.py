@@ -247,9 +247,9 @@ def run_bench(
     """Run one benchmark profile; see the module docstring."""
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown profile {profile_name!r}; known: {', '.join(PROFILES)}")
-    unknown = sorted(set(compare) - {"dax_apdb"})
+    unknown = sorted(set(compare) - {"dax_apdb", "facade"})
     if unknown:
-        raise ConfigError(f"unknown --compare system(s) {unknown}; known: dax_apdb")
+        raise ConfigError(f"unknown --compare system(s) {unknown}; known: dax_apdb, facade")
     if columns not in ("all", "association"):
         raise ConfigError(f"columns must be 'all' or 'association', got {columns!r}")
     profile = PROFILES[profile_name]
@@ -276,6 +276,11 @@ def run_bench(
         systems.append(DiadbSystem("diadb-engine-only", db, columns))
     if "dax_apdb" in compare:
         systems.append(ReferenceSystem(out / "dax_apdb.db", months))
+    if "facade" in compare:
+        # diadb driven through its lsst.dax.apdb drop-in: what a pipeline sees after the switch.
+        from diadb.compat.bench_system import FacadeSystem
+
+        systems.append(FacadeSystem(out / "facade.db", months))
     simulator = VisitSimulator(profile.sim, main.db.schema)
     rows: list[dict[str, Any]] = []
     checks = {s.name: IdCheck() for s in systems[1:] if s.name != "diadb-association-columns"}
