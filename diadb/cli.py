@@ -272,17 +272,29 @@ def demo(
     ),
     visits: Annotated[int | None, typer.Option(help="Override the demo profile's number of visits.")] = None,
 ) -> None:
-    """The main job on the embedded default: simulated visits into SQLite, then a latency report."""
+    """The main job on the embedded default: simulated visits into SQLite, a latency report with a
+    plot, then the database published as HATS catalogs (the PPDB)."""
+    import shutil
+
+    from diadb.apdb import Apdb
+    from diadb.ppdb.hats_export import export_hats
     from diadb.sim.bench import run_bench
 
+    hats_dir = out / "hats"
     try:
         result = _with_progress(
             "demo", lambda progress: run_bench("demo", out, visits=visits, progress=progress)
         )
+        shutil.rmtree(hats_dir, ignore_errors=True)
+        with Apdb.open(str(out / "diadb.db")) as db:
+            exported = export_hats(db, hats_dir)
     except Error as e:
         raise _fail(str(e)) from None
     typer.echo(result.summary_path.read_text())
+    for table, s in exported.tables.items():
+        typer.echo(f"HATS {table:16s} {s['rows']:>10,d} rows {s['partitions']:>4d} partition(s)")
     typer.echo(f"database: {out / 'diadb.db'}")
+    typer.echo(f"HATS export (lsdb.open_catalog reads it): {hats_dir}")
     typer.echo(f"report: {result.summary_path}")
     if result.plot_path is not None:
         typer.echo(f"plot: {result.plot_path}")

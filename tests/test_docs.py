@@ -58,3 +58,4 @@ def test_cli_demo_runs_the_demo_profile(tmp_path):
     assert "diadb bench: profile `demo`, 3 visits, source density x0.05" in result.output
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     assert (tmp_path / "diadb.db").exists()
+    assert (tmp_path / "hats" / "DiaSource").is_dir() and "HATS DiaSource" in result.output
