@@ -369,6 +369,45 @@ def restore(
 TABLES_PPDB = ("DiaObject", "DiaSource", "DiaForcedSource")
 
 
+@app.command()
+def partitions(
+    url: Annotated[str, typer.Argument(help="URL of a Cassandra APDB.")],
+    create_ahead: Annotated[
+        int, typer.Option(help="Create the time partitions from the newest visit's (or now) to N ahead.")
+    ] = 0,
+    drop_before: Annotated[
+        float | None, typer.Option(help="Drop the partitions that end at or before this MJD (TAI).")
+    ] = None,
+) -> None:
+    """Manage time-partition tables (Cassandra): list them, create ahead, drop old ones."""
+    from diadb.apdb import Apdb
+    from diadb.times import mjd_tai
+
+    try:
+        with Apdb.open(url) as db:
+            backend: Any = db._backend
+            if not hasattr(backend, "create_time_partitions"):
+                raise _fail(f"{url}: this backend has no time-partition tables")
+            if create_ahead:
+                start = backend.latest_visit_mjd()
+                if start is None:
+                    import datetime as _dt
+
+                    start = mjd_tai(_dt.datetime.now(_dt.UTC).replace(tzinfo=None))
+                end = start + create_ahead * backend.time_partition_days
+                for name in backend.create_time_partitions(start, end):
+                    typer.echo(f"created {name}")
+            if drop_before is not None:
+                for name in backend.drop_time_partitions(drop_before):
+                    typer.echo(f"dropped {name}")
+            for table, parts in backend.time_partitions().items():
+                spans = [backend.time_partition_span(p) for p in parts]
+                shown = ", ".join(f"{p} [{a:g}, {b:g})" for p, (a, b) in zip(parts, spans, strict=True))
+                typer.echo(f"{table}: {shown or 'none'}")
+    except Error as e:
+        raise _fail(str(e)) from None
+
+
 def main() -> None:
     app()
 
