@@ -55,9 +55,9 @@ import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
 from diadb.backends.cassandra_changes import CassandraChanges, change_log_ddl
-from diadb.backends.sqlite import coarsen_ranges
 from diadb.errors import ConfigError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
+from diadb.sky.healpix import coarsen_ranges
 
 LATEST_TABLE = "diadb_DiaObjectLatest"
 HISTORY_TABLE = "DiaObject"

@@ -51,6 +51,7 @@ from diadb.backends.postgres_forced import PostgresForced
 from diadb.errors import ConfigError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
+from diadb.sky.healpix import coarsen_ranges
 
 LATEST_TABLE = "diadb_DiaObjectLatest"
 TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
@@ -89,18 +90,6 @@ T = TypeVar("T")
 def q(name: str) -> str:
     """Quote an SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def coarsen_ranges(ranges: Int64Array, max_ranges: int = MAX_RANGES) -> Int64Array:
-    """Merge ranges across their smallest gaps until at most ``max_ranges`` remain."""
-    if len(ranges) <= max_ranges:
-        return ranges
-    gaps = ranges[1:, 0] - ranges[:-1, 1]
-    keep_gap = np.zeros(len(gaps), dtype=bool)
-    keep_gap[np.argsort(gaps, kind="stable")[len(gaps) - (max_ranges - 1) :]] = True
-    starts = np.concatenate([[0], np.flatnonzero(keep_gap) + 1])
-    ends = np.concatenate([np.flatnonzero(keep_gap), [len(ranges) - 1]])
-    return np.stack([ranges[starts, 0], ranges[ends, 1]], axis=1)
 
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:
@@ -695,7 +684,7 @@ class PostgresBackend(PostgresChanges, PostgresForced):
 
         sql = f"SELECT {select_list} FROM "
         if len(ranges):
-            r = coarsen_ranges(np.asarray(ranges, dtype=np.int64))
+            r = coarsen_ranges(np.asarray(ranges, dtype=np.int64), MAX_RANGES)
             lo = param(array_text(r[:, 0]), "bigint[]")
             hi = param(array_text(r[:, 1]), "bigint[]")
             # The ranges drive the join: one primary-key range scan each, per partition.

@@ -86,3 +86,17 @@ def depth_for_size(size_deg: float, refinement: int) -> int:
     # Order-0 cells are ~58.6 deg across; each order halves that.
     base = np.log2(58.6 / max(size_deg, 1e-9))
     return int(np.clip(np.floor(base) + refinement, 0, ORDER))
+
+
+def coarsen_ranges(ranges: Int64Array, max_ranges: int) -> Int64Array:
+    """Merge ranges across their smallest gaps until at most ``max_ranges`` remain (a superset:
+    engines bound the size of a query this way, and the exact region filter removes the extra rows)."""
+    if len(ranges) <= max_ranges:
+        return ranges
+    gaps = ranges[1:, 0] - ranges[:-1, 1]
+    keep_gap = np.zeros(len(gaps), dtype=bool)
+    keep_gap[np.argsort(gaps, kind="stable")[len(gaps) - (max_ranges - 1) :]] = True
+    starts = np.concatenate([[0], np.flatnonzero(keep_gap) + 1])
+    ends = np.concatenate([np.flatnonzero(keep_gap), [len(ranges) - 1]])
+    merged: Int64Array = np.stack([ranges[starts, 0], ranges[ends, 1]], axis=1)
+    return merged

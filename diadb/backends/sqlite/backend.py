@@ -37,6 +37,7 @@ from diadb.errors import ConfigError, StorageError
 from diadb.history.segment import SegmentInfo
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
+from diadb.sky.healpix import coarsen_ranges
 
 TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
 # Above this many ranges a query's cover is coarsened (merged across the smallest gaps);
@@ -62,18 +63,6 @@ def path_from_url(url: str) -> str:
     if not rest.startswith("/") or rest == "/":
         raise ConfigError(f"SQLite URL {url!r} needs a path: sqlite:///relative.db or sqlite:////abs/path.db")
     return rest[1:]
-
-
-def coarsen_ranges(ranges: Int64Array, max_ranges: int = MAX_RANGES) -> Int64Array:
-    """Merge ranges across their smallest gaps until at most ``max_ranges`` remain."""
-    if len(ranges) <= max_ranges:
-        return ranges
-    gaps = ranges[1:, 0] - ranges[:-1, 1]
-    keep_gap = np.zeros(len(gaps), dtype=bool)
-    keep_gap[np.argsort(gaps, kind="stable")[len(gaps) - (max_ranges - 1) :]] = True
-    starts = np.concatenate([[0], np.flatnonzero(keep_gap) + 1])
-    ends = np.concatenate([np.flatnonzero(keep_gap), [len(ranges) - 1]])
-    return np.stack([ranges[starts, 0], ranges[ends, 1]], axis=1)
 
 
 class SqliteBackend(SqliteChanges, SqliteForced):
@@ -241,7 +230,7 @@ class SqliteBackend(SqliteChanges, SqliteForced):
                 ids = np.unique(np.asarray(object_ids, dtype=np.int64))
                 self._temp_table(cur, "diadb_ids", pa.table({"id": ids}))
             if len(ranges):
-                r = coarsen_ranges(np.asarray(ranges, dtype=np.int64))
+                r = coarsen_ranges(np.asarray(ranges, dtype=np.int64), MAX_RANGES)
                 values = ", ".join(["(?, ?)"] * len(r))
                 if object_ids is not None:
                     where.append("t.diaObjectId IN (SELECT id FROM temp.diadb_ids)")
