@@ -18,7 +18,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diadb.backends.base import HistoryCapable, TimeWindow
+from diadb.backends.base import CHUNK_SCHEMA, HistoryCapable, TimeWindow
 from diadb.backends.sqlite.forced import (
     FORCED_CURRENT,
     FORCED_KEY,
@@ -249,7 +249,7 @@ class DaytimeMixin:
         """The change log's chunks in commit order: ``chunk_id``, ``kind`` (store or update),
         ``visit``, ``detector``, ``visit_mjd_tai``, ``stored_at``, ``published``."""
         chunks: pa.Table = self._backend.list_chunks(published)
-        return chunks
+        return chunks.select(CHUNK_SCHEMA.names).cast(CHUNK_SCHEMA)
 
     def read_chunks(self, chunk_ids: Iterable[int]) -> dict[str, pa.Table]:
         """What these chunks wrote: ``DiaObject`` (versions), ``DiaSource``, ``DiaForcedSource``

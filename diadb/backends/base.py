@@ -23,6 +23,20 @@ from diadb.schema.model import ApdbSchema, ColumnSpec
 #: The tables a read addresses. "DiaObject" reads the latest version of each object.
 ReadTable = Literal["DiaObject", "DiaSource", "DiaForcedSource"]
 Int64Array = npt.NDArray[np.int64]
+
+#: The change log's chunk listing as the facade returns it; backends may return any column
+#: types that cast to these, under these names.
+CHUNK_SCHEMA = pa.schema(
+    [
+        pa.field("chunk_id", pa.int64()),
+        pa.field("kind", pa.string()),
+        pa.field("visit", pa.int64()),
+        pa.field("detector", pa.int64()),
+        pa.field("visit_mjd_tai", pa.float64()),
+        pa.field("stored_at", pa.string()),
+        pa.field("published", pa.bool_()),
+    ]
+)
 SegmentWriter = Callable[[str, pa.Table], list[SegmentInfo]]
 SegmentSweeper = Callable[[list[SegmentInfo], list[tuple[str, float]]], list[str]]
 FaultHook = Callable[[str], None]

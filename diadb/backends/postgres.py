@@ -709,19 +709,9 @@ class PostgresBackend(PostgresChanges, PostgresForced):
 
     def existing_keys(self, table: str, keys: pa.Table) -> pa.Table:
         physical = LATEST_TABLE if table == "DiaObjectLatest" else table
-        cols = keys.column_names
-        binds: list[Any] = []
-        arrays: list[str] = []
-        for i, c in enumerate(cols):
-            arrow_t, pg_t = _pg_type(keys.schema.field(c).type)
-            binds.append((keys.column(c).combine_chunks(), arrow_t))
-            arrays.append(f"${i + 1}::{pg_t}[]")
-        names = ", ".join(q(c) for c in cols)
-        match = " AND ".join(f"t.{q(c)} = p.{q(c)}" for c in cols)
-        sql = (
-            f"SELECT {', '.join('p.' + q(c) for c in cols)} FROM unnest({', '.join(arrays)}) AS p({names}) "
-            f"WHERE EXISTS (SELECT 1 FROM {self._t(physical)} t WHERE {match})"
-        )
+        cols = ", ".join("p." + q(c) for c in keys.column_names)
+        source, binds = self._stored_keys(physical, keys)
+        sql = f"SELECT {cols} {source}"
 
         def work(cur: Any) -> pa.Table:
             cur.execute(sql, parameters=_params(*binds))
@@ -915,7 +905,9 @@ class PostgresBackend(PostgresChanges, PostgresForced):
         )
         return int(rows[0][0])
 
-    def _check_new_keys(self, cur: Any, table: str, keys: pa.Table) -> None:
+    def _stored_keys(self, table: str, keys: pa.Table) -> tuple[str, list[Any]]:
+        """``FROM ... WHERE ...`` selecting the rows ``p`` of ``keys`` that ``table`` already holds
+        (the keys bound as one array per column and unnested), and its bind values."""
         cols = keys.column_names
         binds: list[Any] = []
         arrays: list[str] = []
@@ -925,13 +917,18 @@ class PostgresBackend(PostgresChanges, PostgresForced):
             arrays.append(f"${i + 1}::{pg_t}[]")
         names = ", ".join(q(c) for c in cols)
         match = " AND ".join(f"t.{q(c)} = p.{q(c)}" for c in cols)
-        cur.execute(
-            f"SELECT 1 FROM unnest({', '.join(arrays)}) AS p({names}) "
-            f"WHERE EXISTS (SELECT 1 FROM {self._t(table)} t WHERE {match}) LIMIT 1",
-            parameters=_params(*binds),
+        source = (
+            f"FROM unnest({', '.join(arrays)}) AS p({names}) "
+            f"WHERE EXISTS (SELECT 1 FROM {self._t(table)} t WHERE {match})"
         )
+        return source, binds
+
+    def _check_new_keys(self, cur: Any, table: str, keys: pa.Table) -> None:
+        source, binds = self._stored_keys(table, keys)
+        cur.execute(f"SELECT 1 {source} LIMIT 1", parameters=_params(*binds))
         if cur.fetchall():
-            raise StorageError(f"{table}: primary key already stored by another visit ({', '.join(cols)})")
+            cols = ", ".join(keys.column_names)
+            raise StorageError(f"{table}: primary key already stored by another visit ({cols})")
 
     @staticmethod
     def _pg_ready(data: pa.Table) -> pa.Table:

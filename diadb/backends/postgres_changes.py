@@ -243,23 +243,13 @@ class PostgresChanges:
         if published is not None:
             settings["diadb.p1"] = "true" if published else "false"
             where = " WHERE published = current_setting('diadb.p1')::boolean"
-        t = self._read(
+        chunks: pa.Table = self._read(
             "change-log listing",
             f"SELECT chunk_id, kind, visit, detector, visit_mjd_tai, {_STORED_AT} AS stored_at, published "
             f"FROM {self._t('diadb_chunk')}{where} ORDER BY chunk_id",
             settings,
         )
-        return pa.table(
-            {
-                "chunk_id": t.column(0).cast(pa.int64()),
-                "kind": t.column(1).cast(pa.string()),
-                "visit": t.column(2).cast(pa.int64()),
-                "detector": t.column(3).cast(pa.int64()),
-                "visit_mjd_tai": t.column(4).cast(pa.float64()),
-                "stored_at": t.column(5).cast(pa.string()),
-                "published": t.column(6).cast(pa.bool_()),
-            }
-        )
+        return chunks
 
     def mark_published(self, chunk_ids: Sequence[int]) -> None:
         ids = np.unique(np.asarray(chunk_ids, dtype=np.int64))

@@ -144,6 +144,15 @@ def _store_key(
     return key, -1 - (int.from_bytes(digest.digest()[:8], "little") >> 2), None
 
 
+def _window_start(visit_time: Any, start_time: Any, months: int) -> float | None:
+    """Start of the reference's history window (MJD TAI), or None when it reads nothing."""
+    if start_time is not None:
+        return _mjd(start_time)
+    if months == 0:
+        return None
+    return _mjd(visit_time) - DAYS_PER_MONTH * months
+
+
 class DiadbApdbMetadata(ApdbMetadata):
     """``ApdbMetadata`` on diadb's metadata: key/value strings kept in the database.
 
@@ -358,12 +367,9 @@ class DiadbApdb(Apdb):
         visit_time: astropy.time.Time,
         start_time: astropy.time.Time | None = None,
     ) -> pd.DataFrame | None:
-        if start_time is None and self.config.read_sources_months == 0:
+        start = _window_start(visit_time, start_time, self.config.read_sources_months)
+        if start is None:
             return None
-        if start_time is None:
-            start = _mjd(visit_time) - DAYS_PER_MONTH * self.config.read_sources_months
-        else:
-            start = _mjd(start_time)
         # The reference selects ``> start`` by region and ``>= start`` by object ids.
         return self._read_sources("DiaSource", region, object_ids, start, object_ids is not None)
 
@@ -374,12 +380,9 @@ class DiadbApdb(Apdb):
         visit_time: astropy.time.Time,
         start_time: astropy.time.Time | None = None,
     ) -> pd.DataFrame | None:
-        if start_time is None and self.config.read_forced_sources_months == 0:
+        start = _window_start(visit_time, start_time, self.config.read_forced_sources_months)
+        if start is None:
             return None
-        if start_time is None:
-            start = _mjd(visit_time) - DAYS_PER_MONTH * self.config.read_forced_sources_months
-        else:
-            start = _mjd(start_time)
         return self._read_sources("DiaForcedSource", region, object_ids, start, object_ids is not None)
 
     def getDiaObjectsForDedup(self, since: astropy.time.Time | None = None) -> pd.DataFrame:

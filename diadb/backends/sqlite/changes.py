@@ -110,22 +110,12 @@ class SqliteChanges:
 
     def list_chunks(self, published: bool | None = None) -> pa.Table:
         sql = (
-            "SELECT chunk_id, kind, visit, detector, visit_mjd_tai, created_at, published FROM diadb_chunk"
+            "SELECT chunk_id, kind, visit, detector, visit_mjd_tai, created_at AS stored_at, published "
+            "FROM diadb_chunk"
             + ("" if published is None else f" WHERE published = {int(published)}")
             + " ORDER BY chunk_id"
         )
-        t = self._fetch(sql)
-        return pa.table(
-            {
-                "chunk_id": t.column(0).cast(pa.int64()),
-                "kind": t.column(1).cast(pa.string()),
-                "visit": t.column(2).cast(pa.int64()),
-                "detector": t.column(3).cast(pa.int64()),
-                "visit_mjd_tai": t.column(4).cast(pa.float64()),
-                "stored_at": t.column(5).cast(pa.string()),
-                "published": t.column(6).cast(pa.bool_()),
-            }
-        )
+        return self._fetch(sql)
 
     def mark_published(self, chunk_ids: Sequence[int]) -> None:
         ids = pa.table({"id": np.asarray(chunk_ids, dtype=np.int64)})
