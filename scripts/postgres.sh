@@ -8,7 +8,8 @@
 #   scripts/postgres.sh status    is it running; prints the URL
 #   scripts/postgres.sh url       prints the URL of the superuser connection
 #
-# Environment: DIADB_PG_DIR (default <repo>/build/postgres), DIADB_PG_PORT (default 54329).
+# Environment: DIADB_PG_DIR (default: /tmp/diadb-postgres-<port> as root, else <repo>/build/postgres),
+# DIADB_PG_PORT (default 54329).
 # The server listens on 127.0.0.1:$DIADB_PG_PORT and on a Unix socket in $DIADB_PG_DIR/sock, with
 # trust authentication for local connections only (a throw-away test cluster), except the role
 # diadb_password_user, which must give a password (scram-sha-256). initdb refuses to
@@ -17,8 +18,16 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
-dir="${DIADB_PG_DIR:-$repo/build/postgres}"
 port="${DIADB_PG_PORT:-54329}"
+if [[ -n "${DIADB_PG_DIR:-}" ]]; then
+    dir="$DIADB_PG_DIR"
+elif [[ "$(id -u)" == 0 ]]; then
+    # As root the cluster belongs to the OS user postgres, which must reach its directory; a
+    # clone may sit under a root-only directory (mktemp -d is 0700), so use /tmp, per port.
+    dir="/tmp/diadb-postgres-$port"
+else
+    dir="$repo/build/postgres"
+fi
 data="$dir/data"
 sock="$dir/sock"
 log="$dir/server.log"
