@@ -1,8 +1,9 @@
 """The PostgreSQL server of the test session: a throw-away cluster, a fresh schema per test.
 
 ``scripts/postgres.sh up`` starts the cluster once per session (initdb + pg_ctl in
-``/tmp/diadb-postgres-<port>`` as root, else ``build/postgres``; port ``DIADB_PG_PORT`` or 54329) and ``down`` removes it at the end (a
-cluster that was already running is used and left running; ``DIADB_PG_KEEP=1`` keeps it). Set
+``/tmp/diadb-postgres-<port>`` as root, else ``build/postgres``; port ``DIADB_PG_PORT`` or
+54329) and ``down`` removes it at the end (a cluster that was already running is used and
+left running; ``DIADB_PG_KEEP=1`` keeps it). Set
 ``DIADB_POSTGRES_URL`` to use a running server instead (nothing is started or stopped then).
 When no server can be had the tests skip with the reason, or fail under
 ``DIADB_REQUIRE_SERVICES=1`` (see ``tests.services.unavailable``).
