@@ -39,6 +39,9 @@ CHUNK_SCHEMA = pa.schema(
 )
 SegmentWriter = Callable[[str, pa.Table], list[SegmentInfo]]
 SegmentSweeper = Callable[[list[SegmentInfo], list[tuple[str, float]]], list[str]]
+#: Writes the new DiaObject snapshot: (the current snapshot or None, the ids changed since it
+#: or None for a full rebuild, the engine's latest rows of those ids) -> its manifest entry.
+ObjectSnapshotWriter = Callable[[SegmentInfo | None, Int64Array | None, pa.Table], SegmentInfo]
 FaultHook = Callable[[str], None]
 
 
@@ -199,8 +202,16 @@ class HistoryCapable(Protocol):
         write: SegmentWriter,
         sweep: SegmentSweeper,
         fault: FaultHook | None = None,
+        objects: ObjectSnapshotWriter | None = None,
     ) -> list[SegmentInfo]:
-        """Atomically move rows older than ``boundary`` into segments written by ``write``."""
+        """Atomically move rows older than ``boundary`` into segments written by ``write``,
+        and (with ``objects``) replace the DiaObject snapshot by one that is current."""
+
+    def select_changed_objects(
+        self, ranges: Int64Array, columns: Sequence[str]
+    ) -> tuple[Int64Array, pa.Table]:
+        """The ids of every latest DiaObject row written or deleted since the snapshot was made,
+        and the current rows of those ids inside ``ranges``. Call inside :meth:`read_snapshot`."""
 
     def drop_segments(self, segment_ids: Sequence[int]) -> None: ...
 

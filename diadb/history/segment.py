@@ -71,14 +71,17 @@ def write_segment(
     span: tuple[float, float],
     *,
     fault: object = None,
+    order: tuple[str, ...] | None = None,
 ) -> SegmentInfo:
-    """Sort ``data`` and write it durably: temporary name, fsync, rename, fsync of the directory.
+    """Sort ``data`` (by ``_healpix_29`` then ``order``, default ``time_column``) and write it
+    durably: temporary name, fsync, rename, fsync of the directory.
 
     ``fault`` (tests only) is called with the step name before each step, to crash there.
     """
     hook = fault if callable(fault) else (lambda step: None)
     directory.mkdir(parents=True, exist_ok=True)
-    ordered = data.take(pc.sort_indices(data, [(HEALPIX_COLUMN, "ascending"), (time_column, "ascending")]))
+    keys = [(c, "ascending") for c in (HEALPIX_COLUMN, *(order or (time_column,)))]
+    ordered = data.take(pc.sort_indices(data, keys))
     ordered = ordered.combine_chunks()
     name = f"{table}-{span[0]:.5f}-{span[1]:.5f}-{os.urandom(4).hex()}.arrow"
     final = directory / name

@@ -100,3 +100,13 @@ def coarsen_ranges(ranges: Int64Array, max_ranges: int) -> Int64Array:
     ends = np.concatenate([np.flatnonzero(keep_gap), [len(ranges) - 1]])
     merged: Int64Array = np.stack([ranges[starts, 0], ranges[ends, 1]], axis=1)
     return merged
+
+
+def in_ranges(pixels: npt.ArrayLike, ranges: Int64Array) -> npt.NDArray[np.bool_]:
+    """Whether each pixel lies in one of the sorted, disjoint ``[lo, hi)`` ``ranges``."""
+    values = np.asarray(pixels, dtype=np.int64)
+    if len(ranges) == 0:
+        return np.zeros(values.shape, dtype=bool)
+    i = np.searchsorted(ranges[:, 0], values, side="right") - 1
+    inside: npt.NDArray[np.bool_] = (i >= 0) & (values < ranges[np.maximum(i, 0), 1])
+    return inside

@@ -23,6 +23,7 @@ import pyarrow as pa
 from diadb.backends.base import (
     FaultHook,
     Int64Array,
+    ObjectSnapshotWriter,
     ReadTable,
     SegmentSweeper,
     SegmentWriter,
@@ -37,12 +38,25 @@ from diadb.errors import ConfigError, StorageError
 from diadb.history.segment import SegmentInfo
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
-from diadb.sky.healpix import coarsen_ranges
+from diadb.sky.healpix import coarsen_ranges, in_ranges
 
 TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
 # Above this many ranges a query's cover is coarsened (merged across the smallest gaps);
 # the exact region filter in the facade removes the extra rows.
 MAX_RANGES = 2000
+# The DiaObject snapshot of the history tier is a cache of the latest-object table: triggers
+# record every object id written or deleted since the snapshot was made, whatever code path
+# (store, daytime update, an older diadb) changed it, so a read takes the snapshot's rows of
+# unchanged ids and the engine's rows of the changed ones. Created with the first snapshot.
+_CHANGED = "diadb_object_changed"
+OBJECT_CHANGES_DDL = [
+    f"CREATE TABLE IF NOT EXISTS {_CHANGED} (diaObjectId INTEGER PRIMARY KEY)",
+    *(
+        f"CREATE TRIGGER IF NOT EXISTS diadb_object_changed_{event.lower()} AFTER {event} "
+        f'ON "{LATEST_TABLE}" BEGIN INSERT OR IGNORE INTO {_CHANGED} VALUES ({row}.diaObjectId); END'
+        for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))
+    ),
+]
 # ADBC's SQLite driver infers column types from the first batch; one batch for the whole
 # result makes a column that starts with NULLs come back with its real type.
 _BATCH_ROWS = str(2**30)
@@ -440,8 +454,10 @@ class SqliteBackend(SqliteChanges, SqliteForced):
         write: SegmentWriter,
         sweep: SegmentSweeper,
         fault: FaultHook | None = None,
+        objects: ObjectSnapshotWriter | None = None,
     ) -> list[SegmentInfo]:
-        """Move every row older than ``boundary`` into segments, in one write transaction.
+        """Move every row older than ``boundary`` into segments, in one write transaction;
+        with ``objects``, also replace the DiaObject snapshot (see ``OBJECT_CHANGES_DDL``).
 
         Files are written (and made durable) by ``write`` while the transaction holds the
         write lock; the manifest rows and the deletion of the moved rows commit together.
@@ -465,31 +481,97 @@ class SqliteBackend(SqliteChanges, SqliteForced):
                         continue
                     infos = write(table, rows)
                     for info in infos:
-                        cur.execute(
-                            "INSERT INTO diadb_segment (table_name, name, t_min, t_max, span_start, "
-                            "span_end, pix_min, pix_max, rows, bytes, checksum) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [
-                                info.table,
-                                info.name,
-                                info.t_min,
-                                info.t_max,
-                                info.span_start,
-                                info.span_end,
-                                info.pix_min,
-                                info.pix_max,
-                                info.rows,
-                                info.bytes,
-                                info.checksum,
-                            ],
-                        )
+                        self._record_segment(cur, info)
                     cur.execute(f"DELETE FROM {q(table)} WHERE {tcol} < ?", [boundary])
                     created += infos
+                if objects is not None:
+                    created += self._refresh_object_snapshot(cur, objects, hook)
                 hook("commit")
             hook("committed")
         except self._errors as e:
             raise StorageError(f"SQLite compaction failed on {self.path}: {e}") from e
         return created
+
+    @staticmethod
+    def _record_segment(cur: Any, info: SegmentInfo) -> None:
+        cur.execute(
+            "INSERT INTO diadb_segment (table_name, name, t_min, t_max, span_start, "
+            "span_end, pix_min, pix_max, rows, bytes, checksum) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                info.table,
+                info.name,
+                info.t_min,
+                info.t_max,
+                info.span_start,
+                info.span_end,
+                info.pix_min,
+                info.pix_max,
+                info.rows,
+                info.bytes,
+                info.checksum,
+            ],
+        )
+
+    def _refresh_object_snapshot(
+        self, cur: Any, write: ObjectSnapshotWriter, hook: FaultHook
+    ) -> list[SegmentInfo]:
+        """Inside compaction's transaction: write a current DiaObject snapshot, record it, send
+        the old one to the trash and forget the changes it now includes."""
+        old = self.list_segments("DiaObject")
+        tracking = bool(
+            self._fetch("SELECT count(*) FROM sqlite_master WHERE name = ?", [_CHANGED]).column(0)[0].as_py()
+        )
+        if old and tracking:
+            cur.execute(f"SELECT diaObjectId FROM {_CHANGED}")
+            ids = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), np.int64)
+            if not len(ids):
+                return []
+            changed: Int64Array | None = ids
+            cur.execute(
+                f"SELECT t.* FROM {_CHANGED} c CROSS JOIN {q(LATEST_TABLE)} t "
+                "ON t.diaObjectId = c.diaObjectId"
+            )
+        else:
+            # First snapshot (or one lost): every latest row, and start tracking changes.
+            for stmt in OBJECT_CHANGES_DDL:
+                cur.execute(stmt)
+            changed = None
+            cur.execute(f"SELECT * FROM {q(LATEST_TABLE)}")
+        rows: pa.Table = cur.fetch_arrow_table()
+        if changed is None and rows.num_rows == 0:
+            return []
+        hook("objects")
+        info = write(old[0] if old else None, changed, rows)
+        self._record_segment(cur, info)
+        if old:
+            cur.execute(
+                "INSERT OR IGNORE INTO diadb_segment_trash (name, dropped_at) VALUES (?, ?)",
+                [old[0].name, time.time()],
+            )
+            cur.execute("DELETE FROM diadb_segment WHERE segment_id = ?", [old[0].segment_id])
+        cur.execute(f"DELETE FROM {_CHANGED}")
+        return [info]
+
+    def select_changed_objects(
+        self, ranges: Int64Array, columns: Sequence[str]
+    ) -> tuple[Int64Array, pa.Table]:
+        changed = np.asarray(
+            self._fetch(f"SELECT diaObjectId FROM {_CHANGED}").column(0).to_numpy(), np.int64
+        )
+        cols = ", ".join(f"t.{q(c)}" for c in columns)
+        sql = (
+            f"SELECT {cols} FROM {_CHANGED} c CROSS JOIN {q(LATEST_TABLE)} t ON t.diaObjectId = c.diaObjectId"
+        )
+        params: list[Any] = []
+        if len(ranges):
+            # The cover's bounds in SQL; the exact ranges below (a few changed rows at most).
+            sql += f" WHERE t.{q(HEALPIX_COLUMN)} >= ? AND t.{q(HEALPIX_COLUMN)} < ?"
+            params = [int(ranges[0, 0]), int(ranges[-1, 1])]
+        rows = self._fetch(sql, params)
+        if len(ranges) and rows.num_rows:
+            rows = rows.filter(pa.array(in_ranges(rows.column(HEALPIX_COLUMN).to_numpy(), ranges)))
+        return changed, rows
 
     def drop_segments(self, segment_ids: Sequence[int]) -> None:
         """Remove segments from the manifest; their files go to the trash (deleted after a grace)."""
