@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -173,3 +174,64 @@ def test_quorum_survives_a_killed_node_and_repair_restores_it(cluster3, official
             db._backend.drop()  # type: ignore[attr-defined]
         finally:
             db.close()
+
+
+def _with_nulls(t: pa.Table, spec: Any, every: int) -> pa.Table:
+    """``t`` with every ``every``-th value of each nullable float or boolean column set to null."""
+    for i, name in enumerate(t.column_names):
+        col = t.column(name)
+        if not spec.column(name).nullable or name in ("validityEndMjdTai", "diaObjectId"):
+            continue
+        if not (pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+            continue
+        mask = np.zeros(t.num_rows, dtype=bool)
+        mask[(i % every) :: every] = True
+        t = t.set_column(i, name, pc.if_else(pa.array(mask), pa.nulls(t.num_rows, col.type), col))
+    return t
+
+
+def test_packed_layout_reads_what_the_plain_layout_reads(cluster3, official_schema):
+    """Rows stored with the packed layout (the default) and without it (``packed=0``, the
+    layout of older keyspaces) read back the same, nulls included; keyed stores list their rows."""
+    hosts, port = cluster3.rsplit(":", 1)
+    dbs = {
+        packed: diadb.Apdb.create(
+            f"cassandra://{hosts}:{port}/p{packed}_{uuid.uuid4().hex[:10]}?rf=3&packed={packed}",
+            schema=official_schema,
+        )
+        for packed in (0, 1)
+    }
+    try:
+        assert not dbs[0]._backend._packed and dbs[1]._backend._packed  # type: ignore[attr-defined]
+        ids = np.arange(1, 41)
+        ra, dec = random_positions(len(ids), 5)
+        for k in range(1, 4):
+            v = make_visit(official_schema, k, 60000.0 + k, ids, ra, dec, seed=k)
+            objects = _with_nulls(v.objects, official_schema.table("DiaObject"), 3)
+            sources = _with_nulls(v.sources, official_schema.table("DiaSource"), 4)
+            for db in dbs.values():
+                assert db.store(v.mjd, objects, sources, v.forced, visit=k, key=f"v{k}")
+                assert not db.store(v.mjd, objects, sources, v.forced, visit=k, key=f"v{k}")
+        reads = {
+            packed: (
+                _sorted(db.get_objects(EVERYWHERE), ["diaObjectId"]),
+                _sorted(db.get_sources(EVERYWHERE, 60004.0), ["diaSourceId"]),
+                _sorted(db.get_forced_sources(EVERYWHERE, 60004.0), ["diaForcedSourceId"]),
+            )
+            for packed, db in dbs.items()
+        }
+        for plain, packed in zip(reads[0], reads[1], strict=True):
+            assert plain.num_rows and plain.equals(packed)
+        assert reads[1][1].column("psfFlux").null_count > 0
+        for db in dbs.values():
+            chunks = db.replica_chunks().column("chunk_id").to_pylist()
+            assert len(chunks) == 3
+            got = db.read_chunks(chunks[1:2])
+            assert sorted(got["DiaSource"].column("visit").to_pylist()) == [2] * len(ids)
+            assert got["DiaObject"].num_rows == len(ids)
+    finally:
+        for db in dbs.values():
+            try:
+                db._backend.drop()  # type: ignore[attr-defined]
+            finally:
+                db.close()

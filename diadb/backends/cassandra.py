@@ -22,6 +22,11 @@ Layout (one keyspace per APDB):
     (where the latest version of each object lives).
 ``diadb_visit``, ``diadb_metadata``
     The visit registry and the frozen metadata (schema, config, this layout's parameters).
+``apdb_packed``
+    In keyspaces made with ``packed=1`` (the default), the fixed-width columns of the source and
+    object tables that no query filters on and no update changes live in one blob per row (see
+    ``packed_columns``): Cassandra's cost is per cell, and this makes a DiaSource row ~20 cells
+    instead of 103. The packed list is frozen in the metadata; older keyspaces have none.
 
 Writes are grouped by partition into unlogged batches (one partition each, so each batch is
 applied atomically on its replicas) and sent concurrently. A store writes the key claims, then
@@ -33,13 +38,15 @@ multi-partition transactions: readers can see a visit's rows before the visit is
 and a store that is never retried leaves its partial rows in place.
 
 Reads: the driver's Cython row parser builds the tuples, the columns are assembled into Arrow
-arrays with one ``pyarrow.array`` call each (no Python loop over rows in diadb).
+arrays with one ``pyarrow.array`` call each and the packed blobs with one ``numpy.frombuffer``
+(no Python loop over rows in diadb).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import math
 import re
 import threading
@@ -47,6 +54,7 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -88,6 +96,54 @@ _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _CONSISTENCY = ("ONE", "TWO", "THREE", "QUORUM", "LOCAL_QUORUM", "LOCAL_ONE", "EACH_QUORUM", "ALL")
 # Layout parameters frozen into diadb_metadata at creation (URL values are ignored on open).
 _LAYOUT_KEYS = ("pixel_order", "time_partition_days", "id_bucket_bits")
+#: The blob column holding a row's packed columns (see ``packed_columns``).
+PACKED = "apdb_packed"
+#: Felis datatypes that can be packed, with their little-endian NumPy form in the blob.
+_PACKABLE = {
+    "double": "<f8",
+    "float": "<f4",
+    "long": "<i8",
+    "int": "<i4",
+    "short": "<i2",
+    "byte": "i1",
+    "boolean": "u1",
+}
+#: Never packed: what queries filter on, what daytime updates change, what the change log and
+#: the key checks read back (and every primary-key column).
+_UNPACKED = frozenset(
+    {
+        HEALPIX_COLUMN,
+        "diaObjectId",
+        "diaSourceId",
+        "diaForcedSourceId",
+        "ssObjectId",
+        "parentDiaSourceId",
+        "visit",
+        "detector",
+        "ra",
+        "dec",
+        "midpointMjdTai",
+        "validityStartMjdTai",
+        "validityEndMjdTai",
+        "nDiaSources",
+        "ssObjectReassocTimeMjdTai",
+        "timeWithdrawnMjdTai",
+    }
+)
+
+
+def packed_columns(spec: TableSpec) -> list[str]:
+    """The columns of ``spec`` stored packed in one blob per row (layout option ``packed``).
+
+    Cassandra's cost, on writes and reads alike, is per cell: a DiaSource row is 103 cells, a
+    DiaObject row 83. The fixed-width columns nobody filters on or updates go into one blob of
+    little-endian values plus a null bitmap, built and taken apart with NumPy a column at a time
+    (no Python per row): a source row becomes ~20 cells."""
+    return [
+        c.name
+        for c in spec.columns
+        if c.datatype in _PACKABLE and c.name not in _UNPACKED and c.name not in spec.primary_key
+    ]
 
 
 def q(name: str) -> str:
@@ -158,6 +214,8 @@ class _Options:
     scan_pixels: int
     scan_splits: int
     speculative_retry: str
+    compression: bool
+    packed: bool
 
 
 def _options(params: Mapping[str, Any]) -> _Options:
@@ -177,6 +235,8 @@ def _options(params: Mapping[str, Any]) -> _Options:
         "scan_pixels",
         "scan_splits",
         "speculative_retry",
+        "compression",
+        "packed",
     }
     unknown = sorted(set(params) - known)
     if unknown:
@@ -200,9 +260,15 @@ def _options(params: Mapping[str, Any]) -> _Options:
             raise ConfigError(f"Cassandra option {name} must be in [{lo}, {hi}], got {value}")
         return value
 
+    compression = str(params.get("compression", "none")).lower()
+    if compression not in ("none", "lz4"):
+        raise ConfigError(f"compression must be none or lz4, got {compression!r}")
     auto = str(params.get("auto_partitions", "1")).lower()
     if auto not in ("1", "0", "true", "false", "yes", "no"):
         raise ConfigError(f"auto_partitions must be true or false, got {auto!r}")
+    packed = str(params.get("packed", "1")).lower()
+    if packed not in ("1", "0", "true", "false", "yes", "no"):
+        raise ConfigError(f"packed must be true or false, got {packed!r}")
     return _Options(
         rf=None if params.get("rf") is None else number("rf", 1, 1, 20),
         read_consistency=cl("read_consistency"),
@@ -218,6 +284,8 @@ def _options(params: Mapping[str, Any]) -> _Options:
         scan_pixels=number("scan_pixels", 2000, 1, 10_000_000),
         scan_splits=number("scan_splits", 32, 1, 100_000),
         speculative_retry=_speculative(str(params.get("speculative_retry", "MIN(99p,50ms)"))),
+        compression=compression == "lz4",
+        packed=packed in ("1", "true", "yes"),
     )
 
 
@@ -268,6 +336,9 @@ class _AlreadyStored(Exception):
 class CassandraBackend(CassandraChanges):
     """Cassandra through the DataStax driver. See the module docstring for the layout."""
 
+    #: ``Apdb.store(key=...)`` is supported (a key registry and chunk membership).
+    supports_store_key = True
+
     def __init__(self, url: str, *, create: bool, **options: Any) -> None:
         # The driver ships no type information (mypy's missing-stubs check is silenced here).
         from cassandra import ConsistencyLevel  # type: ignore[import-untyped]
@@ -287,11 +358,17 @@ class CassandraBackend(CassandraChanges):
         self._partitions: set[str] = set()
         self._storing: tuple[int, int] | None = None
         self._chunk_bucket: int | None = None
+        #: Packed columns per logical table (frozen in the metadata; none in older keyspaces).
+        self._packed: dict[str, list[str]] = {}
+        self._pack_dtypes: dict[str, np.dtype[Any]] = {}
         self._lock = threading.Lock()
         self._cluster = Cluster(
             list(parsed.hosts),
             port=parsed.port,
             protocol_version=5,
+            # Off by default: on a LAN (or loopback) LZ4 frames cost CPU on both ends, which is
+            # the scarce resource, for little saved bandwidth.
+            compression="lz4" if self._opts.compression else False,
             execution_profiles={
                 EXEC_PROFILE_DEFAULT: ExecutionProfile(
                     load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
@@ -333,6 +410,7 @@ class CassandraBackend(CassandraChanges):
                 self.pixel_order = int(meta["cassandra.pixel_order"])
                 self.time_partition_days = float(meta["cassandra.time_partition_days"])
                 self.id_bucket_bits = int(meta["cassandra.id_bucket_bits"])
+                self._set_packed(json.loads(meta.get("cassandra.packed_columns", "{}")))
         except BaseException:
             self._cluster.shutdown()
             raise
@@ -439,7 +517,103 @@ class CassandraBackend(CassandraChanges):
 
     # ---- set-up --------------------------------------------------------------------
     def _columns_ddl(self, spec: TableSpec) -> list[str]:
-        return [f"{q(c.name)} {cql_type(c.datatype)}" for c in spec.columns] + [f"{q(HEALPIX_COLUMN)} bigint"]
+        packed = set(self._packed.get(spec.name, ()))
+        cols = [f"{q(c.name)} {cql_type(c.datatype)}" for c in spec.columns if c.name not in packed]
+        return cols + [f"{q(HEALPIX_COLUMN)} bigint"] + ([f"{PACKED} blob"] if packed else [])
+
+    # ---- packed columns ------------------------------------------------------------
+    def _set_packed(self, packed: Mapping[str, Sequence[str]]) -> None:
+        self._packed = {t: list(cols) for t, cols in packed.items() if cols}
+        self._pack_dtypes = {}  # built when first used (the schema may not be attached yet)
+
+    def _pack_dtype(self, table: str) -> np.dtype[Any]:
+        dtype = self._pack_dtypes.get(table)
+        if dtype is None:
+            spec = self.schema.table(table)
+            cols = self._packed[table]
+            dtype = np.dtype(
+                [(c, _PACKABLE[spec.column(c).datatype]) for c in cols]
+                + [("__valid", "u1", ((len(cols) + 7) // 8,))]
+            )
+            self._pack_dtypes[table] = dtype
+        return dtype
+
+    def _pack(self, table: str, data: pa.Table) -> pa.Table:
+        """``data`` with ``table``'s packed columns replaced by the ``PACKED`` blob column."""
+        names = self._packed.get(table)
+        if not names:
+            return data
+        n = data.num_rows
+        dtype = self._pack_dtype(table)
+        rec = np.zeros(n, dtype=dtype)
+        valid = np.ones((n, len(names)), dtype=bool)
+        present = set(data.column_names)
+        for j, c in enumerate(names):  # one NumPy pass per column
+            if c not in present:
+                valid[:, j] = False
+                continue
+            col = data.column(c)
+            if pa.types.is_boolean(col.type):
+                col = col.cast(pa.uint8())
+            rec[c] = np.asarray(col.fill_null(0).to_numpy(zero_copy_only=False))
+            if col.null_count:
+                valid[:, j] = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        rec["__valid"] = np.packbits(valid, axis=1, bitorder="little")
+        size = dtype.itemsize
+        # Built from the record array's bytes directly (64-bit offsets: no 2 GiB limit).
+        offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int64) * size).tobytes())
+        blob = pa.Array.from_buffers(pa.large_binary(), n, [None, offsets, pa.py_buffer(rec.tobytes())])
+        return data.drop_columns([c for c in names if c in present]).append_column(PACKED, blob)
+
+    def _unpack(self, table: str, blobs: pa.ChunkedArray, wanted: Sequence[str]) -> dict[str, pa.Array]:
+        """The ``wanted`` packed columns of ``table`` out of the ``PACKED`` blobs of some rows."""
+        names = self._packed[table]
+        dtype = self._pack_dtype(table)
+        size = dtype.itemsize
+        n = len(blobs)
+        # A row without a blob (only ever written by a partial UPDATE) has every packed value null.
+        arr = blobs.cast(pa.large_binary()).fill_null(pa.scalar(bytes(size), pa.large_binary()))
+        arr = arr.combine_chunks()
+        if n and not pc.all(pc.equal(pc.binary_length(arr), size)).as_py():
+            raise StorageError(f"{table}: a packed row does not match the layout's packed columns")
+        rec = np.zeros(0, dtype=dtype)
+        if n:
+            # Every blob has the same size and the values are contiguous: one view of them all.
+            first = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=1, offset=arr.offset * 8)[0]
+            rec = np.frombuffer(arr.buffers()[2], dtype=dtype, count=n, offset=int(first))
+        valid = np.unpackbits(rec["__valid"], axis=1, count=len(names), bitorder="little").astype(bool)
+        from diadb.schema.types import arrow_type
+
+        spec = self.schema.table(table)
+        out: dict[str, pa.Array] = {}
+        for c in wanted:
+            j = names.index(c)
+            datatype = spec.column(c).datatype
+            values = np.ascontiguousarray(rec[c])
+            if datatype == "boolean":
+                values = values.astype(bool)
+            mask = ~valid[:, j]
+            out[c] = pa.array(values, type=arrow_type(datatype), mask=mask if mask.any() else None)
+        return out
+
+    def _physical(self, table: str, columns: Sequence[str]) -> list[str]:
+        """The CQL columns to select for ``columns`` of logical ``table`` (packed ones: the blob)."""
+        packed = set(self._packed.get(table, ()))
+        out = [c for c in columns if c not in packed]
+        if packed.intersection(columns):
+            out.append(PACKED)
+        return out
+
+    def _decode(self, table: str, columns: Sequence[str], rows: list[Any]) -> pa.Table:
+        """Rows selected with ``_physical(table, columns)`` -> an Arrow table of ``columns``."""
+        types = {c.name: c.datatype for c in self.schema.table(table).columns}
+        physical = self._physical(table, columns)
+        if PACKED not in physical:
+            return self._to_arrow(types, columns, rows)
+        raw = self._to_arrow({**types, PACKED: "binary"}, physical, rows)
+        packed = set(self._packed[table])
+        unpacked = self._unpack(table, raw.column(PACKED), [c for c in columns if c in packed])
+        return pa.table({c: unpacked[c] if c in packed else raw.column(c) for c in columns})
 
     def _key_table_ddl(self, name: str, key: Sequence[str], spec: TableSpec) -> str:
         """Primary-key registry: one column key -> bucketed; (id, a, b) -> partition (a, b)."""
@@ -460,6 +634,8 @@ class CassandraBackend(CassandraChanges):
 
     def initialize(self, schema: ApdbSchema, metadata: Mapping[str, str]) -> None:
         self._schema = schema
+        if self._opts.packed:
+            self._set_packed({t: packed_columns(schema.table(t)) for t in ("DiaObject", *SOURCE_TABLES)})
         self._ddl(
             f"CREATE KEYSPACE IF NOT EXISTS {q(self.keyspace)} WITH replication = "
             f"{{'class': 'NetworkTopologyStrategy', 'replication_factor': {self.rf}}}"
@@ -488,6 +664,7 @@ class CassandraBackend(CassandraChanges):
             "cassandra.pixel_order": str(self.pixel_order),
             "cassandra.time_partition_days": repr(self.time_partition_days),
             "cassandra.id_bucket_bits": str(self.id_bucket_bits),
+            "cassandra.packed_columns": json.dumps(self._packed),
         }
         ins = self._prepare(f"INSERT INTO {self._t('diadb_metadata')} (key, value) VALUES (?, ?)")
         # The schema YAML is written last: its presence marks a complete APDB.
@@ -636,7 +813,7 @@ class CassandraBackend(CassandraChanges):
         if object_ids is not None:
             extra.append("diaObjectId")
         fetch = list(dict.fromkeys([*want, *extra]))
-        select_list = ", ".join(q(c) for c in fetch)
+        select_list = ", ".join(q(c) for c in self._physical(table, fetch))
         ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
         ids = None if object_ids is None else np.unique(np.asarray(object_ids, dtype=np.int64))
         physical = [LATEST_TABLE] if table == "DiaObject" else self._read_partitions(table, window)
@@ -676,7 +853,7 @@ class CassandraBackend(CassandraChanges):
                 statements.append((self._prepare(f"SELECT {select_list} FROM {self._t(name)}"), ()))
         results = self._run(statements, write=False)
         rows = [row for rs in results for row in rs] if len(results) > 1 else (results[0] if results else [])
-        data = self._to_arrow(types, fetch, rows)
+        data = self._decode(table, fetch, rows)
         mask = None
         if len(ranges) and data.num_rows:
             h = data.column(HEALPIX_COLUMN).to_numpy()
@@ -765,49 +942,67 @@ class CassandraBackend(CassandraChanges):
     def _writes(
         self, table: str, data: pa.Table, partition: Sequence[str], *, unset_nulls: bool
     ) -> list[tuple[Any, Sequence[Any]]]:
-        """Upserts of ``data``'s rows into ``table`` as unlogged batches, one partition each.
-
-        The values are serialized column by column with NumPy (``_serialize``) and the batches
-        are filled with those bytes directly: the driver's per-value Python binding (about
-        1.5 us a value, 3 s for a 10k-source visit) is skipped."""
-        from cassandra.query import BatchStatement, BatchType  # type: ignore[import-untyped]
-
+        """Upserts of ``data``'s rows into ``table`` as unlogged batches, one partition each."""
         if not data.num_rows:
             return []
         cols = data.column_names
         stmt = self._prepare(
             f"INSERT INTO {self._t(table)} ({', '.join(map(q, cols))}) VALUES ({', '.join('?' * len(cols))})"
         )
+        return self._batches(stmt, data, partition, unset_nulls=unset_nulls)
+
+    def _batches(
+        self, stmt: Any, data: pa.Table, partition: Sequence[str], *, unset_nulls: bool
+    ) -> list[tuple[Any, Sequence[Any]]]:
+        """``stmt`` (prepared; its bind markers are ``data``'s columns, in order) once per row of
+        ``data``, as unlogged batches of one Cassandra partition (``partition`` columns) each.
+
+        The rows are sorted by partition once (Arrow), so each batch is a contiguous slice; the
+        values are serialized column by column with NumPy (``_serialize``) and the batches are
+        filled with those bytes directly: the driver's per-value Python binding (about 1.5 us a
+        value, 3 s for a 10k-source visit) and any per-row Python loop are skipped."""
+        from cassandra.query import BatchStatement, BatchType  # type: ignore[import-untyped]
+
+        n = data.num_rows
+        if not n:
+            return []
+        keys = [np.asarray(data.column(c).to_numpy(), dtype=np.int64) for c in partition]
+        order = np.lexsort(keys[::-1])
+        data = data.take(pa.array(order))
+        keys = [k[order] for k in keys]
+        change = np.zeros(n, dtype=bool)
+        change[0] = True
+        for k in keys:
+            change[1:] |= k[1:] != k[:-1]
+        starts = np.flatnonzero(change)
+        ends = np.append(starts[1:], n)
         kinds = [m.type.typename for m in stmt.column_metadata]
-        values = [_serialize(data.column(c), k, unset_nulls) for c, k in zip(cols, kinds, strict=True)]
+        values = [_serialize(data.column(i), k, unset_nulls) for i, k in enumerate(kinds)]
         rows = list(zip(*values, strict=True))
-        per_batch = max(1, self._opts.batch_bytes // max(1, data.nbytes // data.num_rows))
+        per_batch = max(1, min(0xFFFF, self._opts.batch_bytes // max(1, data.nbytes // n)))
         routing = list(stmt.routing_key_indexes or [])
         query_id = stmt.query_id
         out: list[tuple[Any, Sequence[Any]]] = []
-        keys = [np.asarray(data.column(c).to_numpy(), dtype=np.int64) for c in partition]
-        for _, members in _groups(keys):
-            for start in range(0, len(members), per_batch):
+        for s0, e0 in zip(starts.tolist(), ends.tolist(), strict=True):  # one pass per batch
+            for a in range(s0, e0, per_batch):
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
                 batch.is_idempotent = True
-                part = members[start : start + per_batch]
-                first = rows[int(part[0])]
+                part = rows[a : min(a + per_batch, e0)]
                 if routing:
-                    batch.routing_key = [first[i] for i in routing]
+                    batch.routing_key = [part[0][i] for i in routing]
                     batch.keyspace = self.keyspace
-                add = batch._add_statement_and_params
-                for i in part.tolist():
-                    add(True, query_id, rows[i])
+                # What BatchStatement.add(prepared, bytes) would append for each row, built at C level.
+                batch._statements_and_parameters = list(zip(repeat(True), repeat(query_id), part))
                 out.append((batch, ()))
         return out
 
-    def _statements(self, cql: str, data: pa.Table) -> list[tuple[Any, Sequence[Any]]]:
-        stmt = self._prepare(cql)
-        return [
-            (stmt, row) for row in zip(*(data.column(c).to_pylist() for c in data.column_names), strict=True)
-        ]
-
     def _check_registry(self, batch: VisitBatch) -> None:
+        if batch.key is not None:
+            stmt = self._prepare(f"SELECT chunk_id FROM {self._t('diadb_store_key')} WHERE key = ?")
+            (rows,) = self._run([(stmt, (batch.key,))], write=False)
+            if rows:
+                raise _AlreadyStored
+            return
         if batch.detector == -1:
             present = self.contains_visit_detector(batch.visit, -1)
         else:
@@ -892,6 +1087,7 @@ class CassandraBackend(CassandraChanges):
         tparts = self.time_partition(data.column(TIME_COLUMN).to_numpy())
         self._ensure_partitions_or_fail(name, np.unique(tparts))
         data = data.append_column(PART, pa.array(self._pixel(data.column(HEALPIX_COLUMN).to_numpy())))
+        data = self._pack(name, data)
         out: list[tuple[Any, Sequence[Any]]] = []
         for (tp,), members in _groups([tparts]):
             sub = data.take(pa.array(members))
@@ -944,29 +1140,41 @@ class CassandraBackend(CassandraChanges):
                         "validityStartMjdTai": prev_start[closing],
                     }
                 )
-                out += self._statements(
-                    f"UPDATE {self._t(HISTORY_TABLE)} SET {q('validityEndMjdTai')} = ? "
-                    f"WHERE {BUCKET} = ? AND {q('diaObjectId')} = ? AND {q('validityStartMjdTai')} = ?",
+                # Batched by bucket: one request per row cost ~1 ms of server CPU each.
+                out += self._batches(
+                    self._prepare(
+                        f"UPDATE {self._t(HISTORY_TABLE)} SET {q('validityEndMjdTai')} = ? "
+                        f"WHERE {BUCKET} = ? AND {q('diaObjectId')} = ? AND {q('validityStartMjdTai')} = ?"
+                    ),
                     close,
+                    [BUCKET],
+                    unset_nulls=False,
                 )
             moved = prev_h != h29[at]
             if moved.any():
                 gone = pa.table(
                     {PART: prev_part[moved], HEALPIX_COLUMN: prev_h[moved], "diaObjectId": prev_ids[moved]}
                 )
-                out += self._statements(
-                    f"DELETE FROM {self._t(LATEST_TABLE)} WHERE {PART} = ? AND {q(HEALPIX_COLUMN)} = ? "
-                    f"AND {q('diaObjectId')} = ?",
+                out += self._batches(
+                    self._prepare(
+                        f"DELETE FROM {self._t(LATEST_TABLE)} WHERE {PART} = ? AND {q(HEALPIX_COLUMN)} = ? "
+                        f"AND {q('diaObjectId')} = ?"
+                    ),
                     gone,
+                    [PART],
+                    unset_nulls=False,
                 )
         # Object tables are written with explicit nulls: a replaced row must lose old values.
+        packed = self._pack("DiaObject", objs)
         out += self._writes(
             HISTORY_TABLE,
-            objs.append_column(BUCKET, pa.array(self._bucket(ids))),
+            packed.append_column(BUCKET, pa.array(self._bucket(ids))),
             [BUCKET],
             unset_nulls=False,
         )
-        out += self._writes(LATEST_TABLE, objs.append_column(PART, pa.array(part)), [PART], unset_nulls=False)
+        out += self._writes(
+            LATEST_TABLE, packed.append_column(PART, pa.array(part)), [PART], unset_nulls=False
+        )
         keys = pa.table(
             {
                 BUCKET: self._bucket(ids),
@@ -982,8 +1190,9 @@ class CassandraBackend(CassandraChanges):
         """Validate, then write: key claims, rows, object key registry, the change-log chunk
         (one LWT, see ``diadb.backends.cassandra_changes``) and the visit registry, in that
         order; a retry after a failure completes the same store (one chunk, same rows)."""
-        if batch.key is not None:
-            raise ConfigError("the Cassandra backend does not support keyed stores (store(key=...))")
+        keyed = batch.key is not None
+        if keyed:
+            self._ensure_keyed_tables()
         try:
             self._check_registry(batch)
         except _AlreadyStored:
@@ -994,32 +1203,46 @@ class CassandraBackend(CassandraChanges):
         rows = self._source_writes("DiaSource", batch.sources)
         rows += self._source_writes("DiaForcedSource", batch.forced_sources)
         obj_rows, obj_keys = self._object_writes(batch.objects)
-        rows += self._chunk_object_writes(batch.visit, batch.detector, batch.objects)
-        op_key = f"store:{batch.visit}:{batch.detector}"
+        op_key = f"store-key:{batch.key}" if keyed else f"store:{batch.visit}:{batch.detector}"
         op, after, _, retry = self._begin(op_key, None)
+        if keyed:
+            # Other keyed stores share this visit/detector: the chunk lists its own rows.
+            rows += self._member_writes(batch, op)
+        else:
+            rows += self._chunk_object_writes(batch.visit, batch.detector, batch.objects)
         # 1. claim the source keys; 2. the rows; 3. where the latest object versions now live;
-        # 4. the chunk (its id taken last, in commit order); 5. the visit registry.
+        # 4. the chunk (its id taken last, in commit order); 5. the visit registry (and the
+        # store key, last: its presence means the keyed store is complete).
         self._run(claims, write=True)
         self._run(rows + obj_rows, write=True)
         self._run(obj_keys, write=True)
         chunk = self._take_chunk(
             op, after, "store", batch.visit, batch.detector, batch.visit_mjd_tai, retry=retry
         )
+        counts = (batch.objects.num_rows, batch.sources.num_rows, batch.forced_sources.num_rows)
+        mjd = batch.visit_mjd_tai
+        if keyed:
+            # Keyed stores of one visit/detector add up (read, then write: not atomic; a
+            # crash between this and the key registry below counts a retried store twice).
+            stmt = self._prepare(
+                f"SELECT visit_mjd_tai, n_objects, n_sources, n_forced_sources FROM "
+                f"{self._t('diadb_visit')} WHERE visit = ? AND detector = ?"
+            )
+            (prev,) = self._run([(stmt, (batch.visit, batch.detector))], write=False)
+            if prev:
+                mjd = max(mjd, float(prev[0][0]))
+                counts = tuple(a + int(b or 0) for a, b in zip(counts, prev[0][1:], strict=True))
         reg = self._prepare(
             f"INSERT INTO {self._t('diadb_visit')} (visit, detector, visit_mjd_tai, stored_at, n_objects, "
             "n_sources, n_forced_sources, chunk_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        values = (
-            batch.visit,
-            batch.detector,
-            batch.visit_mjd_tai,
-            _dt.datetime.now(_dt.UTC),
-            batch.objects.num_rows,
-            batch.sources.num_rows,
-            batch.forced_sources.num_rows,
-            chunk,
-        )
+        values = (batch.visit, batch.detector, mjd, _dt.datetime.now(_dt.UTC), *counts, chunk)
         self._run([(reg, values)], write=True)
+        if keyed:
+            key_reg = self._prepare(
+                f"INSERT INTO {self._t('diadb_store_key')} (key, chunk_id, op) VALUES (?, ?, ?)"
+            )
+            self._run([(key_reg, (batch.key, chunk, op))], write=True)
         self._end(op_key)
         self._storing = None
         return True
@@ -1085,21 +1308,8 @@ class CassandraBackend(CassandraChanges):
         return n
 
     def _deletes(self, table: str, keys: pa.Table, where: str) -> list[tuple[Any, Sequence[Any]]]:
-        from cassandra.query import BatchStatement, BatchType
-
-        if not keys.num_rows:
-            return []
         stmt = self._prepare(f"DELETE FROM {self._t(table)} WHERE {where}")
-        rows = list(zip(*(keys.column(c).to_pylist() for c in keys.column_names), strict=True))
-        out: list[tuple[Any, Sequence[Any]]] = []
-        for _, members in _groups([np.asarray(keys.column(PART).to_numpy(), dtype=np.int64)]):
-            for start in range(0, len(members), 200):
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                batch.is_idempotent = True
-                for i in members[start : start + 200]:
-                    batch.add(stmt, rows[i])
-                out.append((batch, ()))
-        return out
+        return self._batches(stmt, keys, [PART], unset_nulls=False)
 
     # ---- bookkeeping ---------------------------------------------------------------
     def table_stats(self) -> dict[str, TableStats]:
@@ -1163,7 +1373,7 @@ _NUMPY_WIRE = {
 
 def _serialize(col: pa.ChunkedArray, cql: str, unset_nulls: bool) -> list[Any]:
     """A column's values in the native protocol's binary form (``bytes`` each; ``None`` for a
-    null, or ``UNSET_VALUE`` with ``unset_nulls``), built with NumPy: one C-level pass."""
+    null, or ``UNSET_VALUE`` with ``unset_nulls``), built with NumPy and Arrow: C-level passes."""
     from cassandra.query import UNSET_VALUE
 
     null = UNSET_VALUE if unset_nulls else None
@@ -1174,17 +1384,24 @@ def _serialize(col: pa.ChunkedArray, cql: str, unset_nulls: bool) -> list[Any]:
         if pa.types.is_boolean(col.type):
             col = col.cast(pa.uint8())
         arr = np.asarray(col.fill_null(0).to_numpy(zero_copy_only=False)).astype(wire)
-        out: list[Any] = arr.view(np.dtype(f"V{arr.dtype.itemsize}")).tolist()
-    elif cql in ("text", "varchar", "ascii"):
-        out = [None if v is None else v.encode() for v in col.to_pylist()]
-    elif cql == "blob":
-        out = col.to_pylist()
+        values: Any = arr.view(np.dtype(f"V{arr.dtype.itemsize}"))
+        if not col.null_count:
+            return list(values.tolist())
+        values = np.array(values.tolist(), dtype=object)
+    elif cql in ("text", "varchar", "ascii", "blob", "uuid"):
+        # UTF-8 text is its own wire form: a cast to binary gives the bytes without encoding
+        # (a uuid column is given as its 16 bytes).
+        if pa.types.is_string(col.type):
+            col = col.cast(pa.binary())
+        elif pa.types.is_large_string(col.type):
+            col = col.cast(pa.large_binary())
+        values = np.array(col.to_pylist(), dtype=object)
+        if not col.null_count:
+            return list(values.tolist())
     else:
         raise StorageError(f"no serializer for CQL type {cql}")
-    if col.null_count:
-        for i in np.flatnonzero(np.asarray(col.is_null().to_numpy(zero_copy_only=False))).tolist():
-            out[i] = null
-    return out
+    values[np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = null
+    return list(values.tolist())
 
 
 def _width(datatype: str) -> int:

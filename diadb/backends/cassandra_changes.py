@@ -95,6 +95,19 @@ def change_log_ddl(t: Callable[[str], str]) -> list[str]:
         '"validityStartMjdTai"))',
         f"CREATE TABLE IF NOT EXISTS {t('diadb_pending')} (op_key text PRIMARY KEY, op uuid, from_id bigint, "
         "plan text)",
+        *keyed_ddl(t),
+    ]
+
+
+def keyed_ddl(t: Callable[[str], str]) -> list[str]:
+    """The tables of keyed stores: the store keys, and the rows each keyed store wrote (its
+    members: ``tbl`` names the table, ``k1..k3`` the primary key, ``start`` an object version's
+    start; one row with ``tbl = ''`` marks the operation as keyed), by visit/detector."""
+    return [
+        f"CREATE TABLE IF NOT EXISTS {t('diadb_store_key')} (key text PRIMARY KEY, chunk_id bigint, op uuid)",
+        f"CREATE TABLE IF NOT EXISTS {t('diadb_chunk_member')} (visit bigint, detector int, op uuid, "
+        "tbl text, k1 bigint, k2 bigint, k3 bigint, start double, "
+        "PRIMARY KEY ((visit, detector), op, tbl, k1, k2, k3))",
     ]
 
 
@@ -127,6 +140,7 @@ class CassandraChanges:
         _write_cl: Any
         _cl: Any
         _chunk_bucket: int | None
+        _keyed_ready: bool
 
         @property
         def schema(self) -> ApdbSchema: ...
@@ -150,6 +164,8 @@ class CassandraChanges:
             self, spec_columns: Mapping[str, str], columns: Sequence[str], rows: list[Any]
         ) -> pa.Table: ...
         def _read_metadata_raw(self) -> dict[str, str]: ...
+        def _physical(self, table: str, columns: Sequence[str]) -> list[str]: ...
+        def _decode(self, table: str, columns: Sequence[str], rows: list[Any]) -> pa.Table: ...
 
     @staticmethod
     def _partition_table(table: str, part: int) -> str:
@@ -275,6 +291,102 @@ class CassandraChanges:
     def _end(self, op_key: str) -> None:
         stmt = self._prepare(f"DELETE FROM {self._t('diadb_pending')} WHERE op_key = ?")
         self._run([(stmt, (op_key,))], write=True)
+
+    def _ensure_keyed_tables(self) -> None:
+        """Keyspaces made before keyed stores get their two tables on the first keyed store."""
+        if getattr(self, "_keyed_ready", False):
+            return
+        if not {"diadb_store_key", "diadb_chunk_member"} <= self._table_names():
+            for ddl in keyed_ddl(self._t):
+                self._ddl(ddl)
+        self._keyed_ready = True
+
+    def _member_writes(self, batch: Any, op: uuid.UUID) -> Statements:
+        """The membership rows of a keyed store (see ``keyed_ddl``), one partition."""
+        pieces: list[pa.Table] = [pa.table({"tbl": [""], "k1": [0], "k2": [0], "k3": [0], "start": [None]})]
+        for name, data in (("DiaSource", batch.sources), ("DiaForcedSource", batch.forced_sources)):
+            if not data.num_rows:
+                continue
+            pk = list(self.schema.table(name).primary_key)
+            keys = [data.column(c).cast(pa.int64()) for c in pk]
+            zeros = pa.array(np.zeros(data.num_rows, dtype=np.int64))
+            keys += [zeros] * (3 - len(keys))
+            pieces.append(
+                pa.table(
+                    {
+                        "tbl": pa.repeat(pa.scalar(name), data.num_rows),
+                        "k1": keys[0],
+                        "k2": keys[1],
+                        "k3": keys[2],
+                        "start": pa.nulls(data.num_rows, pa.float64()),
+                    }
+                )
+            )
+        objs = batch.objects
+        if objs.num_rows:
+            zeros = pa.array(np.zeros(objs.num_rows, dtype=np.int64))
+            pieces.append(
+                pa.table(
+                    {
+                        "tbl": pa.repeat(pa.scalar(HISTORY_TABLE), objs.num_rows),
+                        "k1": objs.column("diaObjectId").cast(pa.int64()),
+                        "k2": zeros,
+                        "k3": zeros,
+                        "start": objs.column("validityStartMjdTai").cast(pa.float64()),
+                    }
+                )
+            )
+        schema = pa.schema(
+            [
+                ("tbl", pa.string()),
+                ("k1", pa.int64()),
+                ("k2", pa.int64()),
+                ("k3", pa.int64()),
+                ("start", pa.float64()),
+            ]
+        )
+        members = pa.concat_tables([p.cast(schema) for p in pieces])
+        n = members.num_rows
+        head = pa.table(
+            {
+                "visit": pa.array(np.full(n, batch.visit, dtype=np.int64)),
+                "detector": pa.array(np.full(n, batch.detector, dtype=np.int32)),
+                "op": pa.repeat(pa.scalar(op.bytes, pa.binary()), n),
+            }
+        )
+        for c in members.column_names:
+            head = head.append_column(c, members.column(c))
+        return self._writes("diadb_chunk_member", head, ["visit", "detector"], unset_nulls=True)
+
+    def _members(self, stores: list[dict[str, Any]]) -> dict[int, pa.Table | None]:
+        """Per store chunk: the rows it wrote (``tbl, k1, k2, k3, start``) when it is a keyed store;
+        for a plain store, ``None`` and, under key ``-chunk_id - 1``, the members of every keyed
+        store of its visit/detector (rows a plain store did not write)."""
+        out: dict[int, pa.Table | None] = {}
+        if not stores or "diadb_chunk_member" not in self._table_names():
+            return out
+        cols = ["tbl", "k1", "k2", "k3", "start"]
+        types = {"tbl": "string", "k1": "long", "k2": "long", "k3": "long", "start": "double"}
+        mine = self._prepare(
+            f"SELECT {', '.join(cols)} FROM {self._t('diadb_chunk_member')} WHERE visit = ? AND detector = ? "
+            "AND op = ?"
+        )
+        every = self._prepare(
+            f"SELECT {', '.join(cols)} FROM {self._t('diadb_chunk_member')} WHERE visit = ? AND detector = ?"
+        )
+        results = self._run(
+            [(mine, (int(c["visit"]), int(c["detector"]), uuid.UUID(c["op"]))) for c in stores]
+            + [(every, (int(c["visit"]), int(c["detector"]))) for c in stores],
+            write=False,
+        )
+        for i, c in enumerate(stores):
+            own = self._to_arrow(types, cols, results[i])
+            if own.num_rows:
+                out[int(c["chunk_id"])] = own
+            else:
+                out[int(c["chunk_id"])] = None
+                out[-int(c["chunk_id"]) - 1] = self._to_arrow(types, cols, results[len(stores) + i])
+        return out
 
     def _chunk_object_writes(self, visit: int, detector: int, objects: pa.Table) -> Statements:
         n = objects.num_rows
@@ -419,11 +531,13 @@ class CassandraChanges:
         updates = chunks.filter(pc.equal(chunks.column("kind"), "update")).to_pylist()
         out: dict[str, pa.Table] = {}
         parts = self.time_partitions()
+        members = self._members(stores)
         for table in ("DiaSource", "DiaForcedSource"):
             spec = self.schema.table(table)
             types = {c.name: c.datatype for c in spec.columns}
             cols = [*spec.column_names, HEALPIX_COLUMN]
-            sel = ", ".join(_q(c) for c in cols)
+            physical = self._physical(table, cols)
+            sel = ", ".join(_q(c) for c in physical)
             statements: Statements = []
             owners: list[tuple[int, int]] = []
             for p in parts[table]:
@@ -434,16 +548,16 @@ class CassandraChanges:
                     statements.append((stmt, (int(c["visit"]),)))
                     owners.append((int(c["chunk_id"]), int(c["detector"])))
             pieces = []
-            det_at = cols.index("detector")
+            det_at = physical.index("detector")
             for (chunk, det), rows in zip(owners, self._run(statements, write=False), strict=True):
                 mine = [r for r in rows if det == -1 or r[det_at] == det]
                 if mine:
-                    t = self._to_arrow(types, cols, mine)
+                    t = self._only_members(table, self._decode(table, cols, mine), members, chunk)
                     pieces.append(
                         t.add_column(0, "_chunk_id", pa.array(np.full(t.num_rows, chunk), pa.int64()))
                     )
             out[table] = self._concat(pieces, types, cols)
-        out[HISTORY_TABLE] = self._chunk_objects(stores)
+        out[HISTORY_TABLE] = self._chunk_objects(stores, members)
         out["updates"] = self._update_records(updates)
         return out
 
@@ -453,7 +567,31 @@ class CassandraChanges:
         empty = self._to_arrow(types, cols, [])
         return empty.add_column(0, "_chunk_id", pa.array([], pa.int64()))
 
-    def _chunk_objects(self, stores: list[dict[str, Any]]) -> pa.Table:
+    def _only_members(
+        self, table: str, rows: pa.Table, members: Mapping[int, pa.Table | None], chunk: int
+    ) -> pa.Table:
+        """The rows of ``chunk`` among its visit/detector's ``rows``: a keyed store's own members;
+        for a plain store, all but the members of keyed stores."""
+        own = members.get(chunk)
+        listed = own if own is not None else members.get(-chunk - 1)
+        if listed is None:
+            return rows
+        listed = listed.filter(pc.equal(listed.column("tbl"), table))
+        if own is None and not listed.num_rows:
+            return rows
+        pk = list(self.schema.table(table).primary_key)
+        keys = pa.table(
+            {
+                c: listed.column(k).cast(rows.schema.field(c).type)
+                for c, k in zip(pk, ("k1", "k2", "k3"), strict=False)
+            }
+        )
+        kind = "left semi" if own is not None else "left anti"
+        return rows.join(keys, keys=pk, join_type=kind)
+
+    def _chunk_objects(
+        self, stores: list[dict[str, Any]], members: Mapping[int, pa.Table | None] | None = None
+    ) -> pa.Table:
         spec = self.schema.table(HISTORY_TABLE)
         types = {c.name: c.datatype for c in spec.columns}
         cols = [*spec.column_names, HEALPIX_COLUMN]
@@ -462,12 +600,20 @@ class CassandraChanges:
             "WHERE visit = ? AND detector = ?"
         )
         found = self._run([(keys_stmt, (int(c["visit"]), int(c["detector"]))) for c in stores], write=False)
-        sel = ", ".join(_q(c) for c in cols)
+        for i, c in enumerate(stores):
+            own = (members or {}).get(int(c["chunk_id"]))
+            if own is not None:  # a keyed store: its own object versions
+                objs = own.filter(pc.equal(own.column("tbl"), HISTORY_TABLE))
+                found[i] = list(
+                    zip(objs.column("k1").to_pylist(), objs.column("start").to_pylist(), strict=True)
+                )
+        physical = self._physical(HISTORY_TABLE, cols)
+        sel = ", ".join(_q(c) for c in physical)
         stmt = self._prepare(
             f'SELECT {sel} FROM {self._t(HISTORY_TABLE)} WHERE {BUCKET} = ? AND "diaObjectId" IN ?'
         )
         pieces = []
-        start_at = cols.index("validityStartMjdTai")
+        start_at = physical.index("validityStartMjdTai")
         for c, keys in zip(stores, found, strict=True):
             if not keys:
                 continue
@@ -476,14 +622,14 @@ class CassandraChanges:
             buckets = self._bucket(ids)
             statements: Statements = []
             for b in np.unique(buckets).tolist():
-                members = ids[buckets == b]
-                for part in np.array_split(members, -(-len(members) // 500)):
+                in_bucket = ids[buckets == b]
+                for part in np.array_split(in_bucket, -(-len(in_bucket) // 500)):
                     statements.append((stmt, (int(b), part.tolist())))
             rows = [r for rs in self._run(statements, write=False) for r in rs]
-            id_at = cols.index("diaObjectId")
+            id_at = physical.index("diaObjectId")
             mine = [r for r in rows if (int(r[id_at]), float(r[start_at])) in wanted]
             if mine:
-                t = self._to_arrow(types, cols, mine)
+                t = self._decode(HISTORY_TABLE, cols, mine)
                 n = t.num_rows
                 pieces.append(t.add_column(0, "_chunk_id", pa.array(np.full(n, c["chunk_id"]), pa.int64())))
         return self._concat(pieces, types, cols)
@@ -742,11 +888,11 @@ class CassandraChanges:
         spec = self.schema.table(HISTORY_TABLE)
         cols = [*spec.column_names, HEALPIX_COLUMN]
         stmt = self._prepare(
-            f"SELECT {', '.join(_q(c) for c in cols)} FROM {self._t(LATEST_TABLE)} "
-            f"WHERE {_q('validityStartMjdTai')} >= ? ALLOW FILTERING"
+            f"SELECT {', '.join(_q(c) for c in self._physical(HISTORY_TABLE, cols))} FROM "
+            f"{self._t(LATEST_TABLE)} WHERE {_q('validityStartMjdTai')} >= ? ALLOW FILTERING"
         )
         (rows,) = self._run([(stmt, (float(since_mjd),))], write=False)
-        return self._to_arrow({c.name: c.datatype for c in spec.columns}, cols, rows)
+        return self._decode(HISTORY_TABLE, cols, rows)
 
     def count_unassociated(self) -> int:
         stmt = self._prepare(
