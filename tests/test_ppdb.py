@@ -3,7 +3,10 @@ incremental export (issue 6)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +19,9 @@ from typer.testing import CliRunner
 
 import diadb
 from diadb.cli import app
+from diadb.errors import BackendUnavailable, StorageError
 from diadb.ppdb.hats_export import ExportOptions, export_hats
-from diadb.ppdb.layout import TABLES, PublicationError, catalog_dir, index_dir, margin_dir
+from diadb.ppdb.layout import TABLES, Manifest, PublicationError, catalog_dir, checksum, index_dir, margin_dir
 from diadb.ppdb.partition import Pixel, histogram, plan_partitions
 from diadb.ppdb.restore import restore_export
 from diadb.ppdb.verify import verify_export
@@ -226,7 +230,8 @@ def test_restore_gives_every_row_back(source_db: diadb.Apdb, exported: Path, tmp
         assert db.get_sources(region, 60010.0).equals(source_db.get_sources(region, 60010.0))
 
 
-def test_incremental_export_equals_full(official_schema: ApdbSchema, tmp_path: Path) -> None:
+@pytest.mark.parametrize("runner", ["serial", "dask"])
+def test_incremental_export_equals_full(official_schema: ApdbSchema, tmp_path: Path, runner: str) -> None:
     db = diadb.Apdb.create(tmp_path / "apdb.db", schema=official_schema)
     _store_visits(db, official_schema, range(1, 4))
     inc = tmp_path / "incremental"
@@ -239,7 +244,18 @@ def test_incremental_export_equals_full(official_schema: ApdbSchema, tmp_path: P
     db.store(far.mjd, far.objects, far.sources, far.forced, visit=50)
     db.reassign_sources({50 * 100_000 + 1: 60}, time=60031.0)
     db.set_validity_end([270], 60031.5)
-    second = export_hats(db, inc, options=SMALL)
+    with contextlib.ExitStack() as stack:
+        update = SMALL
+        if runner == "dask":
+            # The update's partitions and margins on Dask workers (threads of an in-process cluster).
+            distributed = pytest.importorskip("dask.distributed")
+            cluster = stack.enter_context(
+                distributed.LocalCluster(
+                    n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+                )
+            )
+            update = dataclasses.replace(SMALL, scheduler=cluster.scheduler_address)
+        second = export_hats(db, inc, options=update)
     assert second.incremental and second.chunks_applied == 6
     assert second.rewritten_partitions > 0
     full = tmp_path / "full"
@@ -260,3 +276,140 @@ def test_incremental_export_equals_full(official_schema: ApdbSchema, tmp_path: P
     assert sorted(cone["diaObjectId"].tolist()) == sorted(expected)
     assert len(expected) > 20
     db.close()
+
+
+def test_restore_streams_in_time_batches(
+    source_db: diadb.Apdb, exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tiny budget: every visit its own batch, read back from the scratch files; every row back.
+    scratch = tmp_path / "scratch"
+    url = str(tmp_path / "batched.db")
+    result = restore_export(exported, url, batch_bytes=1, scratch=scratch)
+    assert result.visits == 5 and result.batches == 5
+    assert not any(scratch.iterdir()), "scratch files are removed"
+    with diadb.Apdb.open(url) as db:
+        for table in TABLES:
+            assert _all_rows(db, table).equals(_all_rows(source_db, table)), table
+    # A store failing part way (a full disk, say): nothing of the new database is kept.
+    calls = {"n": 0}
+    real_store = diadb.Apdb.store
+
+    def failing_store(self: diadb.Apdb, *args: object, **kwargs: object) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise StorageError("disk full")
+        return real_store(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(diadb.Apdb, "store", failing_store)
+    target = tmp_path / "new" / "dir" / "failed.db"
+    with pytest.raises(PublicationError, match="nothing kept: disk full"):
+        restore_export(exported, str(target), batch_bytes=1)
+    assert calls["n"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["scratch", "batched.db", "batched.db.history", *(p.name for p in tmp_path.glob("batched.db-*"))]
+    )
+
+
+def _damage(kind: str, root: Path) -> None:
+    """One kind of damage to the export at ``root``."""
+    manifest = Manifest.read(root)
+    first = sorted((catalog_dir(root, "DiaSource") / "dataset").rglob("Npix=*.parquet"))[0]
+    if kind == "truncated":
+        first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    elif kind == "no-properties":
+        (catalog_dir(root, "DiaSource") / "hats.properties").unlink()
+    elif kind == "checksum":
+        data = bytearray(first.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+        first.write_bytes(bytes(data))
+    elif kind == "other-schema":
+        # A DiaForcedSource file in DiaSource's place, with a matching manifest entry: only the
+        # schema tells.
+        other = sorted((catalog_dir(root, "DiaForcedSource") / "dataset").rglob("Npix=*.parquet"))[0]
+        shutil.copyfile(other, first)
+        rel = str(first.relative_to(root))
+        manifest.files[rel] = {"bytes": first.stat().st_size, "blake2b": checksum(first)}
+        manifest.write(root)
+    elif kind == "bad-manifest":
+        (root / "diadb_export.json").write_text('{"format": "diadb-ppdb-hats", "files": [')
+    elif kind == "foreign":
+        shutil.rmtree(root)
+        (root / "data" / "x").mkdir(parents=True)
+        (root / "data" / "x" / "part.parquet").write_bytes(b"PAR1")
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated", "no-properties", "checksum", "other-schema", "bad-manifest", "foreign"]
+)
+def test_damaged_export_is_a_clear_error(exported: Path, tmp_path: Path, kind: str) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    _damage(kind, damaged)
+    runner = CliRunner()
+    checked = runner.invoke(app, ["verify", str(damaged)])
+    assert checked.exit_code in (1, 2), checked.output
+    assert checked.exception is None or isinstance(checked.exception, SystemExit), checked.exception
+    assert "Traceback" not in checked.output
+    if kind == "other-schema":
+        assert "columns differ from the Felis schema" in checked.output
+    target = tmp_path / "restored.db"
+    restored = runner.invoke(app, ["restore", str(damaged), str(target)])
+    assert restored.exit_code == 2, restored.output
+    assert restored.output.count("\n") == 1 and restored.output.startswith("error: "), restored.output
+    assert not list(tmp_path.glob("restored.db*")), "restore wrote nothing"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"], "no scratch left behind"
+
+
+def test_verify_a_stray_file_is_one_line(tmp_path: Path) -> None:
+    stray = tmp_path / "notes.parquet"
+    stray.write_bytes(b"PAR1 not really")
+    result = CliRunner().invoke(app, ["verify", str(stray)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "neither a PPDB export directory nor a SQLite database" in result.output
+
+
+def test_dask_export_equals_serial(source_db: diadb.Apdb, exported: Path, tmp_path: Path) -> None:
+    pytest.importorskip("dask")
+    out = tmp_path / "dask"
+    result = export_hats(source_db, out, options=dataclasses.replace(SMALL, workers=2), mark_published=False)
+    assert not result.incremental
+    serial, parallel = Manifest.read(exported), Manifest.read(out)
+    assert parallel.tables == serial.tables
+
+    def data_files(m: Manifest) -> dict[str, str]:
+        return {k: v["blake2b"] for k, v in m.files.items() if k.endswith((".parquet", "_metadata"))}
+
+    # Byte for byte the same data, margin, index and metadata files.
+    assert data_files(parallel) == data_files(serial)
+    assert len(data_files(serial)) > 20
+    assert verify_export(out).ok
+
+
+def test_parallel_export_without_dask(
+    source_db: diadb.Apdb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "dask", None)  # "import dask" now fails
+    with pytest.raises(BackendUnavailable, match=r"diadb\[dask\]"):
+        export_hats(source_db, tmp_path / "out", options=dataclasses.replace(SMALL, workers=2))
+    assert not (tmp_path / "out").exists(), "a failed export leaves no partial directory"
+    # Serially, without Dask, as before.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_hats(source_db, empty, options=SMALL, mark_published=False).tables["DiaSource"]["rows"] > 0
+
+
+def test_dask_distributed_export_equals_serial(source_db: diadb.Apdb, exported: Path, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("dask.distributed")
+    out = tmp_path / "distributed"
+    # An in-process cluster (threads): the workers open the database by URL, as remote ones would.
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        opts = dataclasses.replace(SMALL, scheduler=cluster.scheduler_address)
+        export_hats(source_db, out, options=opts, mark_published=False)
+    serial, parallel = Manifest.read(exported), Manifest.read(out)
+    assert {k: v["blake2b"] for k, v in parallel.files.items() if k.endswith(".parquet")} == {
+        k: v["blake2b"] for k, v in serial.files.items() if k.endswith(".parquet")
+    }

@@ -5,7 +5,10 @@ every row, read one coarse sky block at a time), then reads, sorts and writes on
 a time, then its margin and index catalogs, then the dataset metadata (``hats`` writes
 ``_metadata``/``_common_metadata``, ``partition_info.csv``, the skymap and the properties).
 Memory is bounded by the rows of one partition (``max_rows``) and the narrow rows of one
-counting block, whatever the size of the database.
+counting block, whatever the size of the database. (The resident size also counts the file pages
+read through SQLite's memory map and the mapped history segments: page cache, reclaimable.) The
+partitions and margins are independent jobs, run here or on Dask workers (``workers``,
+``scheduler``; see :mod:`diadb.ppdb.parallel`).
 
 A later export into the same directory is incremental when the APDB has a change log: only the
 partitions that the new change-log chunks touch are read again and rewritten (new rows outside
@@ -17,6 +20,7 @@ differently).
 from __future__ import annotations
 
 import datetime as _dt
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +45,7 @@ from diadb.ppdb.layout import (
     index_dir,
     margin_dir,
 )
+from diadb.ppdb.parallel import Job, is_parallel, run_jobs
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.healpix import NPIX_29, ORDER
 from diadb.sky.regions import Region, as_region
@@ -68,7 +73,7 @@ def require_hats() -> None:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How an export is cut. Sizes in rows, angles in arcseconds, orders are HEALPix orders."""
+    """How an export is cut and run. Sizes in rows, angles in arcseconds, orders are HEALPix orders."""
 
     #: Most rows in one partition file, per table (adaptive tiling stops splitting below this).
     max_rows: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAX_ROWS))
@@ -78,6 +83,10 @@ class ExportOptions:
     scan_order: int = 2
     #: Order of the skymap written beside each catalog.
     skymap_order: int = 8
+    #: Processes for the per-partition work (more than 1 needs Dask); 1 runs it in this process.
+    workers: int = 1
+    #: A ``dask.distributed`` scheduler address (``tcp://host:8786``) to run that work on instead.
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 < self.margin_arcsec <= 3600.0):
@@ -86,6 +95,8 @@ class ExportOptions:
             raise ConfigError(f"scan_order must be in [0, 8], got {self.scan_order}")
         if not (0 <= self.skymap_order <= part.MAX_ORDER):
             raise ConfigError(f"skymap_order must be in [0, {part.MAX_ORDER}], got {self.skymap_order}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         for table, n in self.max_rows.items():
             if n < 1:
                 raise ConfigError(f"max_rows[{table}] must be >= 1, got {n}")
@@ -141,7 +152,29 @@ def export_hats(
         raise PublicationError(f"{root} holds no export to update (no {MANIFEST})")
     if root.exists() and any(root.iterdir()):
         raise PublicationError(f"{root} is not empty and holds no diadb export; choose an empty directory")
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _full_export(apdb, root, reg, region_text, opts, mark_published, say, t0)
+    except BaseException:
+        # Everything in the directory is this export's (it was empty or absent): a failed export
+        # leaves nothing that would block the next attempt.
+        shutil.rmtree(root, ignore_errors=True)
+        if not created:
+            root.mkdir(parents=True, exist_ok=True)
+        raise
+
+
+def _full_export(
+    apdb: Apdb,
+    root: Path,
+    reg: Region | None,
+    region_text: str | None,
+    opts: ExportOptions,
+    mark_published: bool,
+    say: Progress,
+    t0: float,
+) -> ExportResult:
     from diadb.ppdb.incremental import chunk_ids as _chunk_ids
 
     chunk_ids = _chunk_ids(apdb)
@@ -160,17 +193,25 @@ def export_hats(
     manifest.max_rows = max(opts.max_rows.get(t, DEFAULT_MAX_ROWS[t]) for t in TABLES)
     (root / SCHEMA_FILE).write_text(apdb.schema.yaml_text)
     written: list[Path] = [root / SCHEMA_FILE]
+    plans: dict[str, list[part.Pixel]] = {}
     for table in TABLES:
         say(f"{table}: counting")
         pixels, counts = _count(apdb, table, reg, opts.scan_order)
-        plan = [p for p, _ in part.plan_partitions(pixels, counts, max_rows=_max_rows(opts, table))]
-        writer = _TableWriter(apdb, root, table, reg, opts)
-        say(f"{table}: writing {len(plan)} partition(s)")
-        for pixel in plan:
-            writer.write_partition(pixel)
-        writer.write_margins(plan, None)
-        written += writer.finish(plan)
-        manifest.tables[table] = writer.summary(plan)
+        plans[table] = [p for p, _ in part.plan_partitions(pixels, counts, max_rows=_max_rows(opts, table))]
+    writers = {t: _TableWriter(apdb, root, t, reg, opts) for t in TABLES}
+    # Every table's partitions and margins are one batch of independent jobs (one Dask pool).
+    jobs = [Job(t, kind, tuple(plans[t])) for t in TABLES for kind in ("data", "margin")]
+    say(
+        "writing "
+        + ", ".join(f"{len(plans[t])} {t}" for t in TABLES)
+        + " partition(s)"
+        + (f" on Dask ({opts.scheduler or f'{opts.workers} processes'})" if is_parallel(opts) else "")
+    )
+    run_jobs(apdb, root, reg, opts, jobs, writers)
+    for table in TABLES:
+        say(f"{table}: metadata")
+        written += writers[table].finish(plans[table])
+        manifest.tables[table] = writers[table].summary(plans[table])
     manifest.record(root, written)
     manifest.write(root)
     if mark_published and reg is None and chunk_ids is not None and len(chunk_ids):

@@ -29,6 +29,7 @@ from diadb.ppdb.hats_export import (
     _TableWriter,
 )
 from diadb.ppdb.layout import TABLES, Manifest, PublicationError, catalog_dir
+from diadb.ppdb.parallel import Job, run_jobs
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.regions import Region, as_region
 
@@ -82,8 +83,12 @@ def update_export(
         changes = apdb.read_chunks(new_ids.tolist())
         touched = _touched(root, manifest, changes)
         written: list[Path] = []
+        writers = {t: _TableWriter(apdb, root, t, region, opts) for t in TABLES}
+        plans: dict[str, list[part.Pixel]] = {}
+        stale: dict[str, set[part.Pixel]] = {}
+        jobs: list[Job] = []
+        changed = np.unique(touched["all"])
         for table in TABLES:
-            writer = _TableWriter(apdb, root, table, region, opts)
             old = [part.Pixel(int(o), int(n)) for o, n in manifest.tables[table]["pixels"]]
             hp29 = touched[table]
             where = part.partition_of(hp29, old)
@@ -103,18 +108,25 @@ def update_export(
                         pixels, counts, max_rows=_max_rows(opts, table), forbidden=old
                     )
                 ]
-            for pixel in [*affected, *fresh]:
-                writer.write_partition(pixel)
-            plan = sorted(set(old) | set(fresh), key=lambda p: p.range29())
-            writer.write_margins(
-                sorted(set(old) - set(fresh), key=lambda p: p.range29()), np.unique(touched["all"])
-            )
-            writer.write_margins(fresh, None)
-            for stale in set(old) - {p for p in plan if writer.data_path(p).exists()}:
-                writer.margin_path(stale).unlink(missing_ok=True)
-            written += writer.finish(plan)
-            manifest.tables[table] = writer.summary(plan)
+            plans[table] = sorted(set(old) | set(fresh), key=lambda p: p.range29())
+            stale[table] = set(old)
+            # Data files of the touched and new partitions; margins of the old partitions near a
+            # changed row, and of every new one.
+            jobs += [
+                Job(table, "data", (*affected, *fresh)),
+                Job(
+                    table, "margin", tuple(sorted(set(old) - set(fresh), key=lambda p: p.range29())), changed
+                ),
+                Job(table, "margin", tuple(fresh)),
+            ]
             rewritten += len(affected) + len(fresh)
+        run_jobs(apdb, root, region, opts, jobs, writers)
+        for table in TABLES:
+            writer = writers[table]
+            for gone in stale[table] - {p for p in plans[table] if writer.data_path(p).exists()}:
+                writer.margin_path(gone).unlink(missing_ok=True)
+            written += writer.finish(plans[table])
+            manifest.tables[table] = writer.summary(plans[table])
         manifest.forget_missing(root)
         manifest.record(root, written)
     manifest.last_chunk_id = int(ids.max()) if len(ids) else manifest.last_chunk_id

@@ -95,7 +95,11 @@ class Manifest:
                 raise PublicationError(
                     f"{path} has format version {data['format_version']}; this diadb reads {FORMAT_VERSION}"
                 )
-            return cls(**data)
+            manifest = cls(**data)
+            entries = [manifest.files, manifest.tables, *manifest.files.values(), *manifest.tables.values()]
+            if not all(isinstance(e, dict) for e in entries):
+                raise TypeError("'files' and 'tables' must map names to objects")
+            return manifest
         except PublicationError:
             raise
         except (ValueError, TypeError, AttributeError) as e:

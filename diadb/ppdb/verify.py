@@ -88,12 +88,15 @@ def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> Veri
     for rel, entry in sorted(manifest.files.items()):
         path = base / rel
         report.files_checked += 1
-        if not path.is_file():
-            bad.append(f"{rel}: missing")
-        elif path.stat().st_size != entry.get("bytes"):
-            bad.append(f"{rel}: {path.stat().st_size} bytes, the manifest says {entry.get('bytes')}")
-        elif checksum(path) != entry.get("blake2b"):
-            bad.append(f"{rel}: checksum mismatch (the file changed after the export)")
+        try:
+            if not path.is_file():
+                bad.append(f"{rel}: missing")
+            elif path.stat().st_size != entry.get("bytes"):
+                bad.append(f"{rel}: {path.stat().st_size} bytes, the manifest says {entry.get('bytes')}")
+            elif checksum(path) != entry.get("blake2b"):
+                bad.append(f"{rel}: checksum mismatch (the file changed after the export)")
+        except OSError as e:  # unreadable (permissions, I/O error)
+            bad.append(f"{rel}: unreadable: {e.strerror or e}")
     for table in TABLES:
         for directory in (catalog_dir(base, table), margin_dir(base, table), index_dir(base, table)):
             for p in directory.rglob("*.parquet") if directory.is_dir() else []:
@@ -104,7 +107,11 @@ def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> Veri
         if table not in manifest.tables:
             bad.append(f"{table}: not in the manifest")
             continue
-        _verify_table(base, table, manifest, felis, report)
+        try:
+            _verify_table(base, table, manifest, felis, report)
+        except (KeyError, TypeError, ValueError, Error) as e:
+            # A manifest entry of the wrong shape (hand-edited or foreign): a problem, not a crash.
+            bad.append(f"{table}: the manifest's entry is malformed ({type(e).__name__}: {e})")
     return report
 
 
