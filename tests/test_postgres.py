@@ -241,6 +241,67 @@ def test_sixteen_concurrent_writers_exact_contents(server, official_schema):
     _assert_exact(url, official_schema, stored)
 
 
+@pytest.mark.slow
+def test_concurrent_detector_clients_store_what_field_mode_stores(server, official_schema, tmp_path):
+    """diadb simulate --mode detector --clients N: N clients, each a thread with its own
+    connection in one of two processes, store a visit's 189 detectors at once; the database
+    then holds exactly what a single whole-field store gives (timings are not checked)."""
+    from diadb.sim.model import SimConfig, VisitSimulator
+    from diadb.sim.runner import run, summarize
+
+    config = SimConfig(seed=7, scale=0.02, field_centres_deg=((55.0, -30.0),), dither_deg=0.3)
+
+    def content(db: diadb.Apdb) -> dict[str, set[tuple[object, ...]]]:
+        got = {
+            "sources": db.get_sources(EVERYWHERE, 60001.0, columns=["diaSourceId", "detector"]),
+            "forced": db.get_forced_sources(EVERYWHERE, 60001.0, columns=["diaForcedSourceId", "detector"]),
+            "objects": db.get_objects(EVERYWHERE, columns=["diaObjectId", "nDiaSources"]),
+        }
+        return {
+            k: set(zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True))
+            for k, t in got.items()
+        }
+
+    with diadb.Apdb.create(str(tmp_path / "field.db"), schema=official_schema) as field:
+        run(field, VisitSimulator(config, official_schema), 3)
+        want = content(field)
+        want_versions = field.stats()["DiaObject"]["rows"]
+    url = server.fresh_url()
+    with diadb.Apdb.create(url, schema=official_schema) as db:
+        sim = VisitSimulator(config, official_schema)
+        first = run(db, sim, 2)
+        metrics = run(db, sim, 1, mode="detector", workers=2, clients=6)
+        meta = metrics.schema.metadata
+        assert (meta[b"clients"], meta[b"workers"], meta[b"errors"]) == (b"6", b"2", b"0")
+        assert meta[b"first_error"] == b""
+        assert sorted(set(metrics.column("detector").to_pylist())) == list(range(189))
+        assert metrics.num_rows == 189 * 4
+        assert summarize(metrics)["errors"] == 0 and summarize(metrics)["clients"] == 6
+        assert all(db.contains_visit_detector(3, d) for d in (0, 94, 188))
+        assert content(db) == want and len(want["forced"]) > 0
+        stats = db.stats()
+        for name in ("DiaObject", "DiaSource", "DiaForcedSource"):
+            given = sum(
+                pc.sum(t.filter(pc.equal(t.column("table"), name)).column("rows_stored")).as_py()
+                for t in (first, metrics)
+            )
+            assert stats[name]["rows"] == given, name
+        assert stats["DiaObject"]["rows"] == want_versions
+        assert all(s["bytes"] > 0 for s in stats.values())  # plain tables and partitioned ones
+
+
+def test_detector_clients_need_detector_mode(server, official_schema):
+    from diadb.sim.model import SimConfig, VisitSimulator
+    from diadb.sim.runner import run
+
+    with diadb.Apdb.create(server.fresh_url(), schema=official_schema) as db:
+        sim = VisitSimulator(SimConfig(seed=1, scale=0.01), official_schema)
+        with pytest.raises(ConfigError, match="clients"):
+            run(db, sim, 1, mode="field", clients=4)
+        with pytest.raises(ConfigError, match="clients"):
+            run(db, sim, 1, mode="detector", clients=0)
+
+
 # ---- the server restarted in the middle of a store ---------------------------------------
 RESTART_WRITER = textwrap.dedent(
     """

@@ -296,6 +296,9 @@ class PostgresBackend(PostgresChanges, PostgresForced):
         import adbc_driver_manager
 
         self._errors: tuple[type[BaseException], ...] = (adbc_driver_manager.Error,)
+        #: Transactions run again after a transient failure (deadlock, serialization, lost
+        #: connection), counted for the benchmarks.
+        self.retries = 0
         self._uri, opts = parse_url(url)
         self.namespace = schema or opts.get("schema") or "public"
         try:
@@ -399,12 +402,14 @@ class PostgresBackend(PostgresChanges, PostgresForced):
             except _Retry as r:
                 if time.monotonic() + delay > deadline:
                     raise StorageError(f"PostgreSQL {what} failed on {self._where}: {r}") from r.__cause__
+                self.retries += 1
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except self._errors as e:
                 retry = self._classify(e)  # connect() failed: the server may be restarting
                 if retry is None or not retry.reconnect or time.monotonic() + delay > deadline:
                     raise StorageError(f"PostgreSQL {what} failed on {self._where}: {e}") from e
+                self.retries += 1
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -1011,9 +1016,11 @@ class PostgresBackend(PostgresChanges, PostgresForced):
             for name in names:
                 cur.execute(f"SELECT count(*) FROM {self._t(name)}")
                 rows = cur.fetch_arrow_table().column(0)[0].as_py()
+                # A plain table has no partition tree (PostgreSQL 15 lists nothing): its own size.
                 cur.execute(
-                    "SELECT COALESCE(SUM(pg_total_relation_size(relid)), 0)::bigint "
-                    "FROM pg_partition_tree(to_regclass(format('%I.%I', $1::text, $2::text)))",
+                    "SELECT GREATEST(pg_total_relation_size(r), COALESCE((SELECT "
+                    "SUM(pg_total_relation_size(relid)) FROM pg_partition_tree(r)), 0))::bigint "
+                    "FROM to_regclass(format('%I.%I', $1::text, $2::text)) AS r",
                     parameters=_params(self.namespace, name),
                 )
                 size = cur.fetch_arrow_table().column(0)[0].as_py()

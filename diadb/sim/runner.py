@@ -5,7 +5,11 @@ DiaSources and DiaForcedSources of the history window before the visit time), th
 visit's new rows. ``mode="field"`` does this once per visit for the whole field;
 ``mode="detector"`` does it for each of the 189 detectors with its padded tile as the region
 and ``detector=<id>`` in the store, spread over ``workers`` processes that each open their own
-connection, as the pipeline's per-detector processes would.
+connection, as the pipeline's per-detector processes would. With ``clients=N`` (detector mode)
+N clients run at once, as the pipeline's 189 detector processes do: each client is a thread
+with its own database connection, the threads spread over ``workers`` processes (the drivers
+release the GIL while they wait on the server), and all of a visit's detectors are handed out
+at once; client ``c`` serves detectors ``d`` with ``d % N == c``.
 
 Metrics: one row per visit, detector (-1 in field mode) and table, with columns
 
@@ -24,17 +28,22 @@ Metrics: one row per visit, detector (-1 in field mode) and table, with columns
     each of the visit's rows). Generating the visit is not counted.
 
 The metrics table's schema metadata carries ``db_bytes``: the database's size on disk when
-the run ended (for SQLite, the file plus its ``-wal`` file).
+the run ended (for SQLite, the file plus its ``-wal`` file); with ``clients``, also ``clients``,
+``errors`` (detectors whose read or store raised; they have no metric rows), ``retries``
+(transactions the backend ran again after a transient failure) and ``first_error``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -125,6 +134,127 @@ def _run_detector(visit: Visit) -> list[_Metric]:
     return _process(_WORKER_DB, visit)
 
 
+def _retries(db: Apdb) -> int:
+    return int(getattr(db._backend, "retries", 0))
+
+
+def _client_task(db: Apdb, parts: list[Visit]) -> tuple[list[_Metric], list[str], int]:
+    """One client's detectors of a visit, in turn, on its own connection."""
+    before = _retries(db)
+    metrics: list[_Metric] = []
+    errors: list[str] = []
+    for part in parts:
+        try:
+            metrics.extend(_process(db, part))
+        except Exception as e:
+            errors.append(f"visit {part.visit} detector {part.detector}: {type(e).__name__}: {e}")
+    return metrics, errors, _retries(db) - before
+
+
+def _client_host(url: str, n_clients: int, pipe: Connection) -> None:
+    """A worker process hosting ``n_clients`` clients, one thread and one connection each.
+
+    Protocol on ``pipe``: sends ``"ready"`` once every client is connected; then receives a
+    visit's work, ``[(client, [detector parts])...]``, runs the clients at once and sends back
+    ``(metrics, errors, retries)``; ``None`` ends it.
+    """
+    dbs: list[Apdb] = []
+    try:
+        for _ in range(n_clients):
+            db = Apdb.open(url)
+            db.contains_visit_detector(-1)  # connect now, not inside the first visit's timing
+            dbs.append(db)
+        pipe.send("ready")
+        with ThreadPoolExecutor(max_workers=n_clients) as threads:
+            while (work := pipe.recv()) is not None:
+                futures = [threads.submit(_client_task, dbs[c], parts) for c, parts in work]
+                metrics: list[_Metric] = []
+                errors: list[str] = []
+                retries = 0
+                for f in futures:
+                    m, e, r = f.result()
+                    metrics.extend(m)
+                    errors.extend(e)
+                    retries += r
+                pipe.send((metrics, errors, retries))
+    except BaseException as e:
+        pipe.send(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+        raise
+    finally:
+        for db in dbs:
+            db.close()
+
+
+class _ClientHosts:
+    """``clients`` clients (threads, one connection each) spread over ``workers`` processes."""
+
+    def __init__(self, url: str, clients: int, workers: int) -> None:
+        workers = min(workers, clients)
+        self.clients = clients
+        self.workers = workers
+        ctx = multiprocessing.get_context("spawn")
+        self._pipes: list[Connection] = []
+        self._procs: list[Any] = []
+        try:
+            for w in range(workers):
+                mine, theirs = ctx.Pipe()
+                n = len(range(w, clients, workers))
+                proc = ctx.Process(target=_client_host, args=(url, n, theirs), daemon=True)
+                proc.start()
+                theirs.close()
+                self._pipes.append(mine)
+                self._procs.append(proc)
+            for pipe in self._pipes:
+                self._receive(pipe)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    @staticmethod
+    def _receive(pipe: Connection) -> Any:
+        try:
+            got = pipe.recv()
+        except EOFError:
+            raise RuntimeError("a client process died") from None
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def run_visit(self, parts: list[Visit]) -> tuple[list[_Metric], list[str], int]:
+        """Every detector of one visit at once; returns when all are done."""
+        work: list[list[tuple[int, list[Visit]]]] = [[] for _ in range(self.workers)]
+        by_client: dict[int, list[Visit]] = {}
+        for part in parts:
+            by_client.setdefault((part.detector or 0) % self.clients, []).append(part)
+        for c, mine in sorted(by_client.items()):
+            # Client c lives in process c % workers, as its (c // workers)-th thread.
+            work[c % self.workers].append((c // self.workers, mine))
+        for pipe, w in zip(self._pipes, work, strict=True):
+            pipe.send(w)
+        metrics: list[_Metric] = []
+        errors: list[str] = []
+        retries = 0
+        for pipe in self._pipes:
+            m, e, r = self._receive(pipe)
+            metrics.extend(m)
+            errors.extend(e)
+            retries += r
+        return metrics, errors, retries
+
+    def close(self, failed: bool = False) -> None:
+        for pipe in self._pipes:
+            if not failed:
+                with contextlib.suppress(OSError):
+                    pipe.send(None)
+        for proc in self._procs:
+            proc.join(timeout=None if not failed else 5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for pipe in self._pipes:
+            pipe.close()
+
+
 def database_bytes(url: str) -> int | None:
     """Size on disk of the database at ``url`` (SQLite: file plus ``-wal``); None if unknown."""
     if scheme_of(url) != "sqlite":
@@ -142,12 +272,15 @@ def run(
     *,
     mode: Mode = "field",
     workers: int = 1,
+    clients: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> pa.Table:
     """Process the simulator's next ``n_visits`` visits against ``db``; return the metrics.
 
     ``progress(done, n_visits)`` is called after each visit. With ``mode="detector"`` and
     ``workers > 1`` the detectors run in that many 'spawn' processes, each opening ``db.url``.
+    With ``clients`` (detector mode) that many concurrent clients, each with its own
+    connection, run as threads spread over ``workers`` processes (see the module docstring).
     """
     if mode not in ("field", "detector"):
         raise ConfigError(f"mode must be 'field' or 'detector', got {mode!r}")
@@ -155,6 +288,10 @@ def run(
         raise ConfigError(f"workers must be >= 1, got {workers}")
     if n_visits < 0:
         raise ConfigError(f"n_visits must be >= 0, got {n_visits}")
+    if clients is not None and (mode != "detector" or clients < 1):
+        raise ConfigError(f"clients needs mode 'detector' and must be >= 1, got {clients} in {mode!r}")
+    if clients is not None:
+        return _run_clients(db, simulator, n_visits, clients, workers, progress)
     rows: list[tuple[_Metric, float]] = []
     pool = None
     if mode == "detector" and workers > 1:
@@ -186,6 +323,48 @@ def run(
             pool.join()
     table = _metrics_table(rows)
     meta = {"mode": mode, "workers": str(workers)}
+    size = database_bytes(db.url)
+    if size is not None:
+        meta["db_bytes"] = str(size)
+    return table.replace_schema_metadata(meta)
+
+
+def _run_clients(
+    db: Apdb,
+    simulator: VisitSimulator,
+    n_visits: int,
+    clients: int,
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> pa.Table:
+    rows: list[tuple[_Metric, float]] = []
+    errors: list[str] = []
+    retries = 0
+    hosts = _ClientHosts(db.url, clients, workers)
+    failed = True
+    try:
+        for done, visit in enumerate(simulator.visits(n_visits), start=1):
+            parts = visit.split_by_detector()
+            start = time.perf_counter()
+            got, errs, tries = hosts.run_visit(parts)
+            wall = time.perf_counter() - start
+            rows.extend((m, wall) for m in got)
+            errors.extend(errs)
+            retries += tries
+            if progress is not None:
+                progress(done, n_visits)
+        failed = False
+    finally:
+        hosts.close(failed=failed)
+    table = _metrics_table(rows)
+    meta = {
+        "mode": "detector",
+        "workers": str(hosts.workers),
+        "clients": str(clients),
+        "errors": str(len(errors)),
+        "retries": str(retries),
+        "first_error": errors[0] if errors else "",
+    }
     size = database_bytes(db.url)
     if size is not None:
         meta["db_bytes"] = str(size)
@@ -235,6 +414,7 @@ def summarize(table: pa.Table) -> dict[str, float]:
     if visits.num_rows:
         out["visit_wall_s"] = float(np.median(visits.column("visit_wall_s_max").to_numpy()))
     meta: Mapping[bytes, bytes] = table.schema.metadata or {}
-    if b"db_bytes" in meta:
-        out["db_bytes"] = float(meta[b"db_bytes"])
+    for key in ("db_bytes", "clients", "errors", "retries"):
+        if key.encode() in meta:
+            out[key] = float(meta[key.encode()])
     return out
