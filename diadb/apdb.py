@@ -623,6 +623,10 @@ class Apdb(DaytimeMixin):
             spec = self.schema.table(table)
             return spec.arrow_schema().empty_table().select(self._check_columns(spec, columns))
         result: pa.Table = self._read(table, _PixelCover(cover), columns, None, None, False)
+        if self._tier is not None:
+            # A bulk scan (the PPDB export) visits each segment once per partition: keeping them
+            # all mapped would grow the process's resident size with the catalogue.
+            self._tier.release()
         return result
 
 

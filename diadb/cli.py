@@ -63,7 +63,7 @@ def stats(
 
 @app.command()
 def compact(url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")]) -> None:
-    """Move source rows of closed time spans into history segments now."""
+    """Move source rows of closed time spans into history segments, refresh the DiaObject snapshot."""
     from diadb.apdb import Apdb
 
     try:
@@ -71,8 +71,13 @@ def compact(url: Annotated[str, typer.Argument(help="SQLite path or URL of the d
             created = db.compact()
     except Error as e:
         raise _fail(str(e)) from None
-    rows = sum(s.rows for s in created)
-    typer.echo(f"compacted {rows:,} rows into {len(created)} segment(s)")
+    sources = [s for s in created if s.table != "DiaObject"]
+    snapshot = [s for s in created if s.table == "DiaObject"]
+    rows = sum(s.rows for s in sources)
+    line = f"compacted {rows:,} rows into {len(sources)} segment(s)"
+    if snapshot:
+        line += f"; DiaObject snapshot of {snapshot[0].rows:,} latest versions"
+    typer.echo(line)
 
 
 @app.command()
@@ -88,6 +93,8 @@ def verify(
     if Path(url).is_dir():
         _verify_export(url)
         return
+    if _not_sqlite(url):
+        raise _fail(f"{url} is neither a PPDB export directory nor a SQLite database")
     try:
         with Apdb.open(url) as db:
             problems = db.verify()
@@ -156,6 +163,14 @@ def bench(
     ] = None,
     columns: Annotated[str, typer.Option(help="Columns diadb reads: all, or association.")] = "all",
     url: Annotated[str | None, typer.Option(help="diadb database URL (default: SQLite in --out).")] = None,
+    reference_url: Annotated[
+        str | None,
+        typer.Option(
+            help="lsst-dax-apdb on PostgreSQL (schema= names its namespace) or Cassandra at this URL; "
+            "default: on --url's server when that is PostgreSQL (schema <schema>_dax_apdb) or Cassandra "
+            "(keyspace <keyspace>_dax), else SQLite in --out."
+        ),
+    ] = None,
 ) -> None:
     """Simulate visits into diadb (and the reference) side by side; report medians, ratios, a plot."""
     from diadb.sim.bench import run_bench
@@ -174,6 +189,7 @@ def bench(
                 columns=columns,
                 progress=progress,
                 url=url,
+                reference_url=reference_url,
             ),
         )
     except Error as e:
@@ -191,9 +207,23 @@ def simulate(
     visits: Annotated[int | None, typer.Option(help="Override the profile's number of visits.")] = None,
     mode: Annotated[str, typer.Option(help="field (one read+store per visit) or detector (189).")] = "field",
     workers: Annotated[int, typer.Option(help="Worker processes in detector mode.")] = 1,
+    clients: Annotated[
+        int | None,
+        typer.Option(
+            help="Detector mode: this many concurrent clients (e.g. 189), each with its own "
+            "connection, as threads spread over --workers processes."
+        ),
+    ] = None,
+    scale: Annotated[
+        float | None, typer.Option(help="Override the profile's source density (fraction of full).")
+    ] = None,
     metrics: Annotated[Path | None, typer.Option(help="Write per-visit metrics (.parquet or .csv).")] = None,
 ) -> None:
     """Run the visit simulator against a new database, as the pipeline would (ap_proto's job)."""
+    import dataclasses
+
+    import pyarrow.compute as pc
+
     from diadb.apdb import Apdb
     from diadb.sim.bench import PROFILES
     from diadb.sim.model import VisitSimulator
@@ -206,8 +236,9 @@ def simulate(
     prof = PROFILES[profile]
     n = prof.visits if visits is None else visits
     try:
+        sim_config = prof.sim if scale is None else dataclasses.replace(prof.sim, scale=scale)
         with Apdb.create(url) as db:
-            sim = VisitSimulator(prof.sim, db.schema)
+            sim = VisitSimulator(sim_config, db.schema)
             table = _with_progress(
                 "simulate",
                 lambda progress: run(
@@ -216,15 +247,29 @@ def simulate(
                     n,
                     mode="field" if mode == "field" else "detector",
                     workers=workers,
+                    clients=clients,
                     progress=progress,
                 ),
             )
+            held = db.stats()
         if metrics is not None:
             save_metrics(table, metrics)
     except Error as e:
         raise _fail(str(e)) from None
     for key, value in summarize(table).items():
         typer.echo(f"{key:28s} {value:12.4f}")
+    # Rows given to the stores against rows the database holds (every DiaObject version is a row;
+    # sources moved to history segments count too).
+    for name in ("DiaObject", "DiaSource", "DiaForcedSource"):
+        part = table.filter(pc.equal(table.column("table"), name))
+        given = pc.sum(part.column("rows_stored")).as_py() or 0
+        rows = held[name]["rows"]
+        if name != "DiaObject":
+            rows += held.get(f"{name} (history)", {}).get("rows", 0)
+        typer.echo(f"rows {name:23s} stored {given:>12,d}  in database {rows:>12,d}")
+    first_error = (table.schema.metadata or {}).get(b"first_error", b"").decode()
+    if first_error:
+        typer.echo(f"first error: {first_error}", err=True)
 
 
 @app.command()
@@ -300,12 +345,22 @@ def demo(
         typer.echo(f"plot: {result.plot_path}")
 
 
+def _not_sqlite(url: str) -> bool:
+    """A bare path to a file that is not SQLite (a damaged export's file, a stray file): the driver
+    would fail with a multi-line error, so it is told apart here by the SQLite header."""
+    path = Path(url)
+    if "://" in url or not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        return f.read(16) != b"SQLite format 3\x00"
+
+
 def _verify_export(directory: str) -> None:
     from diadb.ppdb.verify import verify_export
 
     try:
         report = verify_export(directory)
-    except Error as e:
+    except (Error, OSError) as e:  # OSError: an unreadable directory or manifest
         raise _fail(str(e)) from None
     for line in report.lines():
         typer.echo(line, err=line.startswith("BAD"))
@@ -326,18 +381,25 @@ def export(
         int | None, typer.Option(help="Most rows in one partition file (all tables).")
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Refuse to update an existing export.")] = False,
+    workers: Annotated[
+        int, typer.Option(help="Processes writing partitions in parallel (more than 1 needs Dask).")
+    ] = 1,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="A dask.distributed scheduler address to write the partitions on instead."),
+    ] = None,
 ) -> None:
     """Publish DiaObjects (latest), DiaSources and DiaForcedSources as HATS catalogs (LSDB reads them);
     an existing export of the same database is updated with the new change-log chunks."""
+    import dataclasses
+
     from diadb.apdb import Apdb
     from diadb.ppdb.hats_export import ExportOptions, export_hats
 
     try:
-        opts = (
-            ExportOptions()
-            if max_rows is None
-            else ExportOptions(max_rows=dict.fromkeys(TABLES_PPDB, max_rows))
-        )
+        opts = ExportOptions(workers=workers, scheduler=scheduler)
+        if max_rows is not None:
+            opts = dataclasses.replace(opts, max_rows=dict.fromkeys(TABLES_PPDB, max_rows))
         with Apdb.open(url) as db:
             result = export_hats(
                 db, directory, region=region, options=opts, incremental=False if full else None
@@ -360,7 +422,7 @@ def restore(
 
     try:
         result = restore_export(directory, url)
-    except Error as e:
+    except (Error, OSError) as e:  # OSError: an unreadable export, no room for the scratch files
         raise _fail(str(e)) from None
     rows = ", ".join(f"{n:,} {t}" for t, n in result.rows.items())
     typer.echo(f"restored {rows} in {result.visits} visit(s) into {url}")

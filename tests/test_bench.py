@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -36,6 +37,10 @@ def test_side_by_side_run_writes_metrics_report_and_plot(ci_run):
     report = ci_run.summary_path.read_text()
     assert "| dax_apdb |" in report and "Speed-up over lsst-dax-apdb" in report
     assert ci_run.plot_path is not None and ci_run.plot_path.stat().st_size > 10_000
+    # A fresh reader process measured its own memory on the last visit's whole-field read.
+    memory = ci_run.summary["reader_memory"]
+    assert memory["rows"][1] > 0 and memory["peak_mb"] >= memory["baseline_peak_mb"] > 0
+    assert memory["anon_mb"] > 0 and "A reader's memory" in report
 
 
 def test_reads_agree_with_the_reference_up_to_its_superset(ci_run):
@@ -92,3 +97,65 @@ def test_simulate_command_field_mode(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "visits" in result.output and metrics.stat().st_size > 0
+
+
+def test_reference_runs_on_postgresql_beside_diadb(tmp_path, request):
+    """--url on PostgreSQL: lsst-dax-apdb runs on the same server in a namespace of its own."""
+    from tests.service_postgres import postgres_server
+
+    server = postgres_server(request)
+    url = server.fresh_url()
+    out = tmp_path / "pg"
+    args = ["bench", "--profile", "ci", "--visits", "3", "--compare", "dax_apdb", "--url", url]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["medians_s"]) == {"diadb", "dax_apdb"}
+    ref = summary["id_checks"]["dax_apdb"]
+    assert ref["visits"] == 3
+    for table in ("DiaObject", "DiaSource"):
+        assert ref["missing"][table] == 0 and ref["extra_outside_region"][table] == ref["extra"][table]
+    assert summary["sizes"]["dax_apdb"]["file_bytes"] > 0
+    assert not list(out.glob("*.db"))  # nothing on SQLite
+    schema = url.rsplit("schema=", 1)[1]
+    import psycopg
+
+    with psycopg.connect(server.url) as conn:
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (f"{schema}_dax_apdb",),
+            )
+        }
+    assert {"DiaObject", "DiaObjectLast", "DiaSource", "DiaForcedSource"} <= tables
+
+
+def test_reference_postgresql_url_keeps_libpq_options_and_refuses_passwords():
+    from diadb.errors import ConfigError
+    from diadb.sim.bench import _reference_location
+    from diadb.sim.reference import reference_postgres_url
+
+    sa_url, namespace = reference_postgres_url("postgresql://u@h:5/db?schema=x&sslmode=disable&pool_size=2")
+    assert namespace == "x" and sa_url.startswith("postgresql+psycopg2://u@h:5/db?")
+    assert "sslmode=disable" in sa_url and "pool_size" not in sa_url and "schema" not in sa_url
+    assert reference_postgres_url("postgresql://u@h/db")[1] == "dax_apdb"
+    with pytest.raises(ConfigError, match="password") as e:
+        reference_postgres_url("postgresql://u:hunter2@h/db")
+    assert "hunter2" not in str(e.value)
+    derived = _reference_location(Path("o"), "postgresql://u@h/db?schema=run1&sslmode=disable", None)
+    assert derived == "postgresql://u@h/db?sslmode=disable&schema=run1_dax_apdb"
+    assert _reference_location(Path("o"), None, None) == Path("o") / "dax_apdb.db"
+    with pytest.raises(ConfigError):
+        _reference_location(Path("o"), None, "sqlite:///x.db")
+
+
+def test_simulate_command_with_concurrent_clients(tmp_path):
+    args = ["--visits", "2", "--scale", "0.01", "--mode", "detector", "--clients", "3", "--workers", "1"]
+    result = CliRunner().invoke(app, ["simulate", str(tmp_path / "c.db"), *args])
+    assert result.exit_code == 0, result.output
+    assert "errors" in result.output and "retries" in result.output
+    lines = [line.split() for line in result.output.splitlines() if line.startswith("rows ")]
+    assert len(lines) == 3
+    for words in lines:  # rows <table> stored N in database M
+        assert words[3] == words[6], words

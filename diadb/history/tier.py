@@ -68,6 +68,10 @@ class HistoryTier:
         for name in [n for n in self._open if n.startswith(table + "-") and n not in names]:
             del self._open[name]
 
+    def release(self) -> None:
+        """Unmap every segment (after a bulk scan, so its pages leave this process's RSS)."""
+        self._open.clear()
+
     def select(
         self,
         segments: Sequence[SegmentInfo],

@@ -28,6 +28,7 @@ from diadb.apdb import Apdb
 from diadb.errors import ConfigError
 from diadb.history.segment import locate, open_segment
 from diadb.sim.model import SimConfig, Visit, VisitSimulator
+from diadb.sim.probe import describe, reader_memory
 from diadb.sim.reference import ReadResult, ReferenceApdb, forced_key
 from diadb.sky.regions import Region
 
@@ -135,11 +136,12 @@ class DiadbSystem:
 
 
 class ReferenceSystem:
-    """lsst-dax-apdb on SQLite, through its own API (pandas out)."""
+    """lsst-dax-apdb on SQLite (a path), PostgreSQL or Cassandra (a URL), through its own API
+    (pandas out)."""
 
     name = "dax_apdb"
 
-    def __init__(self, path: Path, months: int) -> None:
+    def __init__(self, path: Path | str, months: int) -> None:
         self.ref = ReferenceApdb(path, months=months)
 
     def read(self, region: Region, mjd: float) -> ReadResult:
@@ -201,7 +203,7 @@ def floor_read(db: Apdb, region: Region, mjd: float, months: int) -> tuple[float
     t0 = time.perf_counter()
     touched = 0
     for info in db.segments():
-        if info.t_max <= start or info.t_min > mjd:
+        if info.table not in ("DiaSource", "DiaForcedSource") or info.t_max <= start or info.t_min > mjd:
             continue
         data = open_segment(tier.directory, info)
         rows = locate(data, ranges)
@@ -243,8 +245,15 @@ def run_bench(
     progress: Callable[[int, int], None] | None = None,
     url: str | None = None,
     scale: float | None = None,
+    reference_url: str | None = None,
 ) -> BenchResult:
-    """Run one benchmark profile; see the module docstring."""
+    """Run one benchmark profile; see the module docstring.
+
+    ``reference_url`` puts lsst-dax-apdb on PostgreSQL (a ``postgresql://`` URL, ``schema=``
+    naming its namespace) or Cassandra (a ``cassandra://`` URL); by default it shares diadb's
+    PostgreSQL server when ``url`` is one (namespace ``<diadb's schema>_dax_apdb``) or diadb's
+    Cassandra cluster (keyspace ``<diadb's keyspace>_dax``), else it runs on SQLite in ``out``.
+    """
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown profile {profile_name!r}; known: {', '.join(PROFILES)}")
     unknown = sorted(set(compare) - {"dax_apdb", "facade"})
@@ -275,7 +284,7 @@ def run_bench(
         db = Apdb.create(str(out / "diadb-engine.db"), history_tier=False)
         systems.append(DiadbSystem("diadb-engine-only", db, columns))
     if "dax_apdb" in compare:
-        systems.append(ReferenceSystem(out / "dax_apdb.db", months))
+        systems.append(ReferenceSystem(_reference_location(out, url, reference_url), months))
     if "facade" in compare:
         # diadb driven through its lsst.dax.apdb drop-in: what a pipeline sees after the switch.
         from diadb.compat.bench_system import FacadeSystem
@@ -306,18 +315,20 @@ def run_bench(
             for name, check in checks.items():
                 if name in results:
                     _compare(check, results["diadb"], results[name], visit.region)
-            if done % max(1, n_visits // 10) == 0:
+            if done % max(1, n_visits // 10) == 0 and main.db.tier is not None:
                 seconds, touched = floor_read(main.db, visit.region, visit.mjd_tai, months)
                 mine = results["diadb"].seconds
                 floor.append((visit.visit, seconds, touched, mine["DiaSource"] + mine["DiaForcedSource"]))
             if progress is not None:
                 progress(done, n_visits)
+            last = visit
         sizes = {s.name: _size(s) for s in systems}
     finally:
         for system in systems:
             system.close()
     metrics = pa.Table.from_pylist(rows)
     summary = _summarize(profile, n_visits, columns, metrics, checks, floor, sizes)
+    summary["reader_memory"] = reader_memory(main.db.url, last.region, last.mjd_tai)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     import pyarrow.parquet as pq
 
@@ -326,6 +337,33 @@ def run_bench(
     summary_path = out / "summary.md"
     summary_path.write_text(render_markdown(summary))
     return BenchResult(out, metrics, summary, summary_path, plot_path)
+
+
+def _reference_location(out: Path, url: str | None, reference_url: str | None) -> Path | str:
+    """Where lsst-dax-apdb runs: ``reference_url``; or diadb's PostgreSQL server (Cassandra
+    cluster), in a namespace (keyspace) of its own; or a SQLite file in ``out``."""
+    if reference_url is not None:
+        if not reference_url.startswith(("postgresql", "cassandra")):
+            raise ConfigError(
+                f"the reference URL must be postgresql://... or cassandra://..., got {reference_url!r}"
+            )
+        return reference_url
+    if url is not None and url.startswith("cassandra"):
+        from urllib.parse import urlsplit, urlunsplit
+
+        # Same cluster, keyspace <diadb's>_dax (Cassandra keyspace names: at most 48 characters).
+        parts = urlsplit(url)
+        keyspace = parts.path.lstrip("/")[:44] + "_dax"
+        return urlunsplit((parts.scheme, parts.netloc, "/" + keyspace, "", ""))
+    if url is not None and url.startswith("postgresql"):
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        schema = dict(query).get("schema") or "public"
+        query = [(k, v) for k, v in query if k != "schema"] + [("schema", f"{schema}_dax_apdb")]
+        return urlunsplit(parts._replace(query=urlencode(query)))
+    return out / "dax_apdb.db"
 
 
 def _row(system: str, visit: int, table: str, op: str, seconds: float, rows: int) -> dict[str, Any]:
@@ -340,7 +378,7 @@ def _size(system: System) -> dict[str, Any]:
     if isinstance(system, DiadbSystem):
         return system.db.stats()
     if isinstance(system, ReferenceSystem):
-        return {"file_bytes": system.ref.path.stat().st_size}
+        return {"file_bytes": system.ref.size_bytes()}
     return {}
 
 
@@ -421,7 +459,15 @@ def _summarize(
         "id_checks": {k: dataclasses.asdict(v) for k, v in checks.items()},
         "floor": floor_summary,
         "sizes": sizes,
+        # Medians hide the few stores that also compacted a closed span: means include them.
+        "store_mean_s": {s: _mean_store(metrics, s) for s in systems if not np.isnan(medians[s]["store"])},
     }
+
+
+def _mean_store(metrics: pa.Table, system: str) -> float:
+    mask = pc.and_(pc.equal(metrics.column("system"), system), pc.equal(metrics.column("op"), "store"))
+    values = metrics.filter(mask).column("seconds").to_numpy()
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
@@ -476,6 +522,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
             f"diadb's source + forced-source reads took {f['diadb_sources_plus_forced_s']:.3f} s: "
             f"{f['ratio']:.1f}x the floor.",
         ]
+    if summary.get("store_mean_s"):
+        means = ", ".join(f"{k} {v:.3f} s" for k, v in summary["store_mean_s"].items())
+        lines += ["", f"Mean store per visit, compactions included: {means}."]
+    if summary.get("reader_memory"):
+        lines += ["", describe(summary["reader_memory"])]
     return "\n".join(lines) + "\n"
 
 
