@@ -44,7 +44,7 @@ from diadb.daytime import DaytimeMixin
 from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
 from diadb.evolution import upgrade, version_tuple
 from diadb.history.segment import SegmentInfo
-from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, compaction_boundary
+from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, compaction_boundary, take_rows
 from diadb.schema.felis import load_schema, schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.schema.validate import to_arrow, validate_catalog
@@ -351,7 +351,8 @@ class Apdb(DaytimeMixin):
         # gather of each piece into its final place; measured on a 12-month field read).
         merged = pa.concat_tables([data, *(p if p.schema == schema else p.cast(schema) for p in parts)])
         if merged.num_rows > 1:
-            merged = merged.take(pc.sort_indices(merged, sort_keys=[(c, "ascending") for c in order]))
+            order_keys = [(c, "ascending") for c in order]
+            merged = take_rows(merged, pc.sort_indices(merged, sort_keys=order_keys))
         if overlay is not None and overlay.num_rows:
             # Order-preserving; engine rows are never in the overlay (each row lives once).
             merged = self._apply_overlay(merged, overlay)

