@@ -218,8 +218,16 @@ def simulate(
         float | None, typer.Option(help="Override the profile's source density (fraction of full).")
     ] = None,
     metrics: Annotated[Path | None, typer.Option(help="Write per-visit metrics (.parquet or .csv).")] = None,
+    after: Annotated[
+        int,
+        typer.Option(
+            help="Continue a database that holds the first AFTER visits of the same profile and "
+            "scale (e.g. one `diadb bench` filled): open it and simulate the visits that follow."
+        ),
+    ] = 0,
 ) -> None:
-    """Run the visit simulator against a new database, as the pipeline would (ap_proto's job)."""
+    """Run the visit simulator against a new database (or, with --after, one it filled before),
+    as the pipeline would (ap_proto's job)."""
     import dataclasses
 
     import pyarrow.compute as pc
@@ -233,12 +241,18 @@ def simulate(
         raise _fail(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
     if mode not in ("field", "detector"):
         raise _fail(f"mode must be field or detector, got {mode!r}")
+    if after < 0:
+        raise _fail(f"--after must be >= 0, got {after}")
     prof = PROFILES[profile]
     n = prof.visits if visits is None else visits
     try:
         sim_config = prof.sim if scale is None else dataclasses.replace(prof.sim, scale=scale)
-        with Apdb.create(url) as db:
+        with Apdb.open(url) if after else Apdb.create(url) as db:
+            before = db.stats() if after else {}
             sim = VisitSimulator(sim_config, db.schema)
+            # The model's state (ids, detection history) depends on the visits before: replay them.
+            for _ in sim.visits(after):
+                pass
             table = _with_progress(
                 "simulate",
                 lambda progress: run(
@@ -263,10 +277,12 @@ def simulate(
     for name in ("DiaObject", "DiaSource", "DiaForcedSource"):
         part = table.filter(pc.equal(table.column("table"), name))
         given = pc.sum(part.column("rows_stored")).as_py() or 0
-        rows = held[name]["rows"]
-        if name != "DiaObject":
-            rows += held.get(f"{name} (history)", {}).get("rows", 0)
-        typer.echo(f"rows {name:23s} stored {given:>12,d}  in database {rows:>12,d}")
+        rows = 0
+        for stats, sign in ((held, 1), (before, -1)):
+            rows += sign * stats.get(name, {}).get("rows", 0)
+            if name != "DiaObject":
+                rows += sign * stats.get(f"{name} (history)", {}).get("rows", 0)
+        typer.echo(f"rows {name:23s} stored {given:>12,d}  added to database {rows:>12,d}")
     first_error = (table.schema.metadata or {}).get(b"first_error", b"").decode()
     if first_error:
         typer.echo(f"first error: {first_error}", err=True)

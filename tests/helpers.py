@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from diadb.schema.model import ApdbSchema
+from diadb.schema.model import ApdbSchema, TableSpec
 from diadb.sim.fill import fill_table
 
 
@@ -82,3 +83,17 @@ def random_positions(
 ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.uniform(ra0 - half, ra0 + half, n), rng.uniform(dec0 - half, dec0 + half, n)
+
+
+def with_nulls(t: pa.Table, spec: TableSpec, every: int) -> pa.Table:
+    """``t`` with every ``every``-th value of each nullable float or boolean column set to null."""
+    for i, name in enumerate(t.column_names):
+        col = t.column(name)
+        if not spec.column(name).nullable or name in ("validityEndMjdTai", "diaObjectId"):
+            continue
+        if not (pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+            continue
+        mask = np.zeros(t.num_rows, dtype=bool)
+        mask[(i % every) :: every] = True
+        t = t.set_column(i, name, pc.if_else(pa.array(mask), pa.nulls(t.num_rows, col.type), col))
+    return t

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+import diadb
 from diadb.cli import app
 from diadb.sim.bench import PROFILES, run_bench
 from diadb.sim.sizing import project
@@ -157,5 +158,24 @@ def test_simulate_command_with_concurrent_clients(tmp_path):
     assert "errors" in result.output and "retries" in result.output
     lines = [line.split() for line in result.output.splitlines() if line.startswith("rows ")]
     assert len(lines) == 3
-    for words in lines:  # rows <table> stored N in database M
-        assert words[3] == words[6], words
+    for words in lines:  # rows <table> stored N added to database M
+        assert words[3] == words[7], words
+
+
+def test_simulate_continues_a_database_after_its_first_visits(tmp_path):
+    """--after replays the model's first visits and stores the ones that follow: new ids only
+    (a repeated source id would be refused), and the rows added are the rows stored."""
+    url = str(tmp_path / "c.db")
+    common = ["--scale", "0.01", "--visits", "2"]
+    assert CliRunner().invoke(app, ["simulate", url, *common]).exit_code == 0
+    result = CliRunner().invoke(app, ["simulate", url, *common, "--after", "2", "--mode", "detector"])
+    assert result.exit_code == 0, result.output
+    lines = [line.split() for line in result.output.splitlines() if line.startswith("rows ")]
+    assert len(lines) == 3 and all(int(w[3].replace(",", "")) > 0 for w in lines[:2])
+    for words in lines:
+        assert words[3] == words[7], words
+    with diadb.Apdb.open(url) as db:
+        assert db.contains_visit_detector(4) and db.contains_visit_detector(1)
+        assert not db.contains_visit_detector(5)
+    again = CliRunner().invoke(app, ["simulate", str(tmp_path / "none.db"), "--after", "2"])
+    assert again.exit_code != 0

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +21,7 @@ import pyarrow.compute as pc
 import pytest
 
 import diadb
-from tests.helpers import Visit, make_visit, random_positions
+from tests.helpers import Visit, make_visit, random_positions, with_nulls
 from tests.service_cassandra import ROOT, script
 from tests.services import unavailable
 
@@ -176,20 +175,6 @@ def test_quorum_survives_a_killed_node_and_repair_restores_it(cluster3, official
             db.close()
 
 
-def _with_nulls(t: pa.Table, spec: Any, every: int) -> pa.Table:
-    """``t`` with every ``every``-th value of each nullable float or boolean column set to null."""
-    for i, name in enumerate(t.column_names):
-        col = t.column(name)
-        if not spec.column(name).nullable or name in ("validityEndMjdTai", "diaObjectId"):
-            continue
-        if not (pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
-            continue
-        mask = np.zeros(t.num_rows, dtype=bool)
-        mask[(i % every) :: every] = True
-        t = t.set_column(i, name, pc.if_else(pa.array(mask), pa.nulls(t.num_rows, col.type), col))
-    return t
-
-
 def test_packed_layout_reads_what_the_plain_layout_reads(cluster3, official_schema):
     """Rows stored with the packed layout (the default) and without it (``packed=0``, the
     layout of older keyspaces) read back the same, nulls included; keyed stores list their rows."""
@@ -202,13 +187,13 @@ def test_packed_layout_reads_what_the_plain_layout_reads(cluster3, official_sche
         for packed in (0, 1)
     }
     try:
-        assert not dbs[0]._backend._packed and dbs[1]._backend._packed  # type: ignore[attr-defined]
+        assert not dbs[0]._backend._packer.packed and dbs[1]._backend._packer.packed  # type: ignore[attr-defined]
         ids = np.arange(1, 41)
         ra, dec = random_positions(len(ids), 5)
         for k in range(1, 4):
             v = make_visit(official_schema, k, 60000.0 + k, ids, ra, dec, seed=k)
-            objects = _with_nulls(v.objects, official_schema.table("DiaObject"), 3)
-            sources = _with_nulls(v.sources, official_schema.table("DiaSource"), 4)
+            objects = with_nulls(v.objects, official_schema.table("DiaObject"), 3)
+            sources = with_nulls(v.sources, official_schema.table("DiaSource"), 4)
             for db in dbs.values():
                 assert db.store(v.mjd, objects, sources, v.forced, visit=k, key=f"v{k}")
                 assert not db.store(v.mjd, objects, sources, v.forced, visit=k, key=f"v{k}")

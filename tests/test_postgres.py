@@ -19,7 +19,7 @@ import pytest
 
 import diadb
 from diadb.errors import ConfigError, StorageError
-from tests.helpers import make_visit, random_positions
+from tests.helpers import make_visit, random_positions, with_nulls
 from tests.service_postgres import PostgresServer, postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,62 @@ def test_read_only_role_reads_and_cannot_write(server, official_schema):
                 reader.store(w.mjd, w.objects, w.sources, w.forced, visit=visit, detector=0)
             assert not reader.contains_visit_detector(visit)
     _assert_exact(url, official_schema, [(1, 0, 60000.0)])
+
+
+# ---- the packed layout ----------------------------------------------------------------
+def test_packed_layout_reads_and_updates_like_the_plain_layout(server, official_schema):
+    """The packed layout (the default) and the plain one (``packed=0``, the layout of schemas
+    made before it) read back the same rows, nulls included, through stores, every kind of
+    daytime update, the change log and the deduplication read."""
+    dbs = {
+        packed: diadb.Apdb.create(server.fresh_url() + f"&packed={packed}", schema=official_schema)
+        for packed in (0, 1)
+    }
+    try:
+        assert not dbs[0]._backend._packer.packed  # type: ignore[attr-defined]
+        assert dbs[1]._backend._packer.packed["DiaSource"]  # type: ignore[attr-defined]
+        for k in range(1, 4):
+            v = _visit(official_schema, k, 0, 60000.0 + k)
+            objects = with_nulls(v.objects, official_schema.table("DiaObject"), 3)
+            sources = with_nulls(v.sources, official_schema.table("DiaSource"), 4)
+            forced = with_nulls(v.forced, official_schema.table("DiaForcedSource"), 2)
+            for db in dbs.values():
+                assert db.store(v.mjd, objects, sources, forced, visit=k, detector=0)
+        first = _visit(official_schema, 1, 0, 60001.0)
+        moved = first.sources.column("diaSourceId").to_pylist()
+        for db in dbs.values():
+            db.reassign_to_ssobjects({moved[0]: 77, moved[1]: 78}, time=61000.0)
+            db.reassign_sources({moved[2]: int(first.objects.column("diaObjectId")[5].as_py())}, time=61000.0)
+            keys = first.forced.select(["diaObjectId", "visit", "detector"]).slice(0, 3).to_pylist()
+            db.withdraw_forced_sources([tuple(k.values()) for k in keys], time=61000.0)
+            db.set_validity_end(first.objects.column("diaObjectId").to_pylist()[10:12], 61000.0)
+
+        def contents(db: diadb.Apdb) -> list[pa.Table]:
+            chunks = db.replica_chunks().column("chunk_id").to_pylist()
+            log = db.read_chunks(chunks)
+            return [
+                _sorted(db.get_objects(EVERYWHERE), ["diaObjectId"]),
+                _sorted(db.get_sources(EVERYWHERE, 60004.0), ["diaSourceId"]),
+                _sorted(db.get_forced_sources(EVERYWHERE, 60004.0), ["diaObjectId", "visit"]),
+                _sorted(db.get_objects_for_dedup(60000.0), ["diaObjectId"]),
+                _sorted(log["DiaSource"], ["diaSourceId"]),
+                _sorted(log["DiaObject"], ["diaObjectId", "validityStartMjdTai"]),
+                _sorted(log["DiaForcedSource"], ["diaObjectId", "visit"]),
+                log["updates"].select(["chunk_id", "kind", "payload"]),
+            ]
+
+        plain, packed = contents(dbs[0]), contents(dbs[1])
+        for a, b in zip(plain, packed, strict=True):
+            assert a.num_rows and a.column_names == b.column_names
+            assert a.equals(b)
+        sources = packed[1]
+        assert sources.column("psfFlux").null_count > 0
+        assert sources.column("ssObjectId").drop_null().to_pylist() == [77, 78]
+        assert 61000.0 in packed[2].column("timeWithdrawnMjdTai").to_pylist()
+        assert packed[0].num_rows == 3 * N - 2  # two closed (the moved-from objects keep sources)
+    finally:
+        for db in dbs.values():
+            db.close()
 
 
 # ---- time partitions ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ Layout (one keyspace per APDB):
 ``apdb_packed``
     In keyspaces made with ``packed=1`` (the default), the fixed-width columns of the source and
     object tables that no query filters on and no update changes live in one blob per row (see
-    ``packed_columns``): Cassandra's cost is per cell, and this makes a DiaSource row ~20 cells
+    :mod:`diadb.backends.packing`): Cassandra's cost is per cell, and this makes a DiaSource row ~20 cells
     instead of 103. The packed list is frozen in the metadata; older keyspaces have none.
 
 Writes are grouped by partition into unlogged batches (one partition each, so each batch is
@@ -63,6 +63,7 @@ import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
 from diadb.backends.cassandra_changes import CassandraChanges, change_log_ddl
+from diadb.backends.packing import PACKED, RowPacker, packed_columns
 from diadb.errors import ConfigError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.sky.healpix import coarsen_ranges
@@ -96,54 +97,6 @@ _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _CONSISTENCY = ("ONE", "TWO", "THREE", "QUORUM", "LOCAL_QUORUM", "LOCAL_ONE", "EACH_QUORUM", "ALL")
 # Layout parameters frozen into diadb_metadata at creation (URL values are ignored on open).
 _LAYOUT_KEYS = ("pixel_order", "time_partition_days", "id_bucket_bits")
-#: The blob column holding a row's packed columns (see ``packed_columns``).
-PACKED = "apdb_packed"
-#: Felis datatypes that can be packed, with their little-endian NumPy form in the blob.
-_PACKABLE = {
-    "double": "<f8",
-    "float": "<f4",
-    "long": "<i8",
-    "int": "<i4",
-    "short": "<i2",
-    "byte": "i1",
-    "boolean": "u1",
-}
-#: Never packed: what queries filter on, what daytime updates change, what the change log and
-#: the key checks read back (and every primary-key column).
-_UNPACKED = frozenset(
-    {
-        HEALPIX_COLUMN,
-        "diaObjectId",
-        "diaSourceId",
-        "diaForcedSourceId",
-        "ssObjectId",
-        "parentDiaSourceId",
-        "visit",
-        "detector",
-        "ra",
-        "dec",
-        "midpointMjdTai",
-        "validityStartMjdTai",
-        "validityEndMjdTai",
-        "nDiaSources",
-        "ssObjectReassocTimeMjdTai",
-        "timeWithdrawnMjdTai",
-    }
-)
-
-
-def packed_columns(spec: TableSpec) -> list[str]:
-    """The columns of ``spec`` stored packed in one blob per row (layout option ``packed``).
-
-    Cassandra's cost, on writes and reads alike, is per cell: a DiaSource row is 103 cells, a
-    DiaObject row 83. The fixed-width columns nobody filters on or updates go into one blob of
-    little-endian values plus a null bitmap, built and taken apart with NumPy a column at a time
-    (no Python per row): a source row becomes ~20 cells."""
-    return [
-        c.name
-        for c in spec.columns
-        if c.datatype in _PACKABLE and c.name not in _UNPACKED and c.name not in spec.primary_key
-    ]
 
 
 def q(name: str) -> str:
@@ -359,8 +312,7 @@ class CassandraBackend(CassandraChanges):
         self._storing: tuple[int, int] | None = None
         self._chunk_bucket: int | None = None
         #: Packed columns per logical table (frozen in the metadata; none in older keyspaces).
-        self._packed: dict[str, list[str]] = {}
-        self._pack_dtypes: dict[str, np.dtype[Any]] = {}
+        self._packer = RowPacker(lambda: self.schema)
         self._lock = threading.Lock()
         self._cluster = Cluster(
             list(parsed.hosts),
@@ -410,7 +362,7 @@ class CassandraBackend(CassandraChanges):
                 self.pixel_order = int(meta["cassandra.pixel_order"])
                 self.time_partition_days = float(meta["cassandra.time_partition_days"])
                 self.id_bucket_bits = int(meta["cassandra.id_bucket_bits"])
-                self._set_packed(json.loads(meta.get("cassandra.packed_columns", "{}")))
+                self._packer.set(json.loads(meta.get("cassandra.packed_columns", "{}")))
         except BaseException:
             self._cluster.shutdown()
             raise
@@ -517,92 +469,14 @@ class CassandraBackend(CassandraChanges):
 
     # ---- set-up --------------------------------------------------------------------
     def _columns_ddl(self, spec: TableSpec) -> list[str]:
-        packed = set(self._packed.get(spec.name, ()))
+        packed = set(self._packer.packed.get(spec.name, ()))
         cols = [f"{q(c.name)} {cql_type(c.datatype)}" for c in spec.columns if c.name not in packed]
         return cols + [f"{q(HEALPIX_COLUMN)} bigint"] + ([f"{PACKED} blob"] if packed else [])
 
-    # ---- packed columns ------------------------------------------------------------
-    def _set_packed(self, packed: Mapping[str, Sequence[str]]) -> None:
-        self._packed = {t: list(cols) for t, cols in packed.items() if cols}
-        self._pack_dtypes = {}  # built when first used (the schema may not be attached yet)
-
-    def _pack_dtype(self, table: str) -> np.dtype[Any]:
-        dtype = self._pack_dtypes.get(table)
-        if dtype is None:
-            spec = self.schema.table(table)
-            cols = self._packed[table]
-            dtype = np.dtype(
-                [(c, _PACKABLE[spec.column(c).datatype]) for c in cols]
-                + [("__valid", "u1", ((len(cols) + 7) // 8,))]
-            )
-            self._pack_dtypes[table] = dtype
-        return dtype
-
-    def _pack(self, table: str, data: pa.Table) -> pa.Table:
-        """``data`` with ``table``'s packed columns replaced by the ``PACKED`` blob column."""
-        names = self._packed.get(table)
-        if not names:
-            return data
-        n = data.num_rows
-        dtype = self._pack_dtype(table)
-        rec = np.zeros(n, dtype=dtype)
-        valid = np.ones((n, len(names)), dtype=bool)
-        present = set(data.column_names)
-        for j, c in enumerate(names):  # one NumPy pass per column
-            if c not in present:
-                valid[:, j] = False
-                continue
-            col = data.column(c)
-            if pa.types.is_boolean(col.type):
-                col = col.cast(pa.uint8())
-            rec[c] = np.asarray(col.fill_null(0).to_numpy(zero_copy_only=False))
-            if col.null_count:
-                valid[:, j] = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        rec["__valid"] = np.packbits(valid, axis=1, bitorder="little")
-        size = dtype.itemsize
-        # Built from the record array's bytes directly (64-bit offsets: no 2 GiB limit).
-        offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int64) * size).tobytes())
-        blob = pa.Array.from_buffers(pa.large_binary(), n, [None, offsets, pa.py_buffer(rec.tobytes())])
-        return data.drop_columns([c for c in names if c in present]).append_column(PACKED, blob)
-
-    def _unpack(self, table: str, blobs: pa.ChunkedArray, wanted: Sequence[str]) -> dict[str, pa.Array]:
-        """The ``wanted`` packed columns of ``table`` out of the ``PACKED`` blobs of some rows."""
-        names = self._packed[table]
-        dtype = self._pack_dtype(table)
-        size = dtype.itemsize
-        n = len(blobs)
-        # A row without a blob (only ever written by a partial UPDATE) has every packed value null.
-        arr = blobs.cast(pa.large_binary()).fill_null(pa.scalar(bytes(size), pa.large_binary()))
-        arr = arr.combine_chunks()
-        if n and not pc.all(pc.equal(pc.binary_length(arr), size)).as_py():
-            raise StorageError(f"{table}: a packed row does not match the layout's packed columns")
-        rec = np.zeros(0, dtype=dtype)
-        if n:
-            # Every blob has the same size and the values are contiguous: one view of them all.
-            first = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=1, offset=arr.offset * 8)[0]
-            rec = np.frombuffer(arr.buffers()[2], dtype=dtype, count=n, offset=int(first))
-        valid = np.unpackbits(rec["__valid"], axis=1, count=len(names), bitorder="little").astype(bool)
-        from diadb.schema.types import arrow_type
-
-        spec = self.schema.table(table)
-        out: dict[str, pa.Array] = {}
-        for c in wanted:
-            j = names.index(c)
-            datatype = spec.column(c).datatype
-            values = np.ascontiguousarray(rec[c])
-            if datatype == "boolean":
-                values = values.astype(bool)
-            mask = ~valid[:, j]
-            out[c] = pa.array(values, type=arrow_type(datatype), mask=mask if mask.any() else None)
-        return out
-
+    # ---- packed columns (see diadb.backends.packing) ------------------------------------
     def _physical(self, table: str, columns: Sequence[str]) -> list[str]:
         """The CQL columns to select for ``columns`` of logical ``table`` (packed ones: the blob)."""
-        packed = set(self._packed.get(table, ()))
-        out = [c for c in columns if c not in packed]
-        if packed.intersection(columns):
-            out.append(PACKED)
-        return out
+        return self._packer.physical(table, columns)
 
     def _decode(self, table: str, columns: Sequence[str], rows: list[Any]) -> pa.Table:
         """Rows selected with ``_physical(table, columns)`` -> an Arrow table of ``columns``."""
@@ -611,9 +485,7 @@ class CassandraBackend(CassandraChanges):
         if PACKED not in physical:
             return self._to_arrow(types, columns, rows)
         raw = self._to_arrow({**types, PACKED: "binary"}, physical, rows)
-        packed = set(self._packed[table])
-        unpacked = self._unpack(table, raw.column(PACKED), [c for c in columns if c in packed])
-        return pa.table({c: unpacked[c] if c in packed else raw.column(c) for c in columns})
+        return self._packer.expand(table, raw, columns)
 
     def _key_table_ddl(self, name: str, key: Sequence[str], spec: TableSpec) -> str:
         """Primary-key registry: one column key -> bucketed; (id, a, b) -> partition (a, b)."""
@@ -635,7 +507,7 @@ class CassandraBackend(CassandraChanges):
     def initialize(self, schema: ApdbSchema, metadata: Mapping[str, str]) -> None:
         self._schema = schema
         if self._opts.packed:
-            self._set_packed({t: packed_columns(schema.table(t)) for t in ("DiaObject", *SOURCE_TABLES)})
+            self._packer.set({t: packed_columns(schema.table(t)) for t in ("DiaObject", *SOURCE_TABLES)})
         self._ddl(
             f"CREATE KEYSPACE IF NOT EXISTS {q(self.keyspace)} WITH replication = "
             f"{{'class': 'NetworkTopologyStrategy', 'replication_factor': {self.rf}}}"
@@ -664,7 +536,7 @@ class CassandraBackend(CassandraChanges):
             "cassandra.pixel_order": str(self.pixel_order),
             "cassandra.time_partition_days": repr(self.time_partition_days),
             "cassandra.id_bucket_bits": str(self.id_bucket_bits),
-            "cassandra.packed_columns": json.dumps(self._packed),
+            "cassandra.packed_columns": json.dumps(self._packer.packed),
         }
         ins = self._prepare(f"INSERT INTO {self._t('diadb_metadata')} (key, value) VALUES (?, ?)")
         # The schema YAML is written last: its presence marks a complete APDB.
@@ -1087,7 +959,7 @@ class CassandraBackend(CassandraChanges):
         tparts = self.time_partition(data.column(TIME_COLUMN).to_numpy())
         self._ensure_partitions_or_fail(name, np.unique(tparts))
         data = data.append_column(PART, pa.array(self._pixel(data.column(HEALPIX_COLUMN).to_numpy())))
-        data = self._pack(name, data)
+        data = self._packer.pack(name, data)
         out: list[tuple[Any, Sequence[Any]]] = []
         for (tp,), members in _groups([tparts]):
             sub = data.take(pa.array(members))
@@ -1165,7 +1037,7 @@ class CassandraBackend(CassandraChanges):
                     unset_nulls=False,
                 )
         # Object tables are written with explicit nulls: a replaced row must lose old values.
-        packed = self._pack("DiaObject", objs)
+        packed = self._packer.pack("DiaObject", objs)
         out += self._writes(
             HISTORY_TABLE,
             packed.append_column(BUCKET, pa.array(self._bucket(ids))),

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # Helpers shared with SQLite's change log: the same code computes the new values, so the two
 # backends cannot drift apart.
 from diadb.backends.members import MEMBER_TABLES, member_key, member_match
+from diadb.backends.packing import RowPacker
 from diadb.backends.sqlite.changes import (
     CURRENT_COLUMNS,
     MUTABLE_SOURCE_COLUMNS,
@@ -124,6 +125,7 @@ class PostgresChanges:
 
         namespace: str
         _lock_space: int
+        _packer: RowPacker
 
         @property
         def schema(self) -> ApdbSchema: ...
@@ -295,7 +297,7 @@ class PostgresChanges:
                     f"UNION ALL SELECT k.chunk_id AS _chunk_id, t.* FROM {stores} k JOIN {members} m "
                     f"ON m.store_id = k.store_id AND m.table_name = {name} JOIN {self._t(table)} t ON {match}"
                 )
-                out[table] = cur.fetch_arrow_table()
+                out[table] = self._packer.expand(table, cur.fetch_arrow_table())
             objects = self._t("DiaObject")
             chunk_objects = self._t("diadb_chunk_object")
             same = 't."diaObjectId" = o."diaObjectId" AND t."validityStartMjdTai" = o."validityStartMjdTai"'
@@ -306,7 +308,7 @@ class PostgresChanges:
                 f"UNION ALL SELECT k.chunk_id AS _chunk_id, t.* FROM {stores} k JOIN {chunk_objects} o "
                 f"ON o.store_id = k.store_id JOIN {objects} t ON {same}"
             )
-            out["DiaObject"] = cur.fetch_arrow_table()
+            out["DiaObject"] = self._packer.expand("DiaObject", cur.fetch_arrow_table())
             cur.execute(
                 f"SELECT chunk_id, seq, kind, payload FROM {self._t('diadb_update')} "
                 f"WHERE chunk_id = {wanted} ORDER BY chunk_id, seq"
@@ -476,12 +478,13 @@ class PostgresChanges:
 
     def objects_since(self, since_mjd: float) -> pa.Table:
         """Latest versions of objects whose version started at or after ``since_mjd``."""
-        return self._read(
+        rows = self._read(
             "dedup read",
             f"SELECT * FROM {self._t(LATEST_TABLE)} "
             "WHERE \"validityStartMjdTai\" >= current_setting('diadb.p1')::float8",
             {"diadb.p1": repr(float(since_mjd))},
         )
+        return self._packer.expand("DiaObject", rows)
 
     # ---- schema evolution ----------------------------------------------------------
     def upgrade_layout(self, from_version: str) -> list[str]:
