@@ -93,7 +93,9 @@ def verify(
     if Path(url).is_dir():
         _verify_export(url)
         return
-    if _not_sqlite(url):
+    from diadb.backends.sqlite.backend import is_foreign_file
+
+    if is_foreign_file(url):
         raise _fail(f"{url} is neither a PPDB export directory nor a SQLite database")
     try:
         with Apdb.open(url) as db:
@@ -359,16 +361,6 @@ def demo(
     typer.echo(f"report: {result.summary_path}")
     if result.plot_path is not None:
         typer.echo(f"plot: {result.plot_path}")
-
-
-def _not_sqlite(url: str) -> bool:
-    """A bare path to a file that is not SQLite (a damaged export's file, a stray file): the driver
-    would fail with a multi-line error, so it is told apart here by the SQLite header."""
-    path = Path(url)
-    if "://" in url or not path.is_file() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as f:
-        return f.read(16) != b"SQLite format 3\x00"
 
 
 def _verify_export(directory: str) -> None:

@@ -474,17 +474,10 @@ class CassandraBackend(CassandraChanges):
         return cols + [f"{q(HEALPIX_COLUMN)} bigint"] + ([f"{PACKED} blob"] if packed else [])
 
     # ---- packed columns (see diadb.backends.packing) ------------------------------------
-    def _physical(self, table: str, columns: Sequence[str]) -> list[str]:
-        """The CQL columns to select for ``columns`` of logical ``table`` (packed ones: the blob)."""
-        return self._packer.physical(table, columns)
-
     def _decode(self, table: str, columns: Sequence[str], rows: list[Any]) -> pa.Table:
-        """Rows selected with ``_physical(table, columns)`` -> an Arrow table of ``columns``."""
+        """Rows selected with ``self._packer.physical(table, columns)`` -> an Arrow table of ``columns``."""
         types = {c.name: c.datatype for c in self.schema.table(table).columns}
-        physical = self._physical(table, columns)
-        if PACKED not in physical:
-            return self._to_arrow(types, columns, rows)
-        raw = self._to_arrow({**types, PACKED: "binary"}, physical, rows)
+        raw = self._to_arrow({**types, PACKED: "binary"}, self._packer.physical(table, columns), rows)
         return self._packer.expand(table, raw, columns)
 
     def _key_table_ddl(self, name: str, key: Sequence[str], spec: TableSpec) -> str:
@@ -685,7 +678,7 @@ class CassandraBackend(CassandraChanges):
         if object_ids is not None:
             extra.append("diaObjectId")
         fetch = list(dict.fromkeys([*want, *extra]))
-        select_list = ", ".join(q(c) for c in self._physical(table, fetch))
+        select_list = ", ".join(q(c) for c in self._packer.physical(table, fetch))
         ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
         ids = None if object_ids is None else np.unique(np.asarray(object_ids, dtype=np.int64))
         physical = [LATEST_TABLE] if table == "DiaObject" else self._read_partitions(table, window)

@@ -43,6 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array
+from diadb.backends.members import member_keys
+from diadb.backends.packing import RowPacker
 from diadb.backends.sqlite.changes import (
     CURRENT_COLUMNS,
     MUTABLE_SOURCE_COLUMNS,
@@ -164,7 +166,9 @@ class CassandraChanges:
             self, spec_columns: Mapping[str, str], columns: Sequence[str], rows: list[Any]
         ) -> pa.Table: ...
         def _read_metadata_raw(self) -> dict[str, str]: ...
-        def _physical(self, table: str, columns: Sequence[str]) -> list[str]: ...
+
+        _packer: RowPacker
+
         def _decode(self, table: str, columns: Sequence[str], rows: list[Any]) -> pa.Table: ...
 
     @staticmethod
@@ -307,10 +311,8 @@ class CassandraChanges:
         for name, data in (("DiaSource", batch.sources), ("DiaForcedSource", batch.forced_sources)):
             if not data.num_rows:
                 continue
-            pk = list(self.schema.table(name).primary_key)
-            keys = [data.column(c).cast(pa.int64()) for c in pk]
-            zeros = pa.array(np.zeros(data.num_rows, dtype=np.int64))
-            keys += [zeros] * (3 - len(keys))
+            # Unused key columns are 0: a Cassandra clustering column cannot be null.
+            keys = [pc.fill_null(k, 0) for k in member_keys(self.schema.table(name), data)]
             pieces.append(
                 pa.table(
                     {
@@ -536,7 +538,7 @@ class CassandraChanges:
             spec = self.schema.table(table)
             types = {c.name: c.datatype for c in spec.columns}
             cols = [*spec.column_names, HEALPIX_COLUMN]
-            physical = self._physical(table, cols)
+            physical = self._packer.physical(table, cols)
             sel = ", ".join(_q(c) for c in physical)
             statements: Statements = []
             owners: list[tuple[int, int]] = []
@@ -607,7 +609,7 @@ class CassandraChanges:
                 found[i] = list(
                     zip(objs.column("k1").to_pylist(), objs.column("start").to_pylist(), strict=True)
                 )
-        physical = self._physical(HISTORY_TABLE, cols)
+        physical = self._packer.physical(HISTORY_TABLE, cols)
         sel = ", ".join(_q(c) for c in physical)
         stmt = self._prepare(
             f'SELECT {sel} FROM {self._t(HISTORY_TABLE)} WHERE {BUCKET} = ? AND "diaObjectId" IN ?'
@@ -888,7 +890,7 @@ class CassandraChanges:
         spec = self.schema.table(HISTORY_TABLE)
         cols = [*spec.column_names, HEALPIX_COLUMN]
         stmt = self._prepare(
-            f"SELECT {', '.join(_q(c) for c in self._physical(HISTORY_TABLE, cols))} FROM "
+            f"SELECT {', '.join(_q(c) for c in self._packer.physical(HISTORY_TABLE, cols))} FROM "
             f"{self._t(LATEST_TABLE)} WHERE {_q('validityStartMjdTai')} >= ? ALLOW FILTERING"
         )
         (rows,) = self._run([(stmt, (float(since_mjd),))], write=False)

@@ -1,4 +1,4 @@
-"""Chunk membership by primary key, shared by the SQL backends.
+"""Chunk membership by primary key, shared by the backends.
 
 A store made with a key (``Apdb.store(..., key=...)``) records which rows it wrote: one row
 ``(chunk, table_name, k0, k1, k2)`` per DiaSource and DiaForcedSource, the row's primary key
@@ -31,18 +31,26 @@ def member_key(spec: TableSpec) -> list[str]:
     return pk
 
 
+def member_keys(spec: TableSpec, data: pa.Table) -> list[pa.Array]:
+    """The primary key of each row of ``data`` (rows of ``spec``) as three int64 columns, the
+    unused ones null."""
+    pk = member_key(spec)
+    n = data.num_rows
+    return [
+        data.column(pk[i]).cast(pa.int64()).combine_chunks() if i < len(pk) else pa.nulls(n, pa.int64())
+        for i in range(3)
+    ]
+
+
 def member_rows(spec: TableSpec, data: pa.Table, owner: str, owner_id: int) -> pa.Table:
     """Membership rows of ``data`` (rows of ``spec``) for the chunk or store ``owner_id``."""
-    pk = member_key(spec)
     n = data.num_rows
     columns: dict[str, pa.Array] = {
         owner: pa.array(np.full(n, owner_id, dtype=np.int64)),
         "table_name": pa.array([spec.name] * n, pa.string()),
     }
-    for i in range(3):
-        columns[f"k{i}"] = (
-            data.column(pk[i]).cast(pa.int64()).combine_chunks() if i < len(pk) else pa.nulls(n, pa.int64())
-        )
+    for i, keys in enumerate(member_keys(spec, data)):
+        columns[f"k{i}"] = keys
     return pa.table(columns)
 
 

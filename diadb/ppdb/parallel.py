@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from diadb.sky.regions import Region
 
 #: Jobs per worker: enough that a few large partitions do not leave the other workers idle,
-#: few enough that opening the database per job (~0.1 s) stays small beside the writing.
+#: few enough that each job's fixed cost (scheduling, shipping its arguments, a table writer)
+#: stays small beside the writing. The database is opened once per worker thread, not per job.
 _JOBS_PER_WORKER = 4
 
 

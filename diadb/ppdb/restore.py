@@ -184,7 +184,11 @@ def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as e:
-        raise PublicationError(f"{path} is unreadable: {' '.join(str(e).split())[:200]}") from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: BaseException) -> PublicationError:
+    return PublicationError(f"{path} is unreadable: {' '.join(str(e).split())[:200]}")
 
 
 def _np(column: pa.ChunkedArray, dtype: Any) -> Any:
@@ -367,7 +371,7 @@ def _slices(path: Path) -> Iterator[pa.Table]:
         for batch in f.iter_batches(batch_size=_READ_ROWS, columns=columns):
             yield pa.Table.from_batches([batch])
     except (OSError, pa.ArrowException) as e:
-        raise PublicationError(f"{path} is unreadable: {' '.join(str(e).split())[:200]}") from None
+        raise _unreadable(path, e) from None
 
 
 def _visits_of(tmp: Path, plan: _Plan, batch: int, schema: ApdbSchema) -> Iterator[Batch]:
@@ -402,9 +406,11 @@ Batch = tuple[int, float, pa.Table, pa.Table, pa.Table]
 def _sqlite_paths(url: str) -> list[Path]:
     """The files a new SQLite APDB at ``url`` consists of."""
     from diadb.backends.sqlite.backend import path_from_url
+    from diadb.history.tier import default_directory
 
     db = Path(os.path.abspath(path_from_url(url)))
-    return [db, *(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal", ".history"))]
+    sidecars = [db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal")]
+    return [db, *sidecars, default_directory(str(db))]
 
 
 def _remove(paths: list[Path]) -> None:

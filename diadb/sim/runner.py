@@ -39,7 +39,7 @@ import contextlib
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -138,7 +138,11 @@ def _retries(db: Apdb) -> int:
     return int(getattr(db._backend, "retries", 0))
 
 
-def _client_task(db: Apdb, parts: list[Visit]) -> tuple[list[_Metric], list[str], int]:
+#: What clients report for a visit: (metrics, error messages, transactions retried).
+_Outcome = tuple[list[_Metric], list[str], int]
+
+
+def _client_task(db: Apdb, parts: list[Visit]) -> _Outcome:
     """One client's detectors of a visit, in turn, on its own connection."""
     before = _retries(db)
     metrics: list[_Metric] = []
@@ -149,6 +153,18 @@ def _client_task(db: Apdb, parts: list[Visit]) -> tuple[list[_Metric], list[str]
         except Exception as e:
             errors.append(f"visit {part.visit} detector {part.detector}: {type(e).__name__}: {e}")
     return metrics, errors, _retries(db) - before
+
+
+def _combine(outcomes: Iterable[_Outcome]) -> _Outcome:
+    """(metrics, errors, retries) of several clients or processes, added up."""
+    metrics: list[_Metric] = []
+    errors: list[str] = []
+    retries = 0
+    for m, e, r in outcomes:
+        metrics += m
+        errors += e
+        retries += r
+    return metrics, errors, retries
 
 
 def _client_host(url: str, n_clients: int, pipe: Connection) -> None:
@@ -168,15 +184,7 @@ def _client_host(url: str, n_clients: int, pipe: Connection) -> None:
         with ThreadPoolExecutor(max_workers=n_clients) as threads:
             while (work := pipe.recv()) is not None:
                 futures = [threads.submit(_client_task, dbs[c], parts) for c, parts in work]
-                metrics: list[_Metric] = []
-                errors: list[str] = []
-                retries = 0
-                for f in futures:
-                    m, e, r = f.result()
-                    metrics.extend(m)
-                    errors.extend(e)
-                    retries += r
-                pipe.send((metrics, errors, retries))
+                pipe.send(_combine(f.result() for f in futures))
     except BaseException as e:
         pipe.send(e if isinstance(e, Exception) else RuntimeError(repr(e)))
         raise
@@ -220,7 +228,7 @@ class _ClientHosts:
             raise got
         return got
 
-    def run_visit(self, parts: list[Visit]) -> tuple[list[_Metric], list[str], int]:
+    def run_visit(self, parts: list[Visit]) -> _Outcome:
         """Every detector of one visit at once; returns when all are done."""
         work: list[list[tuple[int, list[Visit]]]] = [[] for _ in range(self.workers)]
         by_client: dict[int, list[Visit]] = {}
@@ -231,15 +239,7 @@ class _ClientHosts:
             work[c % self.workers].append((c // self.workers, mine))
         for pipe, w in zip(self._pipes, work, strict=True):
             pipe.send(w)
-        metrics: list[_Metric] = []
-        errors: list[str] = []
-        retries = 0
-        for pipe in self._pipes:
-            m, e, r = self._receive(pipe)
-            metrics.extend(m)
-            errors.extend(e)
-            retries += r
-        return metrics, errors, retries
+        return _combine(self._receive(pipe) for pipe in self._pipes)
 
     def close(self, failed: bool = False) -> None:
         for pipe in self._pipes:
@@ -321,12 +321,7 @@ def run(
             else:
                 pool.close()
             pool.join()
-    table = _metrics_table(rows)
-    meta = {"mode": mode, "workers": str(workers)}
-    size = database_bytes(db.url)
-    if size is not None:
-        meta["db_bytes"] = str(size)
-    return table.replace_schema_metadata(meta)
+    return _metrics_with(rows, {"mode": mode, "workers": str(workers)}, db.url)
 
 
 def _run_clients(
@@ -356,7 +351,6 @@ def _run_clients(
         failed = False
     finally:
         hosts.close(failed=failed)
-    table = _metrics_table(rows)
     meta = {
         "mode": "detector",
         "workers": str(hosts.workers),
@@ -365,10 +359,15 @@ def _run_clients(
         "retries": str(retries),
         "first_error": errors[0] if errors else "",
     }
-    size = database_bytes(db.url)
+    return _metrics_with(rows, meta, db.url)
+
+
+def _metrics_with(rows: list[tuple[_Metric, float]], meta: dict[str, str], url: str) -> pa.Table:
+    """The metrics table, with ``meta`` and the database's size on disk as schema metadata."""
+    size = database_bytes(url)
     if size is not None:
         meta["db_bytes"] = str(size)
-    return table.replace_schema_metadata(meta)
+    return _metrics_table(rows).replace_schema_metadata(meta)
 
 
 def _metrics_table(rows: list[tuple[_Metric, float]]) -> pa.Table:

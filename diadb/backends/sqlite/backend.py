@@ -36,6 +36,7 @@ from diadb.backends.sqlite.changes import CHANGE_LOG_DDL, LATEST_TABLE, SqliteCh
 from diadb.backends.sqlite.forced import SqliteForced
 from diadb.errors import ConfigError, StorageError
 from diadb.history.segment import SegmentInfo
+from diadb.history.tier import default_directory
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
 from diadb.sky.healpix import coarsen_ranges, in_ranges
@@ -77,6 +78,16 @@ def path_from_url(url: str) -> str:
     if not rest.startswith("/") or rest == "/":
         raise ConfigError(f"SQLite URL {url!r} needs a path: sqlite:///relative.db or sqlite:////abs/path.db")
     return rest[1:]
+
+
+def is_foreign_file(url: str) -> bool:
+    """A bare path to a file that is not SQLite (a damaged export's file, a stray file), told
+    by the SQLite header: the driver would fail on it with a multi-line error."""
+    path = Path(url)
+    if "://" in url or not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        return f.read(16) != b"SQLite format 3\x00"
 
 
 class SqliteBackend(SqliteChanges, SqliteForced):
@@ -407,7 +418,7 @@ class SqliteBackend(SqliteChanges, SqliteForced):
 
     # ---- history tier --------------------------------------------------------------
     def history_directory(self) -> Path:
-        return Path(os.path.abspath(self.path) + ".history")
+        return default_directory(self.path)
 
     @contextlib.contextmanager
     def read_snapshot(self) -> Iterator[None]:
