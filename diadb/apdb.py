@@ -38,7 +38,6 @@ import pyarrow.compute as pc
 
 from diadb.backends import Backend, ReadTable, TimeWindow, VisitBatch, open_backend
 from diadb.backends.base import FaultHook, HistoryCapable
-from diadb.backends.sqlite.forced import apply_forced_overlay
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
 from diadb.daytime import DaytimeMixin
 from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
@@ -51,6 +50,7 @@ from diadb.schema.validate import to_arrow, validate_catalog
 from diadb.sky.healpix import radec_to_healpix29
 from diadb.sky.regions import Region, as_region
 from diadb.times import DAYS_PER_MONTH, mjd_tai
+from diadb.updates import apply_forced_overlay, apply_source_overlay
 
 _TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
 
@@ -355,7 +355,7 @@ class Apdb(DaytimeMixin):
             merged = take_rows(merged, pc.sort_indices(merged, sort_keys=order_keys))
         if overlay is not None and overlay.num_rows:
             # Order-preserving; engine rows are never in the overlay (each row lives once).
-            merged = self._apply_overlay(merged, overlay)
+            merged = apply_source_overlay(merged, overlay)
             if object_ids is not None:
                 keep = pc.fill_null(pc.is_in(merged.column("diaObjectId"), pa.array(object_ids)), False)
                 merged = merged.filter(keep)

@@ -19,16 +19,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import CHUNK_SCHEMA, HistoryCapable, TimeWindow
-from diadb.backends.sqlite.forced import (
-    FORCED_CURRENT,
-    FORCED_KEY,
-    missing_keys,
-    normalise_forced,
-    sequence_of_keys,
-)
 from diadb.errors import ConfigError, SchemaVersionError
 from diadb.history.tier import HISTORY_TABLES
 from diadb.times import mjd_tai
+from diadb.updates import (
+    FORCED_CURRENT,
+    FORCED_KEY,
+    MUTABLE_SOURCE_COLUMNS,
+    empty_forced,
+    forced_keys,
+    mapping_table,
+    missing_keys,
+    normalise_forced,
+)
 
 if TYPE_CHECKING:
     from diadb.backends import Backend
@@ -47,9 +50,6 @@ NATIVE_UPDATE_KINDS = (
     "set_validity_end",
 )
 
-#: The DiaSource columns daytime operations change.
-MUTABLE_SOURCE_COLUMNS = ("diaObjectId", "ssObjectId", "ssObjectReassocTimeMjdTai", "timeWithdrawnMjdTai")
-
 
 def _now_mjd_tai() -> float:
     from astropy.time import Time
@@ -65,12 +65,6 @@ def _members_of(members: pa.Table | None, chunk_id: int, table: str) -> pa.Table
     if not mine.num_rows:
         return None
     return mine.filter(pc.equal(mine.column("table_name"), table))
-
-
-def _mapping_table(mapping: Mapping[int, int | None], key: str, value: str) -> pa.Table:
-    keys = np.fromiter((int(k) for k in mapping), dtype=np.int64, count=len(mapping))
-    values = pa.array([None if v is None else int(v) for v in mapping.values()], pa.int64())
-    return pa.table({key: keys, value: values})
 
 
 class DaytimeMixin:
@@ -98,7 +92,7 @@ class DaytimeMixin:
         """Move DiaSources (``{diaSourceId: ssObjectId}``) to solar-system objects: each leaves its
         DiaObject, whose ``nDiaSources`` drops; a DiaObject left with no sources is removed."""
         when = _now_mjd_tai() if time is None else mjd_tai(time)
-        changes = _mapping_table(mapping, "diaSourceId", "ssObjectId")
+        changes = mapping_table(mapping, "diaSourceId", "ssObjectId")
         n = changes.num_rows
         changes = changes.append_column("diaObjectId", pa.nulls(n, pa.int64()))
         changes = changes.append_column("ssObjectReassocTimeMjdTai", pa.array(np.full(n, when)))
@@ -116,7 +110,7 @@ class DaytimeMixin:
         ``nDiaSources`` of the new object grows (``increment``) and of the old one drops
         (``decrement``); the change log records each object's new count."""
         when = _now_mjd_tai() if time is None else mjd_tai(time)
-        changes = _mapping_table(mapping, "diaSourceId", "diaObjectId")
+        changes = mapping_table(mapping, "diaSourceId", "diaObjectId")
         changes = changes.append_column("ssObjectId", pa.nulls(changes.num_rows, pa.int64()))
         self._update_sources(
             changes,
@@ -155,7 +149,7 @@ class DaytimeMixin:
         ``LookupError``, and nothing changes. ``update_time`` as for :meth:`withdraw_sources`."""
         when = _now_mjd_tai() if time is None else mjd_tai(time)
         logged = when if update_time is None else mjd_tai(update_time)
-        table = sequence_of_keys([tuple(int(x) for x in k) for k in keys])  # type: ignore[misc]
+        table = forced_keys([tuple(int(x) for x in k) for k in keys])  # type: ignore[misc]
         if not table.num_rows:
             return
         self._writable().withdraw_forced_sources(table, when, self._segment_forced, logged)
@@ -288,7 +282,7 @@ class DaytimeMixin:
         """Current stored values of DiaForcedSources (``keys``: diaObjectId, visit, detector)
         found in the history segments, newest segment first; one search per segment."""
         if self._tier is None or not keys.num_rows:
-            return normalise_forced(self.schema.table("DiaForcedSource").arrow_schema().empty_table())
+            return empty_forced()
         assert isinstance(self._backend, HistoryCapable)
         segments = sorted(self._backend.list_segments("DiaForcedSource"), key=lambda s: -s.t_max)
         parts: list[pa.Table] = []
@@ -303,7 +297,7 @@ class DaytimeMixin:
                 parts.append(rows)
                 rest = missing_keys(rest, rows)
         if not parts:
-            return normalise_forced(self.schema.table("DiaForcedSource").arrow_schema().empty_table())
+            return empty_forced()
         return pa.concat_tables(parts)
 
     def _with_segment_chunk_rows(
@@ -344,23 +338,3 @@ class DaytimeMixin:
                     ids = pa.array(np.full(rows.num_rows, chunk["chunk_id"], dtype=np.int64))
                     parts.append(rows.add_column(0, "_chunk_id", ids).cast(engine_rows.schema))
         return pa.concat_tables(parts)
-
-    def _apply_overlay(self, data: pa.Table, overlay: pa.Table) -> pa.Table:
-        """Replace mutable columns of segment rows by the overlay's current values."""
-        if not overlay.num_rows or not data.num_rows or "diaSourceId" not in data.column_names:
-            return data
-        pos = pc.index_in(
-            data.column("diaSourceId"), value_set=overlay.column("diaSourceId").cast(pa.int64())
-        )
-        hit = pc.is_valid(pos)
-        if not pc.any(hit).as_py():
-            return data
-        take = pc.fill_null(pos, 0)
-        for name in MUTABLE_SOURCE_COLUMNS:
-            if name in data.column_names:
-                field = data.schema.field(name)
-                values = overlay.column(name).cast(field.type).take(take)
-                data = data.set_column(
-                    data.schema.get_field_index(name), field, pc.if_else(hit, values, data.column(name))
-                )
-        return data

@@ -29,6 +29,11 @@ class DuplicateVisitError(Error):
     """A visit/detector was stored before and the config says duplicates are errors."""
 
 
+class UnknownIdError(Error, LookupError):
+    """A daytime call named ids (DiaSources, DiaObjects, forced-source keys) that are not
+    stored; the message names them. Nothing was changed."""
+
+
 class StorageError(Error):
     """The engine failed while reading or writing; the original error is chained."""
 

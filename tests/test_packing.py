@@ -1,4 +1,4 @@
-"""Packed rows (diadb.backends.packing): any values and nulls of the packable types come back."""
+"""Packed rows (diadb.backends.common.packing): any values and nulls of the packable types come back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diadb.backends.packing import PACKED, RowPacker, packed_columns
+from diadb.backends.common.packing import PACKED, RowPacker, packed_columns
 from diadb.errors import StorageError
 from diadb.schema import load_schema
 from diadb.schema.model import ApdbSchema

@@ -25,8 +25,9 @@ Layout (one keyspace per APDB):
 ``apdb_packed``
     In keyspaces made with ``packed=1`` (the default), the fixed-width columns of the source and
     object tables that no query filters on and no update changes live in one blob per row (see
-    :mod:`diadb.backends.packing`): Cassandra's cost is per cell, and this makes a DiaSource row ~20 cells
-    instead of 103. The packed list is frozen in the metadata; older keyspaces have none.
+    :mod:`diadb.backends.common.packing`): Cassandra's cost is per cell, and this makes a
+    DiaSource row ~20 cells instead of 103. The packed list is frozen in the metadata; older
+    keyspaces have none.
 
 Writes are grouped by partition into unlogged batches (one partition each, so each batch is
 applied atomically on its replicas) and sent concurrently. A store writes the key claims, then
@@ -63,12 +64,12 @@ import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
 from diadb.backends.cassandra_changes import CassandraChanges, change_log_ddl
-from diadb.backends.packing import PACKED, RowPacker, packed_columns
+from diadb.backends.common.names import LATEST_TABLE
+from diadb.backends.common.packing import PACKED, RowPacker, packed_columns
 from diadb.errors import ConfigError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.sky.healpix import coarsen_ranges
 
-LATEST_TABLE = "diadb_DiaObjectLatest"
 HISTORY_TABLE = "DiaObject"
 SOURCE_TABLES = ("DiaSource", "DiaForcedSource")
 TIME_COLUMN = "midpointMjdTai"
@@ -473,7 +474,7 @@ class CassandraBackend(CassandraChanges):
         cols = [f"{q(c.name)} {cql_type(c.datatype)}" for c in spec.columns if c.name not in packed]
         return cols + [f"{q(HEALPIX_COLUMN)} bigint"] + ([f"{PACKED} blob"] if packed else [])
 
-    # ---- packed columns (see diadb.backends.packing) ------------------------------------
+    # ---- packed columns (see diadb.backends.common.packing) ------------------------------------
     def _decode(self, table: str, columns: Sequence[str], rows: list[Any]) -> pa.Table:
         """Rows selected with ``self._packer.physical(table, columns)`` -> an Arrow table of ``columns``."""
         types = {c.name: c.datatype for c in self.schema.table(table).columns}

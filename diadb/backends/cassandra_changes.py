@@ -43,37 +43,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array
-from diadb.backends.members import member_keys
-from diadb.backends.packing import RowPacker
-from diadb.backends.sqlite.changes import (
+from diadb.backends.common.members import member_keys
+from diadb.backends.common.names import LATEST_TABLE
+from diadb.backends.common.packing import RowPacker
+from diadb.errors import StorageError, UnknownIdError
+from diadb.schema.model import HEALPIX_COLUMN, ColumnSpec
+from diadb.updates import (
     CURRENT_COLUMNS,
+    FORCED_CURRENT,
+    FORCED_KEY,
     MUTABLE_SOURCE_COLUMNS,
-    _empty_current,
-    _merge_changes,
-    _normalise_current,
     closing_payload,
+    empty_current,
+    forced_payload,
+    merge_changes,
+    missing_keys,
+    normalise_current,
+    normalise_forced,
     object_counts,
     object_delta,
+    require_known_forced,
     unset_only,
     update_payload,
 )
-from diadb.backends.sqlite.forced import (
-    FORCED_CURRENT,
-    FORCED_KEY,
-    forced_payload,
-    missing_keys,
-    normalise_forced,
-    unknown_keys_error,
-)
-from diadb.errors import StorageError
-from diadb.schema.model import HEALPIX_COLUMN, ColumnSpec
 
 if TYPE_CHECKING:
     from diadb.schema.model import ApdbSchema
 
 #: Chunk ids per ``diadb_chunk`` partition (bucket); ids start at 1.
 CHUNK_BITS = 18
-LATEST_TABLE = "diadb_DiaObjectLatest"
 HISTORY_TABLE = "DiaObject"
 TIME_COLUMN = "midpointMjdTai"
 PART = "apdb_part"
@@ -668,7 +666,7 @@ class CassandraChanges:
         registry, which records where each one lives)."""
         keys = self._lookup_keys("DiaSource", pa.table({"diaSourceId": np.unique(ids)}))
         if not keys.num_rows:
-            return _empty_current()
+            return empty_current()
         sel = ", ".join(_q(c) for c in CURRENT_COLUMNS)
         h29 = np.asarray(keys.column(HEALPIX_COLUMN).to_numpy(), dtype=np.int64)
         t = np.asarray(keys.column(TIME_COLUMN).to_numpy(), dtype=np.float64)
@@ -688,7 +686,7 @@ class CassandraChanges:
             statements.append((stmt, (int(pix[i]), int(h29[i]), float(t[i]), int(sid[i]))))
         rows = [r for rs in self._run(statements, write=False) for r in rs]
         types = {c.name: c.datatype for c in self.schema.table("DiaSource").columns}
-        return _normalise_current(self._to_arrow(types, list(CURRENT_COLUMNS), rows))
+        return normalise_current(self._to_arrow(types, list(CURRENT_COLUMNS), rows))
 
     def _latest_objects(self, ids: Int64Array) -> pa.Table:
         """Current (latest-table) rows of these objects: id, ra, dec, nDiaSources, start, part, h29."""
@@ -739,7 +737,7 @@ class CassandraChanges:
                 rest, np.asarray(in_segments.column("diaSourceId").to_numpy(), dtype=np.int64)
             )
             if len(missing):
-                raise LookupError(f"unknown DiaSource ids: {missing[:20].tolist()}")
+                raise UnknownIdError(f"unknown DiaSource ids: {missing[:20].tolist()}")
             raise StorageError("Cassandra has no history tier: sources in segments cannot be updated")
         if "diaObjectId" in changes.column_names:
             targets = np.unique(pc.drop_null(changes.column("diaObjectId")).to_numpy()).astype(np.int64)
@@ -747,11 +745,11 @@ class CassandraChanges:
                 found = self._latest_objects(targets)
                 unknown = np.setdiff1d(targets, np.asarray(found.column(0).to_numpy(), dtype=np.int64))
                 if len(unknown):
-                    raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
+                    raise UnknownIdError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
         current, changed = unset_only(current, changes, only_null)
         plan: dict[str, Any] | None = None
         if current.num_rows:
-            new = _merge_changes(current, changed)
+            new = merge_changes(current, changed)
             counts: list[dict[str, Any]] = []
             objects: list[list[Any]] = []
             if object_deltas:
@@ -834,9 +832,7 @@ class CassandraChanges:
         rest = missing_keys(keys, in_engine)
         if rest.num_rows:
             in_segments = normalise_forced(segment_lookup(rest))
-            unknown = missing_keys(rest, in_segments)
-            if unknown.num_rows:
-                raise unknown_keys_error(unknown)
+            require_known_forced(missing_keys(rest, in_segments))
             raise StorageError("Cassandra has no history tier: sources in segments cannot be updated")
         todo = in_engine.filter(pc.is_null(in_engine.column("timeWithdrawnMjdTai")))
         plan: dict[str, Any] | None = None
@@ -871,7 +867,7 @@ class CassandraChanges:
         known = self._lookup_keys("DiaObject", pa.table({"diaObjectId": ids}))
         unknown = np.setdiff1d(ids, np.asarray(known.column("diaObjectId").to_numpy(), dtype=np.int64))
         if len(unknown) and not missing_ok:
-            raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
+            raise UnknownIdError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
         op_key = "set_validity_end:" + _digest(ids.tolist())
         latest = self._latest_objects(ids).sort_by("diaObjectId")
         plan: dict[str, Any] | None = None

@@ -19,8 +19,8 @@ Layout (mirrors the SQLite backend):
   object, which ``get_objects`` reads (index on ``_healpix_29``).
 - In schemas made with ``packed=1`` (the default), the fixed-width columns of those tables that no
   query filters on and no update changes live in one ``apdb_packed`` BYTEA per row (see
-  :mod:`diadb.backends.packing`): a read's cost is per value sent through binary ``COPY``, and a
-  DiaSource row becomes ~20 values instead of 103. The packed list is frozen in the metadata
+  :mod:`diadb.backends.common.packing`): a read's cost is per value sent through binary
+  ``COPY``, and a DiaSource row becomes ~20 values instead of 103. The packed list is frozen in the metadata
   (``postgres.packed_columns``); schemas made before it, or with ``packed=0``, have none.
 - ``diadb_visit`` records stored visit/detectors in the store's transaction, with the chunk id.
 - The change log (replica chunks) and the daytime updates live in
@@ -51,8 +51,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
-from diadb.backends.members import MEMBER_TABLES, member_rows
-from diadb.backends.packing import PACKED, RowPacker, packed_columns
+from diadb.backends.common.members import MEMBER_TABLES, member_rows
+from diadb.backends.common.names import LATEST_TABLE
+from diadb.backends.common.packing import PACKED, RowPacker, packed_columns
 from diadb.backends.postgres_changes import PostgresChanges
 from diadb.backends.postgres_forced import PostgresForced
 from diadb.errors import ConfigError, StorageError
@@ -60,7 +61,6 @@ from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
 from diadb.sky.healpix import coarsen_ranges
 
-LATEST_TABLE = "diadb_DiaObjectLatest"
 TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
 PARTITIONED = ("DiaSource", "DiaForcedSource")
 #: Above this many ranges a query's cover is coarsened (the facade filters exactly).

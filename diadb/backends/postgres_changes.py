@@ -36,22 +36,22 @@ if TYPE_CHECKING:
 
 # Helpers shared with SQLite's change log: the same code computes the new values, so the two
 # backends cannot drift apart.
-from diadb.backends.members import MEMBER_TABLES, member_key, member_match
-from diadb.backends.packing import RowPacker
-from diadb.backends.sqlite.changes import (
+from diadb.backends.common.members import MEMBER_TABLES, member_key, member_match
+from diadb.backends.common.names import LATEST_TABLE
+from diadb.backends.common.packing import RowPacker
+from diadb.errors import StorageError, UnknownIdError
+from diadb.updates import (
     CURRENT_COLUMNS,
     MUTABLE_SOURCE_COLUMNS,
-    _merge_changes,
-    _normalise_current,
     closing_payload,
+    merge_changes,
+    normalise_current,
     object_counts,
     object_delta,
     unset_only,
     update_payload,
 )
-from diadb.errors import StorageError
 
-LATEST_TABLE = "diadb_DiaObjectLatest"
 T = TypeVar("T")
 
 #: The change-log tables (``{t}`` is replaced by the schema-qualified name of a table).
@@ -356,7 +356,7 @@ class PostgresChanges:
                 f'JOIN {source} s ON s."diaSourceId" = c.id ORDER BY c.ord FOR UPDATE OF s',
                 parameters=self._bind(_ids(ids)),
             )
-            in_engine = _normalise_current(cur.fetch_arrow_table())
+            in_engine = normalise_current(cur.fetch_arrow_table())
             rest = np.setdiff1d(ids, np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64))
             if len(rest):
                 # No history tier here: the lookup finds nothing, and what it found could not be updated.
@@ -365,12 +365,12 @@ class PostgresChanges:
                     rest, np.asarray(in_segments.column("diaSourceId").to_numpy(), dtype=np.int64)
                 )
                 if len(missing):
-                    raise LookupError(f"unknown DiaSource ids: {missing[:20].tolist()}")
+                    raise UnknownIdError(f"unknown DiaSource ids: {missing[:20].tolist()}")
                 raise StorageError("PostgreSQL has no history tier: sources in segments cannot be updated")
             current, kept = unset_only(in_engine, changes, only_null)
             if not current.num_rows:
                 return 0
-            new = _merge_changes(current, kept)
+            new = merge_changes(current, kept)
             if "diaObjectId" in kept.column_names:
                 self._check_targets(cur, kept)
             counts: list[dict[str, Any]] = []
@@ -394,7 +394,7 @@ class PostgresChanges:
         found = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), dtype=np.int64)
         unknown = np.setdiff1d(targets, found)
         if len(unknown):
-            raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
+            raise UnknownIdError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
 
     def _write_sources(self, cur: Any, new: pa.Table) -> None:
         if not new.num_rows:
@@ -459,7 +459,7 @@ class PostgresChanges:
             known = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), dtype=np.int64)
             unknown = np.setdiff1d(ids, known)
             if len(unknown) and not missing_ok:
-                raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
+                raise UnknownIdError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
             cur.execute(
                 f'WITH closed AS (UPDATE {history} SET "validityEndMjdTai" = $2 '
                 'WHERE "validityEndMjdTai" IS NULL AND "diaObjectId" = ANY($1::bigint[]) '

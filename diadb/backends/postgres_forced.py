@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diadb.backends.sqlite.forced import (
+from diadb.updates import (
     FORCED_CURRENT,
     FORCED_KEY,
     forced_payload,
     missing_keys,
     normalise_forced,
-    unknown_keys_error,
+    require_known_forced,
 )
 
 T = TypeVar("T")
@@ -69,9 +69,7 @@ class PostgresForced:
                 parameters=self._bind(*binds),
             )
             found = normalise_forced(cur.fetch_arrow_table())
-            unknown = missing_keys(keys, found)
-            if unknown.num_rows:
-                raise unknown_keys_error(unknown)
+            require_known_forced(missing_keys(keys, found))
             rows = found.filter(pc.is_null(found.column("timeWithdrawnMjdTai")))
             if not rows.num_rows:
                 return 0

@@ -31,8 +31,9 @@ from diadb.backends.base import (
     TimeWindow,
     VisitBatch,
 )
-from diadb.backends.members import MEMBER_TABLES, member_rows
-from diadb.backends.sqlite.changes import CHANGE_LOG_DDL, LATEST_TABLE, SqliteChanges
+from diadb.backends.common.members import MEMBER_TABLES, member_rows
+from diadb.backends.common.names import LATEST_TABLE
+from diadb.backends.sqlite.changes import CHANGE_LOG_DDL, SqliteChanges
 from diadb.backends.sqlite.forced import SqliteForced
 from diadb.errors import ConfigError, StorageError
 from diadb.history.segment import SegmentInfo

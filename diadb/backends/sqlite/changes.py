@@ -16,18 +16,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, TimeWindow
-from diadb.backends.members import MEMBER_TABLES, member_key, member_match
+from diadb.backends.common.members import MEMBER_TABLES, member_key, member_match
+from diadb.backends.common.names import LATEST_TABLE
 from diadb.errors import StorageError
+from diadb.updates import (
+    CURRENT_COLUMNS,
+    MUTABLE_SOURCE_COLUMNS,
+    apply_source_overlay,
+    closing_payload,
+    empty_current,
+    normalise_current,
+    object_counts,
+    plan_source_update,
+    require_known,
+)
 
 if TYPE_CHECKING:
     from diadb.schema.model import ApdbSchema
 
-LATEST_TABLE = "diadb_DiaObjectLatest"
-#: The DiaSource columns daytime operations change (and the overlay carries).
-MUTABLE_SOURCE_COLUMNS = ("diaObjectId", "ssObjectId", "ssObjectReassocTimeMjdTai", "timeWithdrawnMjdTai")
 
 CHANGE_LOG_DDL = [
     "CREATE TABLE diadb_chunk (chunk_id INTEGER PRIMARY KEY, kind TEXT NOT NULL, visit INTEGER, "
@@ -237,7 +245,7 @@ class SqliteChanges:
         With ``object_deltas`` the nDiaSources of the new (``increment``) and old (``decrement``)
         DiaObjects follow the move; with ``remove_empty`` a DiaObject left with no sources is
         closed and leaves the latest table. Rows whose ``only_null`` column is already set keep
-        their values. Raises LookupError naming unknown DiaSource or DiaObject ids; nothing
+        their values. Raises UnknownIdError naming unknown DiaSource or DiaObject ids; nothing
         changes then.
         """
         ids = np.asarray(changes.column("diaSourceId").to_numpy(), dtype=np.int64)
@@ -248,47 +256,40 @@ class SqliteChanges:
                 f'SELECT {cols} FROM temp.diadb_change c JOIN "DiaSource" s ON s.diaSourceId = c.diaSourceId'
             )
             in_engine: pa.Table = cur.fetch_arrow_table()
-            rest = np.setdiff1d(ids, np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64))
-            in_segments = segment_lookup(rest) if len(rest) else _empty_current()
+            engine_ids = np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64)
+            rest = np.setdiff1d(ids, engine_ids)
+            in_segments = segment_lookup(rest) if len(rest) else empty_current()
             if len(rest):
                 # The overlay holds the current values of sources already in segments.
                 overlay = self._fetch(
                     "SELECT diaSourceId, " + ", ".join(MUTABLE_SOURCE_COLUMNS) + " FROM diadb_source_overlay "
                     "WHERE diaSourceId IN (SELECT diaSourceId FROM temp.diadb_change)"
                 )
-                in_segments = _apply_overlay_values(in_segments, overlay)
-            missing = np.setdiff1d(
-                rest, np.asarray(in_segments.column("diaSourceId").to_numpy(), dtype=np.int64)
+                in_segments = apply_source_overlay(in_segments, overlay)
+            plan = plan_source_update(
+                pa.concat_tables([normalise_current(in_engine), normalise_current(in_segments)]),
+                changes,
+                object_deltas=object_deltas,
+                increment=increment,
+                decrement=decrement,
+                only_null=only_null,
             )
-            if len(missing):
-                raise LookupError(f"unknown DiaSource ids: {missing[:20].tolist()}")
-            current = pa.concat_tables([_normalise_current(in_engine), _normalise_current(in_segments)])
-            current, changes = unset_only(current, changes, only_null)
-            if not current.num_rows:
+            if plan is None:
                 return 0
-            new = _merge_changes(current, changes)
-            if "diaObjectId" in changes.column_names:
-                targets = np.unique(pc.drop_null(changes.column("diaObjectId")).to_numpy())
-                if len(targets):
-                    self._temp_table(cur, "diadb_targets", pa.table({"id": targets.astype(np.int64)}))
-                    cur.execute(
-                        f"SELECT diaObjectId FROM {LATEST_TABLE} "
-                        "WHERE diaObjectId IN (SELECT id FROM temp.diadb_targets)"
-                    )
-                    found = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), dtype=np.int64)
-                    unknown = np.setdiff1d(targets, found)
-                    if len(unknown):
-                        raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
-            counts: list[dict[str, Any]] = []
-            if object_deltas:
-                delta = object_delta(current, new, increment, decrement)
-                counts = self._apply_object_deltas(cur, delta, when_mjd, remove_empty)
-            engine_ids = np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64)
+            if len(plan.targets):
+                self._temp_table(cur, "diadb_targets", pa.table({"id": plan.targets}))
+                cur.execute(
+                    f"SELECT diaObjectId FROM {LATEST_TABLE} "
+                    "WHERE diaObjectId IN (SELECT id FROM temp.diadb_targets)"
+                )
+                require_known("DiaObject", plan.targets, cur.fetch_arrow_table().column(0).to_numpy())
+            counts = self._apply_object_deltas(cur, plan.delta, when_mjd, remove_empty)
+            new = plan.new
             is_engine = np.isin(np.asarray(new.column("diaSourceId").to_numpy(), dtype=np.int64), engine_ids)
             self._write_engine_sources(cur, new.filter(pa.array(is_engine)))
             self._write_overlay(cur, new.filter(pa.array(~is_engine)))
             chunk = self._log_chunk(cur, "update", None, None, when_mjd)
-            self._log_updates(cur, chunk, kind, [update_payload(new, changes, when_mjd, counts)])
+            self._log_updates(cur, chunk, kind, [plan.payload(when_mjd, counts)])
         return chunk
 
     def _write_engine_sources(self, cur: Any, new: pa.Table) -> None:
@@ -350,7 +351,7 @@ class SqliteChanges:
 
     def set_validity_end(self, object_ids: Int64Array, when_mjd: float, missing_ok: bool = False) -> int:
         """Close the open version of these objects (they leave the latest table); return how many.
-        Unknown ids raise LookupError, or are skipped with ``missing_ok``."""
+        Unknown ids raise UnknownIdError, or are skipped with ``missing_ok``."""
         ids = np.unique(np.asarray(object_ids, dtype=np.int64))
         with self._transaction() as cur:
             self._temp_table(cur, "diadb_close", pa.table({"id": ids}))
@@ -359,9 +360,8 @@ class SqliteChanges:
                 'WHERE "diaObjectId" IN (SELECT id FROM temp.diadb_close)'
             )
             known = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), dtype=np.int64)
-            unknown = np.setdiff1d(ids, known)
-            if len(unknown) and not missing_ok:
-                raise LookupError(f"unknown DiaObject ids: {unknown[:20].tolist()}")
+            if not missing_ok:
+                require_known("DiaObject", ids, known)
             cur.execute(
                 'SELECT "diaObjectId", ra, dec FROM "DiaObject" WHERE "validityEndMjdTai" IS NULL '
                 'AND "diaObjectId" IN (SELECT id FROM temp.diadb_close) ORDER BY "diaObjectId"'
@@ -386,116 +386,3 @@ class SqliteChanges:
     def count_unassociated(self) -> int:
         t = self._fetch(f'SELECT count(*) FROM {LATEST_TABLE} WHERE "nDiaSources" = 1')
         return int(t.column(0)[0].as_py())
-
-
-#: The current values of a DiaSource a daytime update reads (position, time, mutable columns).
-CURRENT_COLUMNS = ("diaSourceId", "_healpix_29", "ra", "dec", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS)
-
-
-def _empty_current() -> pa.Table:
-    return pa.table(
-        {
-            "diaSourceId": pa.array([], pa.int64()),
-            "_healpix_29": pa.array([], pa.int64()),
-            "ra": pa.array([], pa.float64()),
-            "dec": pa.array([], pa.float64()),
-            "midpointMjdTai": pa.array([], pa.float64()),
-            "diaObjectId": pa.array([], pa.int64()),
-            "ssObjectId": pa.array([], pa.int64()),
-            "ssObjectReassocTimeMjdTai": pa.array([], pa.float64()),
-            "timeWithdrawnMjdTai": pa.array([], pa.float64()),
-        }
-    )
-
-
-def unset_only(current: pa.Table, changes: pa.Table, column: str | None) -> tuple[pa.Table, pa.Table]:
-    """Keep the rows (of both) whose ``column`` is not set yet (all rows when ``column`` is None)."""
-    if column is None or not current.num_rows:
-        return current, changes
-    current = current.filter(pc.is_null(current.column(column)))
-    keep = pc.is_in(changes.column("diaSourceId"), value_set=current.column("diaSourceId"))
-    return current, changes.filter(keep)
-
-
-def object_delta(current: pa.Table, new: pa.Table, increment: bool, decrement: bool) -> pa.Table:
-    """``(id, delta)`` of nDiaSources: +1 per source moved to an object (``increment``), -1 per
-    source moved away (``decrement``); zero deltas left out."""
-    old_ids = pc.drop_null(current.column("diaObjectId")).to_numpy() if decrement else np.zeros(0)
-    new_ids = pc.drop_null(new.column("diaObjectId")).to_numpy() if increment else np.zeros(0)
-    ids = np.concatenate([old_ids, new_ids]).astype(np.int64)
-    signs = np.concatenate([-np.ones(len(old_ids)), np.ones(len(new_ids))]).astype(np.int64)
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    delta = np.zeros(len(uniq), dtype=np.int64)
-    np.add.at(delta, inverse, signs)
-    keep = delta != 0
-    return pa.table({"id": uniq[keep], "delta": delta[keep]})
-
-
-def object_counts(rows: pa.Table) -> list[dict[str, Any]]:
-    """``{diaObjectId, ra, dec, nDiaSources}`` per row of (id, ra, dec, count)."""
-    names = ["diaObjectId", "ra", "dec", "nDiaSources"]
-    typed = pa.table(
-        [rows.column(i).cast(t) for i, t in enumerate((pa.int64(), pa.float64(), pa.float64(), pa.int64()))],
-        names=names,
-    )
-    counts: list[dict[str, Any]] = typed.to_pylist()
-    return counts
-
-
-def update_payload(
-    new: pa.Table, changes: pa.Table, when_mjd: float, counts: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The change-log record of a source update: each row's new values and its position."""
-    changed = [c for c in changes.column_names if c != "diaSourceId"]
-    rows = new.select(["diaSourceId", "ra", "dec", "midpointMjdTai", *changed]).to_pylist()
-    payload: dict[str, Any] = {"when_mjd_tai": when_mjd, "rows": rows}
-    if counts:
-        payload["objects"] = counts
-    return payload
-
-
-def closing_payload(closed: pa.Table, when_mjd: float) -> dict[str, Any]:
-    """The change-log record of ``set_validity_end``: the objects closed, with positions."""
-    objects = pa.table(
-        {
-            "diaObjectId": closed.column(0).cast(pa.int64()),
-            "ra": closed.column(1).cast(pa.float64()),
-            "dec": closed.column(2).cast(pa.float64()),
-        }
-    ).to_pylist()
-    return {
-        "when_mjd_tai": when_mjd,
-        "diaObjectIds": [o["diaObjectId"] for o in objects],
-        "objects": objects,
-    }
-
-
-def _normalise_current(t: pa.Table) -> pa.Table:
-    schema = _empty_current().schema
-    return pa.table({f.name: t.column(f.name).cast(f.type) for f in schema}, schema=schema)
-
-
-def _apply_overlay_values(current: pa.Table, overlay: pa.Table) -> pa.Table:
-    """Replace the mutable columns of ``current`` rows that the overlay names."""
-    if not overlay.num_rows or not current.num_rows:
-        return current
-    pos = pc.index_in(current.column("diaSourceId"), value_set=overlay.column("diaSourceId").cast(pa.int64()))
-    hit = pc.is_valid(pos)
-    for name in MUTABLE_SOURCE_COLUMNS:
-        values = overlay.column(name).cast(current.schema.field(name).type).take(pc.fill_null(pos, 0))
-        index = current.schema.get_field_index(name)
-        current = current.set_column(index, name, pc.if_else(hit, values, current.column(name)))
-    return current
-
-
-def _merge_changes(current: pa.Table, changes: pa.Table) -> pa.Table:
-    """``current`` rows with the changed columns replaced by ``changes`` (matched by diaSourceId)."""
-    pos = pc.index_in(current.column("diaSourceId"), value_set=changes.column("diaSourceId"))
-    out = current
-    for name in changes.column_names:
-        if name == "diaSourceId":
-            continue
-        target = current.schema.field(name).type
-        values = changes.column(name).cast(target).take(pos)
-        out = out.set_column(out.schema.get_field_index(name), name, values)
-    return out

@@ -7,7 +7,7 @@ updated in place; rows already in history segments get an entry in ``diadb_force
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,47 +16,15 @@ import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, TimeWindow
 from diadb.errors import StorageError
-
-FORCED_KEY = ("diaObjectId", "visit", "detector")
-#: What a forced withdrawal reads of each row (key, position, time, withdrawal time).
-FORCED_CURRENT = (*FORCED_KEY, "_healpix_29", "ra", "dec", "midpointMjdTai", "timeWithdrawnMjdTai")
-_TYPES = (
-    pa.int64(),
-    pa.int64(),
-    pa.int64(),
-    pa.int64(),
-    pa.float64(),
-    pa.float64(),
-    pa.float64(),
-    pa.float64(),
+from diadb.updates import (
+    FORCED_CURRENT,
+    FORCED_KEY,
+    apply_forced_overlay,
+    forced_payload,
+    missing_keys,
+    normalise_forced,
+    require_known_forced,
 )
-
-
-def normalise_forced(t: pa.Table) -> pa.Table:
-    """``t``'s ``FORCED_CURRENT`` columns with fixed types."""
-    return pa.table(
-        [t.column(c).cast(ty) for c, ty in zip(FORCED_CURRENT, _TYPES, strict=True)],
-        names=list(FORCED_CURRENT),
-    )
-
-
-def missing_keys(keys: pa.Table, found: pa.Table) -> pa.Table:
-    """The rows of ``keys`` not in ``found`` (both with the ``FORCED_KEY`` columns)."""
-    if not found.num_rows:
-        return keys
-    return keys.join(found.select(list(FORCED_KEY)), keys=list(FORCED_KEY), join_type="left anti")
-
-
-def forced_payload(rows: pa.Table, when_mjd: float, logged_mjd: float) -> dict[str, Any]:
-    """The change-log record of a forced withdrawal: each row's key, position and new time."""
-    data = rows.select([*FORCED_KEY, "ra", "dec", "midpointMjdTai"])
-    data = data.append_column("timeWithdrawnMjdTai", pa.array(np.full(rows.num_rows, when_mjd)))
-    return {"when_mjd_tai": logged_mjd, "rows": data.to_pylist()}
-
-
-def unknown_keys_error(keys: pa.Table) -> LookupError:
-    shown = list(zip(*(keys.column(c).to_pylist() for c in FORCED_KEY), strict=True))[:20]
-    return LookupError(f"unknown DiaForcedSource keys (diaObjectId, visit, detector): {shown}")
 
 
 class SqliteForced:
@@ -78,7 +46,7 @@ class SqliteForced:
         logged_mjd: float | None = None,
     ) -> int:
         """Set ``timeWithdrawnMjdTai`` of these forced sources where it is not set yet, in one
-        transaction; return the chunk (0 when none changed). LookupError for unknown keys."""
+        transaction; return the chunk (0 when none changed). UnknownIdError for unknown keys."""
         keys = pa.table([keys.column(c).cast(pa.int64()) for c in FORCED_KEY], names=list(FORCED_KEY))
         match = " AND ".join(f"f.{c} = k.{c}" for c in FORCED_KEY)
         in_table = " AND ".join(f'"DiaForcedSource".{c} = k.{c}' for c in FORCED_KEY)
@@ -94,9 +62,7 @@ class SqliteForced:
                 )
                 if in_segments.num_rows:
                     in_segments = self._with_forced_overlay(cur, in_segments)
-                unknown = missing_keys(rest, in_segments)
-                if unknown.num_rows:
-                    raise unknown_keys_error(unknown)
+                require_known_forced(missing_keys(rest, in_segments))
                 engine = in_engine.filter(pc.is_null(in_engine.column("timeWithdrawnMjdTai")))
                 segment = in_segments.filter(pc.is_null(in_segments.column("timeWithdrawnMjdTai")))
                 if not engine.num_rows and not segment.num_rows:
@@ -155,31 +121,3 @@ class SqliteForced:
         if where:
             sql += " WHERE " + " AND ".join(where)
         return self._fetch(sql, params)
-
-
-def apply_forced_overlay(data: pa.Table, overlay: pa.Table) -> pa.Table:
-    """``data`` with ``timeWithdrawnMjdTai`` replaced where ``overlay`` (key columns and ``_w``)
-    names the row. Row order may change (callers sort afterwards)."""
-    if not overlay.num_rows or not data.num_rows or "timeWithdrawnMjdTai" not in data.column_names:
-        return data
-    if any(c not in data.column_names for c in FORCED_KEY):
-        return data
-    types = {c: data.schema.field(c).type for c in FORCED_KEY}
-    right = pa.table(
-        {
-            **{c: overlay.column(c).cast(types[c]) for c in FORCED_KEY},
-            "_w": overlay.column("_w").cast(pa.float64()),
-        }
-    )
-    joined = data.join(right, keys=list(FORCED_KEY), join_type="left outer", coalesce_keys=True)
-    field = data.schema.field("timeWithdrawnMjdTai")
-    value = pc.coalesce(joined.column("_w").cast(field.type), joined.column("timeWithdrawnMjdTai"))
-    joined = joined.set_column(joined.schema.get_field_index("timeWithdrawnMjdTai"), field, value)
-    return joined.drop_columns(["_w"]).select(data.column_names).cast(data.schema)
-
-
-def sequence_of_keys(keys: Sequence[tuple[int, int, int]]) -> pa.Table:
-    """``(diaObjectId, visit, detector)`` tuples as a de-duplicated Arrow table."""
-    arr = np.asarray(list(keys), dtype=np.int64).reshape(-1, 3)
-    arr = np.unique(arr, axis=0) if len(arr) else arr
-    return pa.table({c: arr[:, i] for i, c in enumerate(FORCED_KEY)})
