@@ -89,7 +89,7 @@ class Apdb(DaytimeMixin):
         cfg = ApdbConfig.from_kwargs(**config)
         felis = schema if isinstance(schema, ApdbSchema) else load_schema(schema)
         url = str(url)
-        backend = open_backend(url, create=True, options=cls._backend_options(url, cfg))
+        backend = open_backend(url, create=True)
         if cfg.history_tier is None:
             cfg = dataclasses.replace(cfg, history_tier=isinstance(backend, HistoryCapable))
         metadata = {
@@ -101,6 +101,7 @@ class Apdb(DaytimeMixin):
             "felis.schema_yaml": felis.yaml_text,
         }
         try:
+            backend.configure(cfg)
             backend.initialize(felis, metadata)
         except BaseException:
             backend.close()
@@ -121,13 +122,8 @@ class Apdb(DaytimeMixin):
             backend.close()
             raise
         backend.attach_schema(schema)
+        backend.configure(cfg)
         return cls(url, backend, schema, cfg, read_only=read_only)
-
-    @staticmethod
-    def _backend_options(url: str, cfg: ApdbConfig) -> dict[str, Any]:
-        from diadb.backends import scheme_of
-
-        return {"synchronous": cfg.sqlite_synchronous} if scheme_of(url) == "sqlite" else {}
 
     @staticmethod
     def _check_versions(url: str, meta: dict[str, str]) -> bool:

@@ -93,10 +93,6 @@ def verify(
     if Path(url).is_dir():
         _verify_export(url)
         return
-    from diadb.backends.sqlite.backend import is_foreign_file
-
-    if is_foreign_file(url):
-        raise _fail(f"{url} is neither a PPDB export directory nor a SQLite database")
     try:
         with Apdb.open(url) as db:
             problems = db.verify()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from diadb.config import ApdbConfig
 from diadb.history.segment import SegmentInfo
 from diadb.schema.model import ApdbSchema, ColumnSpec
 
@@ -61,6 +62,35 @@ class VisitBatch:
 
 
 @dataclass(frozen=True)
+class Location:
+    """Where a database lives, as far as code outside the engine may know (never a secret).
+
+    ``files`` are the local paths an embedded database consists of (empty for a server);
+    ``hosts``/``port``/``database``/``namespace`` name a server's database (``namespace``: the
+    PostgreSQL schema or the Cassandra keyspace); ``uri`` is a driver URI without diadb's own
+    options, ``options`` those options."""
+
+    scheme: str
+    files: tuple[Path, ...] = ()
+    hosts: tuple[str, ...] = ()
+    port: int | None = None
+    database: str | None = None
+    namespace: str | None = None
+    uri: str | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TimePartition:
+    """One time-partition table of an engine that partitions sources by time."""
+
+    table: str  # the logical table (DiaSource, DiaForcedSource)
+    name: str  # the engine's name of the partition
+    start_mjd: float  # [start, end) in MJD TAI
+    end_mjd: float
+
+
+@dataclass(frozen=True)
 class TableStats:
     rows: int
     bytes: int
@@ -85,6 +115,9 @@ class Backend(Protocol):
 
     def attach_schema(self, schema: ApdbSchema) -> None:
         """Give an opened backend the schema read from its metadata."""
+
+    def configure(self, config: ApdbConfig) -> None:
+        """Apply the frozen config's options that concern this engine (after create and open)."""
 
     def select(
         self,
@@ -122,6 +155,9 @@ class Backend(Protocol):
         """Delete a source table's rows with time < ``cutoff_mjd``; return how many went."""
 
     def table_stats(self) -> dict[str, TableStats]: ...
+
+    def counters(self) -> dict[str, int]:
+        """Engine event counters since open (e.g. ``retries``); empty when the engine has none."""
 
     # ---- change log (replica chunks) -----------------------------------------------
     def list_chunks(self, published: bool | None = None) -> pa.Table:
@@ -222,3 +258,17 @@ class HistoryCapable(Protocol):
         """Withdrawal times of forced sources in segments (diaObjectId, visit, detector, time)."""
 
     def drop_overlay_before(self, cutoff_mjd: float) -> None: ...
+
+
+@runtime_checkable
+class TimePartitioned(Protocol):
+    """A backend whose source tables are partitioned by time (PostgreSQL, Cassandra)."""
+
+    def time_partitions(self) -> list[TimePartition]:
+        """Every partition, ordered by table then start."""
+
+    def create_time_partitions(self, start_mjd: float, end_mjd: float) -> list[str]:
+        """Make the partitions covering ``[start_mjd, end_mjd)`` that do not exist; their names."""
+
+    def drop_time_partitions(self, before_mjd: float) -> list[str]:
+        """Drop the partitions that end at or before ``before_mjd``; their names."""

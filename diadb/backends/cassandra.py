@@ -66,6 +66,7 @@ from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, V
 from diadb.backends.cassandra_changes import CassandraChanges, change_log_ddl
 from diadb.backends.common.names import LATEST_TABLE
 from diadb.backends.common.packing import PACKED, RowPacker, packed_columns
+from diadb.config import ApdbConfig
 from diadb.errors import ConfigError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.sky.healpix import coarsen_ranges
@@ -541,6 +542,13 @@ class CassandraBackend(CassandraChanges):
 
     def read_metadata(self) -> dict[str, str]:
         return self._read_metadata_raw()
+
+    def configure(self, config: ApdbConfig) -> None:
+        """Nothing in the frozen config concerns this engine (its options are in the URL)."""
+
+    def counters(self) -> dict[str, int]:
+        """Event counters since open."""
+        return {}
 
     def attach_schema(self, schema: ApdbSchema) -> None:
         self._schema = schema

@@ -56,6 +56,7 @@ from diadb.backends.common.names import LATEST_TABLE
 from diadb.backends.common.packing import PACKED, RowPacker, packed_columns
 from diadb.backends.postgres_changes import PostgresChanges
 from diadb.backends.postgres_forced import PostgresForced
+from diadb.config import ApdbConfig
 from diadb.errors import ConfigError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
@@ -537,6 +538,13 @@ class PostgresBackend(PostgresChanges, PostgresForced):
         except StorageError:
             return {}
         return dict(zip(t.column("key").to_pylist(), t.column("value").to_pylist(), strict=True))
+
+    def configure(self, config: ApdbConfig) -> None:
+        """Nothing in the frozen config concerns this engine (its options are in the URL)."""
+
+    def counters(self) -> dict[str, int]:
+        """Event counters since open."""
+        return {"retries": self.retries}
 
     def attach_schema(self, schema: ApdbSchema) -> None:
         self._schema = schema

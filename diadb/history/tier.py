@@ -246,7 +246,3 @@ def _column(data: pa.Table, name: str) -> npt.NDArray[Any]:
     col = data.column(name)
     values: npt.NDArray[Any] = col.chunk(0).to_numpy() if col.num_chunks == 1 else col.to_numpy()
     return values
-
-
-def default_directory(db_path: str) -> Path:
-    return Path(os.path.abspath(db_path) + ".history")

@@ -118,10 +118,10 @@ def run_jobs(
 
 def _absolute(url: str) -> str:
     """A SQLite URL as an absolute path (a bare path is a SQLite URL); other URLs as they are."""
-    from diadb.backends import scheme_of
-    from diadb.backends.sqlite.backend import path_from_url
+    from diadb.backends import locate
 
-    return os.path.abspath(path_from_url(url)) if scheme_of(url) == "sqlite" else url
+    files = locate(url).files
+    return str(files[0]) if files else url
 
 
 def _split(jobs: list[Job], workers: int) -> list[Job]:
@@ -151,12 +151,12 @@ def _remote(url: str, root: Path, region: Region | None, opts: ExportOptions, jo
 
 def _worker_db(url: str) -> Apdb:
     from diadb.apdb import Apdb
-    from diadb.backends import scheme_of
-    from diadb.backends.sqlite.backend import path_from_url
+    from diadb.backends import locate
 
     key: tuple[Any, ...] = (url,)
-    if scheme_of(url) == "sqlite":
-        st = os.stat(path_from_url(url))
+    files = locate(url).files
+    if files:
+        st = os.stat(files[0])
         key = (url, st.st_dev, st.st_ino)
     cache: dict[tuple[Any, ...], Apdb] = getattr(_local, "dbs", None) or {}
     _local.dbs = cache

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -84,7 +83,7 @@ def restore_export(
     scratch files go (default: beside a SQLite target, else the system's temporary directory).
     """
     from diadb.apdb import Apdb
-    from diadb.backends import scheme_of
+    from diadb.backends import locate
 
     base = Path(root)
     url = str(url)
@@ -102,8 +101,8 @@ def restore_export(
     # A new SQLite database is a few files (and the directories above it that do not exist yet):
     # what does not exist now is removed on failure.
     owned: list[Path] = []
-    if scheme_of(url) == "sqlite":
-        paths = _sqlite_paths(url)
+    paths = list(locate(url).files)
+    if paths:
         if paths[0].exists():
             raise PublicationError(f"{paths[0]} already exists; restore makes a new database")
         missing = [d for d in paths[0].parents if not d.exists()]
@@ -403,16 +402,6 @@ Batch = tuple[int, float, pa.Table, pa.Table, pa.Table]
 
 
 # ---- the target -----------------------------------------------------------------------------
-def _sqlite_paths(url: str) -> list[Path]:
-    """The files a new SQLite APDB at ``url`` consists of."""
-    from diadb.backends.sqlite.backend import path_from_url
-    from diadb.history.tier import default_directory
-
-    db = Path(os.path.abspath(path_from_url(url)))
-    sidecars = [db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal")]
-    return [db, *sidecars, default_directory(str(db))]
-
-
 def _remove(paths: list[Path]) -> None:
     for p in paths:
         with contextlib.suppress(OSError):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +49,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.apdb import Apdb
-from diadb.backends import scheme_of
 from diadb.errors import ConfigError
 from diadb.sim.model import Visit, VisitSimulator
 
@@ -257,12 +255,13 @@ class _ClientHosts:
 
 def database_bytes(url: str) -> int | None:
     """Size on disk of the database at ``url`` (SQLite: file plus ``-wal``); None if unknown."""
-    if scheme_of(url) != "sqlite":
-        return None
-    from diadb.backends.sqlite import path_from_url
+    from diadb.backends import locate
 
-    path = path_from_url(url)
-    return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+    files = locate(url).files
+    if not files:
+        return None
+    db, wal = files[0], files[0].with_name(files[0].name + "-wal")
+    return sum(p.stat().st_size for p in (db, wal) if p.exists())
 
 
 def run(

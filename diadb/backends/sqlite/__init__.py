@@ -1,5 +1,5 @@
 """The embedded default engine: SQLite in WAL mode, Arrow in and out through ADBC."""
 
-from diadb.backends.sqlite.backend import SqliteBackend, path_from_url
+from diadb.backends.sqlite.backend import SqliteBackend
 
-__all__ = ["SqliteBackend", "path_from_url"]
+__all__ = ["SqliteBackend"]

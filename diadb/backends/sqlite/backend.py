@@ -35,9 +35,10 @@ from diadb.backends.common.members import MEMBER_TABLES, member_rows
 from diadb.backends.common.names import LATEST_TABLE
 from diadb.backends.sqlite.changes import CHANGE_LOG_DDL, SqliteChanges
 from diadb.backends.sqlite.forced import SqliteForced
+from diadb.backends.sqlite.url import history_directory, is_foreign_file, path_from_url
+from diadb.config import ApdbConfig
 from diadb.errors import ConfigError, StorageError
 from diadb.history.segment import SegmentInfo
-from diadb.history.tier import default_directory
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type
 from diadb.sky.healpix import coarsen_ranges, in_ranges
@@ -69,35 +70,13 @@ def q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def path_from_url(url: str) -> str:
-    """``sqlite:///rel.db`` or ``sqlite:////abs.db`` (SQLAlchemy's convention), or a bare path."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    if not scheme.startswith("sqlite"):
-        raise ConfigError(f"not a SQLite URL: {url!r}")
-    if not rest.startswith("/") or rest == "/":
-        raise ConfigError(f"SQLite URL {url!r} needs a path: sqlite:///relative.db or sqlite:////abs/path.db")
-    return rest[1:]
-
-
-def is_foreign_file(url: str) -> bool:
-    """A bare path to a file that is not SQLite (a damaged export's file, a stray file), told
-    by the SQLite header: the driver would fail on it with a multi-line error."""
-    path = Path(url)
-    if "://" in url or not path.is_file() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as f:
-        return f.read(16) != b"SQLite format 3\x00"
-
-
 class SqliteBackend(SqliteChanges, SqliteForced):
     """SQLite through ADBC. See the module docstring for the layout."""
 
     #: ``Apdb.store(key=...)`` is supported (a key registry and chunk membership).
     supports_store_key = True
 
-    def __init__(self, url: str, *, create: bool, synchronous: str = "FULL") -> None:
+    def __init__(self, url: str, *, create: bool) -> None:
         import adbc_driver_manager
         import adbc_driver_sqlite.dbapi as dbapi
 
@@ -108,6 +87,8 @@ class SqliteBackend(SqliteChanges, SqliteForced):
             raise ConfigError(f"{self.path} already exists; use Apdb.open to use it")
         if not create and not exists:
             raise ConfigError(f"no APDB at {self.path}; use Apdb.create to make one")
+        if not create and is_foreign_file(self.path):
+            raise ConfigError(f"{self.path} is neither a PPDB export directory nor a SQLite database")
         if create:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -120,11 +101,20 @@ class SqliteBackend(SqliteChanges, SqliteForced):
             # Large pages keep 100-column rows on one page; must be set before WAL is enabled.
             cur.execute("PRAGMA page_size = 32768")
         cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        cur.execute("PRAGMA synchronous = FULL")  # until configure() says otherwise
         cur.execute("PRAGMA busy_timeout = 60000")
         cur.execute("PRAGMA temp_store = MEMORY")
         cur.execute("PRAGMA mmap_size = 4294967296")
         cur.close()
+
+    def configure(self, config: ApdbConfig) -> None:
+        """Apply the frozen config's engine options: ``sqlite_synchronous``."""
+        level = "NORMAL" if config.sqlite_synchronous == "NORMAL" else "FULL"
+        cur = self._conn.cursor()
+        try:
+            cur.execute(f"PRAGMA synchronous = {level}")
+        finally:
+            cur.close()
 
     # ---- helpers -------------------------------------------------------------------
     def _cursor(self) -> Any:
@@ -224,6 +214,10 @@ class SqliteBackend(SqliteChanges, SqliteForced):
         except StorageError:
             return {}
         return dict(zip(t.column("key").to_pylist(), t.column("value").to_pylist(), strict=True))
+
+    def counters(self) -> dict[str, int]:
+        """Event counters since open."""
+        return {}
 
     def attach_schema(self, schema: ApdbSchema) -> None:
         self._schema = schema
@@ -419,7 +413,7 @@ class SqliteBackend(SqliteChanges, SqliteForced):
 
     # ---- history tier --------------------------------------------------------------
     def history_directory(self) -> Path:
-        return default_directory(self.path)
+        return history_directory(self.path)
 
     @contextlib.contextmanager
     def read_snapshot(self) -> Iterator[None]:
