@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends import Backend, ReadTable, TimeWindow, VisitBatch, open_backend
-from diadb.backends.base import FaultHook, HistoryCapable
+from diadb.backends.base import FaultHook, HistoryCapable, TimePartition, TimePartitioned
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
 from diadb.daytime import DaytimeMixin
 from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
@@ -607,6 +607,31 @@ class Apdb(DaytimeMixin):
             entry["bytes"] += info.bytes
             entry["segments"] += 1
         return result
+
+    def counters(self) -> dict[str, int]:
+        """The engine's event counters since this APDB was opened (e.g. ``retries``)."""
+        return self._backend.counters()
+
+    # ---- time partitions (PostgreSQL, Cassandra) -----------------------------------------
+    def time_partitions(self) -> list[TimePartition]:
+        """The source tables' time partitions, by table then start (``ConfigError`` on an
+        engine without them)."""
+        return self._partitioned().time_partitions()
+
+    def create_time_partitions(self, start: Any, end: Any) -> list[str]:
+        """Make the partitions that cover ``[start, end)`` and do not exist yet; their names."""
+        self._writable()
+        return self._partitioned().create_time_partitions(mjd_tai(start), mjd_tai(end))
+
+    def drop_time_partitions(self, before: Any) -> list[str]:
+        """Drop the partitions (and their rows) that end at or before ``before``; their names."""
+        self._writable()
+        return self._partitioned().drop_time_partitions(mjd_tai(before))
+
+    def _partitioned(self) -> TimePartitioned:
+        if not isinstance(self._backend, TimePartitioned):
+            raise ConfigError(f"{self.url}: this engine has no time-partition tables")
+        return self._backend
 
     # ---- PPDB publication support (issue 6: diadb.ppdb) -----------------------------
     def read_pixels(
