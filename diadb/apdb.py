@@ -37,11 +37,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends import Backend, ReadTable, TimeWindow, VisitBatch, open_backend
-from diadb.backends.base import FaultHook, HistoryCapable, TimePartition, TimePartitioned
+from diadb.backends.base import TimePartition, TimePartitioned
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
 from diadb.daytime import DaytimeMixin
 from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
 from diadb.evolution import upgrade, version_tuple
+from diadb.history.manifest import FaultHook
+from diadb.history.manifest import HistoryEngine as HistoryCapable
 from diadb.history.segment import SegmentInfo
 from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, compaction_boundary, take_rows
 from diadb.schema.felis import load_schema, schema_from_yaml

@@ -18,8 +18,9 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diadb.backends.base import CHUNK_SCHEMA, HistoryCapable, TimeWindow
+from diadb.backends.base import CHUNK_SCHEMA, TimeWindow
 from diadb.errors import ConfigError, SchemaVersionError
+from diadb.history.manifest import HistoryEngine as HistoryCapable
 from diadb.history.tier import HISTORY_TABLES
 from diadb.times import mjd_tai
 from diadb.updates import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from diadb.errors import ConfigError
@@ -30,3 +31,11 @@ def mjd_tai(when: Any) -> float:
     if not math.isfinite(value):
         raise ConfigError(f"time must be finite, got {value}")
     return value
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """``start < time <= end`` in MJD TAI (either bound may be open-ended as +-inf)."""
+
+    start: float
+    end: float

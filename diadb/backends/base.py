@@ -8,7 +8,6 @@ fall in order-29 pixel ranges and a time window. Engine-specific code stays in i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -18,8 +17,8 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from diadb.config import ApdbConfig
-from diadb.history.segment import SegmentInfo
 from diadb.schema.model import ApdbSchema, ColumnSpec
+from diadb.times import TimeWindow as TimeWindow  # re-exported: part of the protocol
 
 #: The tables a read addresses. "DiaObject" reads the latest version of each object.
 ReadTable = Literal["DiaObject", "DiaSource", "DiaForcedSource"]
@@ -38,12 +37,6 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("published", pa.bool_()),
     ]
 )
-SegmentWriter = Callable[[str, pa.Table], list[SegmentInfo]]
-SegmentSweeper = Callable[[list[SegmentInfo], list[tuple[str, float]]], list[str]]
-#: Writes the new DiaObject snapshot: (the current snapshot or None, the ids changed since it
-#: or None for a full rebuild, the engine's latest rows of those ids) -> its manifest entry.
-ObjectSnapshotWriter = Callable[[SegmentInfo | None, Int64Array | None, pa.Table], SegmentInfo]
-FaultHook = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -94,14 +87,6 @@ class TimePartition:
 class TableStats:
     rows: int
     bytes: int
-
-
-@dataclass(frozen=True)
-class TimeWindow:
-    """``start < time <= end`` in MJD TAI (either bound may be open-ended as +-inf)."""
-
-    start: float
-    end: float
 
 
 class Backend(Protocol):
@@ -218,46 +203,6 @@ class Backend(Protocol):
         """Set ``values`` and remove the ``delete`` keys, in one transaction."""
 
     def close(self) -> None: ...
-
-
-@runtime_checkable
-class HistoryCapable(Protocol):
-    """A backend that can keep a manifest of history segments (see ``diadb.history``)."""
-
-    def history_directory(self) -> Path: ...
-
-    def read_snapshot(self) -> AbstractContextManager[None]:
-        """Reads made inside see one consistent state of rows and manifest."""
-
-    def list_segments(self, table: str | None = None) -> list[SegmentInfo]: ...
-
-    def compact_history(
-        self,
-        tables: Sequence[str],
-        boundary: float,
-        write: SegmentWriter,
-        sweep: SegmentSweeper,
-        fault: FaultHook | None = None,
-        objects: ObjectSnapshotWriter | None = None,
-    ) -> list[SegmentInfo]:
-        """Atomically move rows older than ``boundary`` into segments written by ``write``,
-        and (with ``objects``) replace the DiaObject snapshot by one that is current."""
-
-    def select_changed_objects(
-        self, ranges: Int64Array, columns: Sequence[str]
-    ) -> tuple[Int64Array, pa.Table]:
-        """The ids of every latest DiaObject row written or deleted since the snapshot was made,
-        and the current rows of those ids inside ``ranges``. Call inside :meth:`read_snapshot`."""
-
-    def drop_segments(self, segment_ids: Sequence[int]) -> None: ...
-
-    def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
-        """Current mutable columns of sources in segments that daytime updates changed."""
-
-    def select_forced_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
-        """Withdrawal times of forced sources in segments (diaObjectId, visit, detector, time)."""
-
-    def drop_overlay_before(self, cutoff_mjd: float) -> None: ...
 
 
 @runtime_checkable

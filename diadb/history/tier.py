@@ -21,9 +21,9 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diadb.backends.base import TimeWindow
 from diadb.history.segment import Int64Array, SegmentInfo, locate, open_segment, verify_segment, write_segment
 from diadb.sky.regions import Region
+from diadb.times import TimeWindow
 
 HISTORY_TABLES = ("DiaSource", "DiaForcedSource")
 TIME_COLUMN = "midpointMjdTai"

@@ -20,17 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from diadb.backends.base import (
-    FaultHook,
-    Int64Array,
-    ObjectSnapshotWriter,
-    ReadTable,
-    SegmentSweeper,
-    SegmentWriter,
-    TableStats,
-    TimeWindow,
-    VisitBatch,
-)
+from diadb.backends.base import Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
 from diadb.backends.common.members import MEMBER_TABLES, member_rows
 from diadb.backends.common.names import LATEST_TABLE
 from diadb.backends.sqlite.changes import CHANGE_LOG_DDL, SqliteChanges
@@ -38,6 +28,7 @@ from diadb.backends.sqlite.forced import SqliteForced
 from diadb.backends.sqlite.url import history_directory, is_foreign_file, path_from_url
 from diadb.config import ApdbConfig
 from diadb.errors import ConfigError, StorageError
+from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
 from diadb.history.segment import SegmentInfo
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec, TableSpec
 from diadb.schema.types import sql_type

@@ -1,0 +1,74 @@
+"""What an engine offers the history tier: the small protocol a fourth engine implements.
+
+The tier keeps immutable segments (:mod:`diadb.history.segment`); the engine keeps everything
+that changes, in its own transactions: the manifest of live segments, the overlays of daytime
+changes to rows already in segments, the ids of DiaObjects changed since the snapshot, and the
+one atomic step of compaction (record new segments and delete the rows they hold). Reads go
+through :mod:`diadb.history.reader`, compaction through :mod:`diadb.history.compaction`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from diadb.history.segment import Int64Array, SegmentInfo
+from diadb.times import TimeWindow
+
+#: Writes a table's rows as segments (one per time span) and returns their manifest entries.
+SegmentWriter = Callable[[str, pa.Table], list[SegmentInfo]]
+#: Deletes unreferenced files: (live segments, trash entries (name, dropped at)) -> trash names deleted.
+SegmentSweeper = Callable[[list[SegmentInfo], list[tuple[str, float]]], list[str]]
+#: Writes the new DiaObject snapshot: (the current snapshot or None, the ids changed since it
+#: or None for a full rebuild, the engine's latest rows of those ids) -> its manifest entry.
+ObjectSnapshotWriter = Callable[[SegmentInfo | None, Int64Array | None, pa.Table], SegmentInfo]
+#: Tests only: called with a step's name before each step of a compaction, to crash there.
+FaultHook = Callable[[str], None]
+
+
+@runtime_checkable
+class HistoryEngine(Protocol):
+    """An engine that keeps the manifest of history segments and their overlays."""
+
+    def history_directory(self) -> Path:
+        """Where this database's segment files live."""
+
+    def read_snapshot(self) -> AbstractContextManager[None]:
+        """Reads made inside see one consistent state of rows, overlays and manifest."""
+
+    def list_segments(self, table: str | None = None) -> list[SegmentInfo]:
+        """The live segments (of ``table``), in the order they were recorded."""
+
+    def compact_history(
+        self,
+        tables: Sequence[str],
+        boundary: float,
+        write: SegmentWriter,
+        sweep: SegmentSweeper,
+        fault: FaultHook | None = None,
+        objects: ObjectSnapshotWriter | None = None,
+    ) -> list[SegmentInfo]:
+        """Atomically move rows older than ``boundary`` into segments written by ``write``,
+        and (with ``objects``) replace the DiaObject snapshot by one that is current."""
+
+    def select_changed_objects(
+        self, ranges: Int64Array, columns: Sequence[str]
+    ) -> tuple[Int64Array, pa.Table]:
+        """The ids of every latest DiaObject row written or deleted since the snapshot was made,
+        and the current rows of those ids inside ``ranges``. Call inside :meth:`read_snapshot`."""
+
+    def drop_segments(self, segment_ids: Sequence[int]) -> None:
+        """Take segments out of the manifest (their files are deleted after a grace period)."""
+
+    def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        """Current mutable columns of sources in segments that daytime updates changed."""
+
+    def select_forced_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        """Withdrawal times of forced sources in segments (diaObjectId, visit, detector, ``_w``)."""
+
+    def drop_overlay_before(self, cutoff_mjd: float) -> None:
+        """Forget overlay entries of rows older than ``cutoff_mjd`` (retention)."""
