@@ -27,38 +27,49 @@ Writes
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from diadb.backends import Backend, ReadTable, TimeWindow, VisitBatch, open_backend
+from diadb.backends import Backend, ReadTable, VisitBatch, open_backend
 from diadb.backends.base import TimePartition, TimePartitioned
+from diadb.changelog import ChangeLog
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
-from diadb.daytime import DaytimeMixin
-from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
+from diadb.daytime import Daytime
+from diadb.errors import ConfigError, DuplicateVisitError, SchemaVersionError, StorageError
 from diadb.evolution import upgrade, version_tuple
-from diadb.history.manifest import FaultHook
-from diadb.history.manifest import HistoryEngine as HistoryCapable
+from diadb.history.compaction import Compactor
+from diadb.history.manifest import FaultHook, HistoryEngine
+from diadb.history.reader import Reader, ReadRequest, empty_ranges
 from diadb.history.segment import SegmentInfo
-from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, compaction_boundary, take_rows
+from diadb.history.tier import HISTORY_TABLES, HistoryTier
+from diadb.ingest import (
+    check_history_keys,
+    check_objects,
+    check_source_objects,
+    diagnose_key_conflicts,
+    with_healpix,
+)
 from diadb.schema.felis import load_schema, schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.schema.validate import to_arrow, validate_catalog
-from diadb.sky.healpix import radec_to_healpix29
 from diadb.sky.regions import Region, as_region
-from diadb.times import DAYS_PER_MONTH, mjd_tai
-from diadb.updates import apply_forced_overlay, apply_source_overlay
+from diadb.times import DAYS_PER_MONTH, TimeWindow, mjd_tai
 
-_TIME_COLUMN = {"DiaSource": "midpointMjdTai", "DiaForcedSource": "midpointMjdTai"}
+# This module is the public API: one method per call, each with its docstring; the work is done
+# by the modules it delegates to (history.reader, ingest, daytime, changelog, history.compaction).
+# It is longer than ~500 lines for that reason only.
 
 
-class Apdb(DaytimeMixin):
-    """An Alert Production Database. Make one with :meth:`create`, reopen it with :meth:`open`."""
+class Apdb:
+    """An Alert Production Database. Make one with :meth:`create`, reopen it with :meth:`open`.
+
+    Use it as a context manager, or call :meth:`close`. One ``Apdb`` serves one thread at a
+    time; open one per thread or process (the engines serialise writers themselves)."""
 
     def __init__(
         self, url: str, backend: Backend, schema: ApdbSchema, config: ApdbConfig, *, read_only: bool
@@ -70,30 +81,47 @@ class Apdb(DaytimeMixin):
         self.read_only = read_only
         self._tier: HistoryTier | None = None
         # The backend as a history engine, checked once: a runtime Protocol check costs ~ms.
-        self._history: HistoryCapable | None = None
-        self._compacted_to = -np.inf
+        history: HistoryEngine | None = None
         if config.history_tier:
-            if not isinstance(backend, HistoryCapable):
+            if not isinstance(backend, HistoryEngine):
                 raise ConfigError(
                     f"the backend of {url} does not support the history tier (history_tier=True)"
                 )
-            self._history = backend
+            history = backend
             self._tier = HistoryTier(backend.history_directory(), config.history_span_days)
+        self._history = history
+        self._reader = Reader(backend, schema, self._tier, history)
+        self._daytime = Daytime(backend, schema, self._writable, self._tier, history)
+        self._changelog = ChangeLog(backend, schema, self._writable, self._tier, history)
+        self._compactor = (
+            Compactor(history, self._tier, schema, config) if history is not None and self._tier else None
+        )
 
     # ---- life cycle ----------------------------------------------------------------
     @classmethod
     def create(cls, url: str | Path, schema: str | Path | ApdbSchema | None = None, **config: Any) -> Apdb:
-        """Make a new, empty APDB at ``url`` (a SQLite path or URL).
+        """Make a new, empty APDB.
 
-        ``schema`` is a Felis YAML path (default: Rubin's official ``apdb.yaml``); ``config``
-        takes the fields of :class:`ApdbConfig`, all frozen into the database.
+        Parameters
+        ----------
+        url
+            A SQLite path or URL, ``postgresql://...`` or ``cassandra://...`` (see the README).
+        schema
+            A Felis YAML path or a loaded schema; default: Rubin's official ``apdb.yaml``.
+        **config
+            Fields of :class:`ApdbConfig`, all frozen into the database.
+
+        Raises
+        ------
+        ConfigError
+            A bad URL or option, or a database that already exists there.
         """
         cfg = ApdbConfig.from_kwargs(**config)
         felis = schema if isinstance(schema, ApdbSchema) else load_schema(schema)
         url = str(url)
         backend = open_backend(url, create=True)
         if cfg.history_tier is None:
-            cfg = dataclasses.replace(cfg, history_tier=isinstance(backend, HistoryCapable))
+            cfg = dataclasses.replace(cfg, history_tier=isinstance(backend, HistoryEngine))
         metadata = {
             "diadb.layout_version": LAYOUT_VERSION,
             "diadb.pixelization": PIXELIZATION,
@@ -112,7 +140,15 @@ class Apdb(DaytimeMixin):
 
     @classmethod
     def open(cls, url: str | Path) -> Apdb:
-        """Open an existing APDB; its frozen schema and config are checked and used."""
+        """Open an existing APDB; its frozen schema, config, pixelization and layout are checked.
+
+        A database written by a newer diadb of the same major layout opens read-only.
+
+        Raises
+        ------
+        SchemaVersionError
+            Not a diadb database, or a layout this diadb cannot read.
+        """
         url = str(url)
         backend = open_backend(url, create=False)
         try:
@@ -120,11 +156,11 @@ class Apdb(DaytimeMixin):
             read_only = cls._check_versions(url, meta)
             schema = schema_from_yaml(meta["felis.schema_yaml"], origin=f"{url} (frozen schema)")
             cfg = ApdbConfig.from_json(meta["diadb.config"])
+            backend.attach_schema(schema)
+            backend.configure(cfg)
         except BaseException:
             backend.close()
             raise
-        backend.attach_schema(schema)
-        backend.configure(cfg)
         return cls(url, backend, schema, cfg, read_only=read_only)
 
     @staticmethod
@@ -152,11 +188,24 @@ class Apdb(DaytimeMixin):
 
     @staticmethod
     def upgrade(url: str | Path, schema: str | Path | None = None) -> list[str]:
-        """Migrate an older database in place (layout and, with ``schema``, the Felis schema);
-        see :mod:`diadb.evolution`. Returns the steps taken."""
+        """Migrate an older database in place (see :mod:`diadb.evolution`).
+
+        Parameters
+        ----------
+        url
+            The database.
+        schema
+            A newer Felis schema to evolve to (columns added), or None for the layout only.
+
+        Returns
+        -------
+        list of str
+            The steps taken.
+        """
         return upgrade(str(url), schema)
 
     def close(self) -> None:
+        """Close the engine's connections."""
         self._backend.close()
 
     def __enter__(self) -> Apdb:
@@ -164,6 +213,10 @@ class Apdb(DaytimeMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise SchemaVersionError(f"{self.url} was written by a newer diadb; it is open read-only")
 
     # ---- reads ---------------------------------------------------------------------
     @overload
@@ -177,7 +230,24 @@ class Apdb(DaytimeMixin):
     def get_objects(
         self, region: Any, *, columns: Sequence[str] | None = None, as_pandas: bool = False
     ) -> pa.Table | pd.DataFrame:
-        """The latest version of each DiaObject inside ``region``."""
+        """The latest version of each DiaObject inside ``region``.
+
+        Parameters
+        ----------
+        region
+            A :class:`diadb.Circle`, :class:`diadb.Box`, :class:`diadb.Polygon`, an
+            ``lsst.sphgeom`` region or text such as ``"circle 55 -30 3"``. Exact: rows of the
+            pixel cover outside the region are removed.
+        columns
+            The columns returned, in this order (default: all, schema order, ``_healpix_29`` last).
+        as_pandas
+            Return a pandas DataFrame instead of an Arrow table.
+
+        Returns
+        -------
+        pyarrow.Table or pandas.DataFrame
+            Sorted by ``_healpix_29``, then ``diaObjectId``; Felis types and metadata.
+        """
         return self._read("DiaObject", as_region(region), columns, None, None, as_pandas)
 
     def get_sources(
@@ -193,9 +263,30 @@ class Apdb(DaytimeMixin):
         columns: Sequence[str] | None = None,
         as_pandas: bool = False,
     ) -> Any:
-        """DiaSources inside ``region`` (or of ``object_ids`` when ``region`` is None) in the
-        history window before ``visit_time``, or in the ``start``/``end`` window given (see the
-        module docstring for the exact bounds)."""
+        """DiaSources inside ``region`` in a time window.
+
+        Parameters
+        ----------
+        region
+            As for :meth:`get_objects`, or None to select by ``object_ids`` alone.
+        visit_time
+            MJD TAI (float), ``astropy.time.Time`` or ``datetime``; the window is
+            ``visit_time - 30 * months < midpointMjdTai <= visit_time``.
+        object_ids
+            Only sources of these DiaObjects (with a region: the intersection).
+        months
+            The window's length (default: the frozen ``history_months``).
+        start, start_inclusive, end
+            An explicit window: ``start < t`` (``<=`` with ``start_inclusive``), ``t <= end``;
+            ``float("-inf")`` / ``float("inf")`` leave a side open.
+        columns, as_pandas
+            As for :meth:`get_objects`.
+
+        Returns
+        -------
+        pyarrow.Table or pandas.DataFrame
+            Sorted by ``_healpix_29``, then ``midpointMjdTai``, then ``diaSourceId``.
+        """
         window = self._window(visit_time, months, start, start_inclusive, end)
         return self._read_history("DiaSource", region, window, object_ids, columns, as_pandas)
 
@@ -212,9 +303,40 @@ class Apdb(DaytimeMixin):
         columns: Sequence[str] | None = None,
         as_pandas: bool = False,
     ) -> Any:
-        """DiaForcedSources, as :meth:`get_sources`."""
+        """DiaForcedSources inside ``region`` in a time window; parameters as :meth:`get_sources`.
+
+        Returns
+        -------
+        pyarrow.Table or pandas.DataFrame
+            Sorted by ``_healpix_29``, then ``midpointMjdTai``, then the primary key.
+        """
         window = self._window(visit_time, months, start, start_inclusive, end)
         return self._read_history("DiaForcedSource", region, window, object_ids, columns, as_pandas)
+
+    def read_pixels(
+        self, table: ReadTable, ranges: np.ndarray, *, columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """Every stored row of ``table`` whose ``_healpix_29`` lies in ``ranges``, whatever its
+        time (for ``DiaObject``: the latest versions); for the PPDB export.
+
+        Parameters
+        ----------
+        table
+            ``DiaObject``, ``DiaSource`` or ``DiaForcedSource``.
+        ranges
+            An ``(n, 2)`` array of sorted, disjoint ``[lo, hi)`` order-29 ranges.
+        columns
+            As for :meth:`get_objects`.
+        """
+        cover = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+        wanted = self._check_columns(self.schema.table(table), columns)
+        if len(cover) == 0:
+            return self.schema.table(table).arrow_schema().empty_table().select(wanted)
+        result = self._reader.read(ReadRequest(table, None, cover, wanted))
+        # A bulk scan (the PPDB export) visits each segment once per partition: keeping them
+        # all mapped would grow the process's resident size with the catalogue.
+        self._reader.release()
+        return result
 
     def _window(
         self, visit_time: Any, months: int | None, start: Any, inclusive: bool, end: Any
@@ -253,114 +375,14 @@ class Apdb(DaytimeMixin):
         object_ids: np.ndarray | None,
         as_pandas: bool,
     ) -> Any:
+        """Shape the request (columns, cover) and hand it to the reader."""
         spec = self.schema.table(table)
         wanted = self._check_columns(spec, columns)
-        order = (
-            [HEALPIX_COLUMN]
-            + ([_TIME_COLUMN[table]] if table in _TIME_COLUMN else [])
-            + list(spec.primary_key)
-        )
-        extra = ["diaObjectId"] if object_ids is not None else []
-        needed = list(dict.fromkeys([*wanted, "ra", "dec", *order, *extra]))
-        if object_ids is not None and len(object_ids) == 0:
-            return self._finish(spec.arrow_schema().empty_table().select(wanted), as_pandas)
-        ranges = (
-            region.pixel_ranges(self.config.region_refinement)
-            if region is not None
-            else np.zeros((0, 2), np.int64)
-        )
-        if region is not None and len(ranges) == 0:
-            return self._finish(spec.arrow_schema().empty_table().select(wanted), as_pandas)
-        segments: list[SegmentInfo] = []
-        overlay: pa.Table | None = None
-        forced_overlay: pa.Table | None = None
-        changed: np.ndarray | None = None
-        if self._history is not None and (table in HISTORY_TABLES or table == OBJECT_TABLE):
-            history = self._history
-            # The manifest, the overlays and the engine rows are read in one snapshot: a
-            # concurrent compaction or daytime update is seen wholly or not at all.
-            with history.read_snapshot():
-                segments = history.list_segments(table)
-                if table == "DiaSource":
-                    overlay = history.select_overlay(ranges, window)
-                elif table == "DiaForcedSource" and segments:
-                    forced_overlay = history.select_forced_overlay(ranges, window)
-                if table == OBJECT_TABLE and segments:
-                    # Objects: the snapshot's rows of unchanged ids, the engine's of the rest.
-                    changed, raw = history.select_changed_objects(ranges, needed)
-                else:
-                    raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
+        ranges = region.pixel_ranges(self.config.region_refinement) if region is not None else empty_ranges()
+        if (object_ids is not None and len(object_ids) == 0) or (region is not None and len(ranges) == 0):
+            data = spec.arrow_schema().empty_table().select(wanted)
         else:
-            raw = self._backend.select(table, ranges, needed, window=window, object_ids=object_ids)
-        data = self._cast_to_schema(spec, raw, needed)
-        if region is not None and data.num_rows:
-            inside = region.contains(data.column("ra").to_numpy(), data.column("dec").to_numpy())
-            if not inside.all():
-                data = data.filter(pa.array(inside))
-        if self._tier is not None and (table in HISTORY_TABLES or table == OBJECT_TABLE):
-            self._tier.forget(table, segments)
-            if segments:
-                data = self._with_segments(
-                    table, data, segments, ranges, needed, order, region, window, object_ids,
-                    overlay, forced_overlay, changed,
-                )  # fmt: skip
-                return self._finish(data.select(wanted), as_pandas)
-        if data.num_rows > 1:
-            data = data.take(pc.sort_indices(data, sort_keys=[(c, "ascending") for c in order]))
-        return self._finish(data.select(wanted), as_pandas)
-
-    def _with_segments(
-        self,
-        table: ReadTable,
-        data: pa.Table,
-        segments: Sequence[SegmentInfo],
-        ranges: np.ndarray,
-        needed: Sequence[str],
-        order: Sequence[str],
-        region: Region | None,
-        window: TimeWindow | None,
-        object_ids: np.ndarray | None,
-        overlay: pa.Table | None,
-        forced_overlay: pa.Table | None,
-        changed: np.ndarray | None,
-    ) -> pa.Table:
-        """The engine's rows ``data`` and the matching segment rows, as one table sorted by
-        ``order``, with daytime overlays applied."""
-        assert self._tier is not None
-        include = None
-        if overlay is not None and overlay.num_rows and object_ids is not None:
-            # Rows an overlay moved to one of these objects, though stored under another.
-            moved = pc.is_in(overlay.column("diaObjectId").cast(pa.int64()), pa.array(object_ids))
-            include = overlay.filter(moved).column("diaSourceId").to_numpy().astype(np.int64)
-        parts = self._tier.select(
-            segments,
-            ranges,
-            needed,
-            region=region,
-            window=window,
-            object_ids=object_ids,
-            include_ids=include,
-            exclude_ids=changed,
-        )
-        if forced_overlay is not None and forced_overlay.num_rows:
-            parts = [apply_forced_overlay(p, forced_overlay) for p in parts]
-        schema = data.schema
-        # One concatenation and one sorted take (Arrow's take is faster here than a hand-made
-        # gather of each piece into its final place; measured on a 12-month field read).
-        merged = pa.concat_tables([data, *(p if p.schema == schema else p.cast(schema) for p in parts)])
-        if merged.num_rows > 1:
-            order_keys = [(c, "ascending") for c in order]
-            merged = take_rows(merged, pc.sort_indices(merged, sort_keys=order_keys))
-        if overlay is not None and overlay.num_rows:
-            # Order-preserving; engine rows are never in the overlay (each row lives once).
-            merged = apply_source_overlay(merged, overlay)
-            if object_ids is not None:
-                keep = pc.fill_null(pc.is_in(merged.column("diaObjectId"), pa.array(object_ids)), False)
-                merged = merged.filter(keep)
-        return merged
-
-    @staticmethod
-    def _finish(data: pa.Table, as_pandas: bool) -> Any:
+            data = self._reader.read(ReadRequest(table, region, ranges, wanted, window, object_ids))
         return data.to_pandas() if as_pandas else data
 
     @staticmethod
@@ -371,13 +393,6 @@ class Apdb(DaytimeMixin):
         if unknown:
             raise ConfigError(f"{spec.name}: unknown column(s) {unknown}")
         return list(dict.fromkeys(columns))
-
-    @staticmethod
-    def _cast_to_schema(spec: TableSpec, raw: pa.Table, names: Sequence[str]) -> pa.Table:
-        full = spec.arrow_schema()
-        target = pa.schema([full.field(n) for n in names], metadata=full.metadata)
-        # One cast of the whole table (per-column casts cost ~40 us each in Python, x104).
-        return raw.rename_columns(list(names)).cast(target)
 
     # ---- writes --------------------------------------------------------------------
     def store(
@@ -391,21 +406,37 @@ class Apdb(DaytimeMixin):
         detector: int | None = None,
         key: str | None = None,
     ) -> bool:
-        """Validate and store one visit (``detector=None``: the whole visit) in one transaction.
+        """Validate and store one visit (or one detector of it) in one transaction.
 
-        Returns ``True`` when written, ``False`` when this visit/detector was already stored
-        (nothing is written then). ``validityStartMjdTai`` of objects defaults to the visit time;
-        the previous version of each updated object is closed at the new version's start.
+        Parameters
+        ----------
+        visit_time
+            The visit's time (MJD TAI, ``astropy.time.Time`` or ``datetime``);
+            ``validityStartMjdTai`` of objects defaults to it.
+        objects, sources, forced_sources
+            Arrow tables or pandas DataFrames of DiaObject, DiaSource, DiaForcedSource rows.
+        visit, detector
+            The visit, and the detector (None: the whole visit).
+        key
+            Idempotency by this text instead of by visit/detector: a key already stored writes
+            nothing; stores of one visit/detector under other keys append, and each one's
+            change-log chunk lists its rows by primary key.
 
-        With ``key``, idempotency is by that text instead of by visit/detector: a key already
-        stored writes nothing, and stores of one visit/detector under other keys append (the
-        visit/detector is still recorded for :meth:`contains_visit_detector`). The change log
-        then records the store's rows by primary key.
+        Returns
+        -------
+        bool
+            True when written; False when this visit/detector (or key) was already stored (nothing
+            is written then). Exactly what happened to the visit: an automatic compaction after
+            the commit never changes it (its trouble is logged and retried later).
+
+        Raises
+        ------
+        CatalogError
+            A catalog does not fit the schema (nothing is written).
+        DuplicateVisitError
+            Already stored, when created with ``on_duplicate_visit="error"``.
         """
-        if self.read_only:
-            raise SchemaVersionError(f"{self.url} was written by a newer diadb; it is open read-only")
-        if key is not None and not getattr(self._backend, "supports_store_key", False):
-            raise ConfigError(f"the backend of {self.url} does not support keyed stores (store(key=...))")
+        self._writable()
         mjd = mjd_tai(visit_time)
         det = -1 if detector is None else int(detector)
         obj_spec = self.schema.table("DiaObject")
@@ -413,101 +444,119 @@ class Apdb(DaytimeMixin):
         objs = validate_catalog(
             obj_spec, obj_in, defaults={"validityStartMjdTai": pa.array(np.full(obj_in.num_rows, mjd))}
         )
-        self._check_objects(objs)
+        check_objects(objs)
         srcs = self._validate_optional("DiaSource", sources)
         forced = self._validate_optional("DiaForcedSource", forced_sources)
-        self._check_source_objects(srcs, objs)
+        check_source_objects(self._backend, "DiaSource", srcs, objs)
         batch = VisitBatch(
             visit=int(visit),
             detector=det,
             visit_mjd_tai=mjd,
-            objects=self._with_healpix(objs),
-            sources=self._with_healpix(srcs),
-            forced_sources=self._with_healpix(forced),
+            objects=with_healpix(objs),
+            sources=with_healpix(srcs),
+            forced_sources=with_healpix(forced),
             key=None if key is None else str(key),
         )
+        if self._tier is not None and self._history is not None:
+            check_history_keys(self._tier, self._history, self.schema, batch)
         try:
             stored = self._backend.store_visit(batch)
         except StorageError:
-            self._diagnose_key_conflicts(batch)
+            diagnose_key_conflicts(self._backend, self.schema, batch)
             raise
         if not stored and self.config.on_duplicate_visit == "error":
             what = (
                 f"key {key!r}" if key is not None else "the whole visit" if det == -1 else f"detector {det}"
             )
             raise DuplicateVisitError(f"visit {visit} {what} is already stored in {self.url}")
-        if stored and self._tier is not None and self.config.history_auto_compact:
-            boundary = compaction_boundary(
-                mjd, self.config.history_span_days, self.config.history_compact_lag_days
-            )
-            if boundary > self._compacted_to:
-                self.compact(boundary=boundary)
+        if stored and self._compactor is not None and self.config.history_auto_compact:
+            self._compactor.after_store(mjd)
         return stored
+
+    def _validate_optional(self, table: str, data: Any) -> pa.Table:
+        spec = self.schema.table(table)
+        if data is None:
+            return spec.arrow_schema(with_healpix=False).empty_table()
+        return validate_catalog(spec, data)
 
     # ---- history tier --------------------------------------------------------------
     def compact(self, *, boundary: float | None = None, fault: FaultHook | None = None) -> list[SegmentInfo]:
-        """Move source rows older than ``boundary`` (default: the newest closed span) into
-        history segments. Safe to run while other processes read and write."""
-        if self._tier is None:
+        """Move source rows older than ``boundary`` into history segments and refresh the
+        DiaObject snapshot. Safe while other processes read and write.
+
+        Parameters
+        ----------
+        boundary
+            MJD TAI; default: the newest span edge at least ``history_compact_lag_days`` before
+            the newest stored visit.
+        fault
+            Tests only: called with each step's name, to crash there.
+
+        Returns
+        -------
+        list of SegmentInfo
+            The segments written.
+
+        Raises
+        ------
+        ConfigError
+            The tier is off. ``SchemaVersionError``: the database is open read-only.
+        """
+        if self._compactor is None:
             raise ConfigError(f"{self.url} has no history tier (history_tier is off)")
-        assert isinstance(self._backend, HistoryCapable)
+        self._writable()
         if boundary is None:
-            latest = self._latest_visit_mjd()
+            latest = self._backend.latest_visit_mjd()
             if latest is None:
                 return []
-            boundary = compaction_boundary(
-                latest, self.config.history_span_days, self.config.history_compact_lag_days
-            )
-        tier = self._tier
-
-        def write(table: str, rows: pa.Table) -> list[SegmentInfo]:
-            spec = self.schema.table(table)
-            typed = self._cast_to_schema(spec, rows, rows.column_names)
-            return tier.write(table, typed, fault)
-
-        def write_objects(old: SegmentInfo | None, changed: np.ndarray | None, rows: pa.Table) -> SegmentInfo:
-            spec = self.schema.table(OBJECT_TABLE)
-            return tier.write_objects(
-                old, changed, self._cast_to_schema(spec, rows, rows.column_names), fault
-            )
-
-        created = self._backend.compact_history(
-            HISTORY_TABLES, boundary, write, tier.sweep, fault, objects=write_objects
-        )
-        self._compacted_to = max(self._compacted_to, boundary)
-        return created
+            boundary = self._compactor.boundary(latest)
+        return self._compactor.run(boundary, fault)
 
     @property
     def tier(self) -> HistoryTier | None:
         """The history tier, or None when it is off."""
         return self._tier
 
+    @property
+    def compaction_error(self) -> BaseException | None:
+        """Why the last automatic compaction failed (None when it did not); it is retried after
+        the next store, or by :meth:`compact`."""
+        return None if self._compactor is None else self._compactor.last_error
+
     def segments(self) -> list[SegmentInfo]:
         """The live history segments (empty when the tier is off)."""
-        if self._tier is None:
-            return []
-        assert isinstance(self._backend, HistoryCapable)
-        return self._backend.list_segments()
+        return [] if self._history is None else self._history.list_segments()
 
     def verify(self) -> list[str]:
         """Check every history segment against its manifest entry (size, structure, checksum).
 
-        Returns one line per problem; an empty list means all is well."""
+        Returns
+        -------
+        list of str
+            One line per problem, naming the file; empty when all is well.
+        """
         if self._tier is None:
             return []
         return self._tier.verify(self.segments())
 
-    def _latest_visit_mjd(self) -> float | None:
-        return self._backend.latest_visit_mjd()
-
     def prune(self, now: Any = None, *, dry_run: bool = False) -> dict[str, dict[str, int]]:
-        """Drop source history older than ``history_months`` plus ``retention_grace_days`` before
-        ``now`` (default: the newest stored visit): whole history segments, and engine rows.
+        """Drop source history older than ``history_months`` plus ``retention_grace_days``.
 
-        Returns, per table, the rows and segments that went (or would go, with ``dry_run``)."""
-        if self.read_only and not dry_run:
-            raise SchemaVersionError(f"{self.url} is open read-only")
-        latest = self._latest_visit_mjd() if now is None else mjd_tai(now)
+        Parameters
+        ----------
+        now
+            The time retention counts from (default: the newest stored visit).
+        dry_run
+            Only count what would go.
+
+        Returns
+        -------
+        dict
+            Per table, the ``rows`` and ``segments`` that went (or would go).
+        """
+        if not dry_run:
+            self._writable()
+        latest = self._backend.latest_visit_mjd() if now is None else mjd_tai(now)
         report: dict[str, dict[str, int]] = {t: {"rows": 0, "segments": 0} for t in HISTORY_TABLES}
         if latest is None:
             return report
@@ -519,83 +568,205 @@ class Apdb(DaytimeMixin):
         for table in HISTORY_TABLES:
             report[table]["rows"] += self._backend.count_before(table, cutoff)
         if not dry_run:
-            if isinstance(self._backend, HistoryCapable):
-                self._backend.drop_overlay_before(cutoff)
-            if old:
-                assert isinstance(self._backend, HistoryCapable)
-                self._backend.drop_segments([s.segment_id for s in old])
+            if self._history is not None:
+                self._history.drop_overlay_before(cutoff)
+                if old:
+                    self._history.drop_segments([s.segment_id for s in old])
             for table in HISTORY_TABLES:
                 self._backend.delete_before(table, cutoff)
         return report
 
-    def _validate_optional(self, table: str, data: Any) -> pa.Table:
-        spec = self.schema.table(table)
-        if data is None:
-            return spec.arrow_schema(with_healpix=False).empty_table()
-        return validate_catalog(spec, data)
+    # ---- daytime -------------------------------------------------------------------
+    def reassign_to_ssobjects(self, mapping: Mapping[int, int], *, time: Any = None) -> None:
+        """Move DiaSources to solar-system objects, atomically.
 
-    @staticmethod
-    def _check_objects(objs: pa.Table) -> None:
-        ends = objs.column("validityEndMjdTai")
-        if ends.null_count != len(ends):
-            set_rows = np.flatnonzero(~np.asarray(ends.is_null().to_numpy(zero_copy_only=False), dtype=bool))
-            raise CatalogError(
-                "DiaObject",
-                "validityEndMjdTai",
-                "must be null: diadb closes versions itself",
-                set_rows.tolist(),
-            )
-        ids = objs.column("diaObjectId").to_numpy()
-        order = np.argsort(ids, kind="stable")
-        dup = ids[order][1:] == ids[order][:-1]
-        if dup.any():
-            rows = sorted(int(order[i + 1]) for i in np.flatnonzero(dup)[:10])
-            raise CatalogError(
-                "DiaObject", "diaObjectId", "more than one version of an object in one store", rows
-            )
+        Parameters
+        ----------
+        mapping
+            ``{diaSourceId: ssObjectId}``. Each source leaves its DiaObject, whose
+            ``nDiaSources`` drops; a DiaObject left with no sources is closed.
+        time
+            When (default: now); recorded as ``ssObjectReassocTimeMjdTai`` and in the change log.
 
-    def _check_source_objects(self, srcs: pa.Table, objs: pa.Table) -> None:
-        """Every DiaSource's diaObjectId must be in this batch's objects or already stored."""
-        if not srcs.num_rows:
-            return
-        col = srcs.column("diaObjectId")
-        present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        ids = np.asarray(col.fill_null(0).to_numpy(), dtype=np.int64)
-        unknown = present & ~np.isin(ids, objs.column("diaObjectId").to_numpy())
-        if not unknown.any():
-            return
-        missing = np.setdiff1d(ids[unknown], self._backend.known_object_ids(np.unique(ids[unknown])))
-        if missing.size:
-            rows = np.flatnonzero(present & np.isin(ids, missing))
-            raise CatalogError(
-                "DiaSource",
-                "diaObjectId",
-                f"refers to DiaObjects neither in this store nor in the database: {missing[:10].tolist()}",
-                rows.tolist(),
-            )
+        Raises
+        ------
+        UnknownIdError
+            Unknown ``diaSourceId`` (named; nothing changes).
+        """
+        self._daytime.reassign_to_ssobjects(mapping, time)
 
-    @staticmethod
-    def _with_healpix(data: pa.Table) -> pa.Table:
-        pix = radec_to_healpix29(data.column("ra").to_numpy(), data.column("dec").to_numpy())
-        return data.append_column(pa.field(HEALPIX_COLUMN, pa.int64(), nullable=False), pa.array(pix))
+    def reassign_sources(
+        self,
+        mapping: Mapping[int, int],
+        *,
+        time: Any = None,
+        increment: bool = True,
+        decrement: bool = True,
+    ) -> None:
+        """Move DiaSources to other DiaObjects (deduplication), atomically.
 
-    def _diagnose_key_conflicts(self, batch: VisitBatch) -> None:
-        """After a failed store, name rows whose keys another visit already stored."""
-        for name, data in (("DiaSource", batch.sources), ("DiaForcedSource", batch.forced_sources)):
-            pk = list(self.schema.table(name).primary_key)
-            if not data.num_rows or not pk:
-                continue
-            try:
-                found = self._backend.existing_keys(name, data.select(pk))
-            except StorageError:
-                return
-            if found.num_rows:
-                taken = set(zip(*(found.column(c).to_pylist() for c in pk), strict=True))
-                keys = zip(*(data.column(c).to_pylist() for c in pk), strict=True)
-                rows = [i for i, k in enumerate(keys) if k in taken]
-                raise CatalogError(name, ", ".join(pk), "primary key already stored by another visit", rows)
+        Parameters
+        ----------
+        mapping
+            ``{diaSourceId: diaObjectId}``.
+        time
+            When (default: now).
+        increment, decrement
+            Whether ``nDiaSources`` of the new object grows and of the old one drops; the change
+            log records each object's new count.
 
-    # ---- bookkeeping ---------------------------------------------------------------
+        Raises
+        ------
+        UnknownIdError
+            Unknown source or target object ids (named; nothing changes).
+        """
+        self._daytime.reassign_sources(mapping, time, increment, decrement)
+
+    def withdraw_sources(
+        self, source_ids: Iterable[int], *, time: Any = None, update_time: Any = None
+    ) -> None:
+        """Mark DiaSources withdrawn; one already withdrawn keeps its first time.
+
+        Parameters
+        ----------
+        source_ids
+            ``diaSourceId`` values.
+        time
+            ``timeWithdrawnMjdTai`` (default: now).
+        update_time
+            The time the change log records (default: ``time``).
+
+        Raises
+        ------
+        UnknownIdError
+            Unknown ids (named; nothing changes).
+        """
+        self._daytime.withdraw_sources(source_ids, time, update_time)
+
+    def withdraw_forced_sources(
+        self, keys: Iterable[tuple[int, int, int]], *, time: Any = None, update_time: Any = None
+    ) -> None:
+        """Mark DiaForcedSources withdrawn; parameters as :meth:`withdraw_sources`.
+
+        Parameters
+        ----------
+        keys
+            ``(diaObjectId, visit, detector)`` tuples.
+
+        Raises
+        ------
+        UnknownIdError
+            Unknown keys (named; nothing changes).
+        """
+        self._daytime.withdraw_forced_sources(keys, time, update_time)
+
+    def set_validity_end(self, object_ids: Iterable[int], time: Any, *, missing_ok: bool = False) -> int:
+        """Close the open version of these DiaObjects at ``time``; they leave :meth:`get_objects`.
+
+        Parameters
+        ----------
+        object_ids
+            ``diaObjectId`` values.
+        time
+            The versions' ``validityEndMjdTai``.
+        missing_ok
+            Skip ids never stored instead of raising.
+
+        Returns
+        -------
+        int
+            How many versions were closed (0: no chunk is logged).
+
+        Raises
+        ------
+        UnknownIdError
+            Ids never stored, unless ``missing_ok`` (nothing changes).
+        """
+        return self._daytime.set_validity_end(object_ids, time, missing_ok)
+
+    def get_objects_for_dedup(self, since: Any, *, columns: Sequence[str] | None = None) -> pa.Table:
+        """Latest DiaObject versions that started at or after ``since`` (the last deduplication).
+
+        Parameters
+        ----------
+        since
+            A time.
+        columns
+            The columns returned (default: all).
+        """
+        return self._daytime.objects_for_dedup(since, columns)
+
+    def count_unassociated_objects(self) -> int:
+        """How many current DiaObjects have exactly one DiaSource."""
+        return self._daytime.count_unassociated_objects()
+
+    # ---- the change log ------------------------------------------------------------
+    def replica_chunks(self, *, published: bool | None = None) -> pa.Table:
+        """The change log's chunks in commit order.
+
+        Parameters
+        ----------
+        published
+            Only published (True) or unpublished (False) chunks; default: all.
+
+        Returns
+        -------
+        pyarrow.Table
+            ``chunk_id``, ``kind`` (``store`` or ``update``), ``visit``, ``detector``,
+            ``visit_mjd_tai``, ``stored_at``, ``published``.
+        """
+        return self._changelog.replica_chunks(published)
+
+    def read_chunks(self, chunk_ids: Iterable[int]) -> dict[str, pa.Table]:
+        """What these chunks wrote, wherever the rows live now (engine or history segments).
+
+        Returns
+        -------
+        dict of str to pyarrow.Table
+            ``DiaObject`` (versions), ``DiaSource``, ``DiaForcedSource`` (each with
+            ``_chunk_id`` first, schema types) and ``updates`` (daytime records, JSON text).
+        """
+        return self._changelog.read_chunks(chunk_ids)
+
+    def mark_published(self, chunk_ids: Iterable[int]) -> None:
+        """Record that these chunks reached the PPDB."""
+        self._changelog.mark_published(chunk_ids)
+
+    def log_updates(self, kind: str, payloads: list[dict[str, Any]], time: Any) -> int:
+        """Record update records made elsewhere as one daytime chunk.
+
+        Parameters
+        ----------
+        kind
+            The records' kind; not empty and not one of diadb's own.
+        payloads
+            JSON-serialisable dicts, read back by :meth:`read_chunks`.
+        time
+            The chunk's time.
+
+        Returns
+        -------
+        int
+            The chunk id.
+        """
+        return self._changelog.log_updates(kind, payloads, time)
+
+    # ---- metadata and bookkeeping --------------------------------------------------
+    def user_metadata(self) -> dict[str, str]:
+        """The key/value metadata kept for users (diadb's and the engines' own keys left out)."""
+        return self._changelog.user_metadata()
+
+    def set_user_metadata(self, values: Mapping[str, str | None]) -> None:
+        """Set (or, with ``None``, delete) user metadata, in one transaction.
+
+        Raises
+        ------
+        ConfigError
+            A key starting with ``diadb.``, ``felis.``, ``postgres.``, ``cassandra.`` or
+            ``sqlite.`` (diadb's own), an empty key or a value that is not a string.
+        """
+        self._changelog.set_user_metadata(values)
+
     def contains_visit_detector(self, visit: int, detector: int | None = None) -> bool:
         """Whether this visit/detector (``None``: any part of the visit) was stored."""
         return self._backend.contains_visit_detector(int(visit), -1 if detector is None else int(detector))
@@ -614,10 +785,15 @@ class Apdb(DaytimeMixin):
         """The engine's event counters since this APDB was opened (e.g. ``retries``)."""
         return self._backend.counters()
 
-    # ---- time partitions (PostgreSQL, Cassandra) -----------------------------------------
+    # ---- time partitions (PostgreSQL, Cassandra) -----------------------------------
     def time_partitions(self) -> list[TimePartition]:
-        """The source tables' time partitions, by table then start (``ConfigError`` on an
-        engine without them)."""
+        """The source tables' time partitions, by table then start.
+
+        Raises
+        ------
+        ConfigError
+            The engine has no time partitions (SQLite).
+        """
         return self._partitioned().time_partitions()
 
     def create_time_partitions(self, start: Any, end: Any) -> list[str]:
@@ -635,47 +811,9 @@ class Apdb(DaytimeMixin):
             raise ConfigError(f"{self.url}: this engine has no time-partition tables")
         return self._backend
 
-    # ---- PPDB publication support (issue 6: diadb.ppdb) -----------------------------
-    def read_pixels(
-        self, table: ReadTable, ranges: np.ndarray, *, columns: Sequence[str] | None = None
-    ) -> pa.Table:
-        """Every stored row of ``table`` whose ``_healpix_29`` lies in ``ranges`` (an ``(n, 2)``
-        array of sorted, disjoint ``[lo, hi)`` order-29 ranges), whatever its time; for
-        ``DiaObject`` the latest versions. Columns and order as the other reads."""
-        cover = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
-        if len(cover) == 0:
-            spec = self.schema.table(table)
-            return spec.arrow_schema().empty_table().select(self._check_columns(spec, columns))
-        result: pa.Table = self._read(table, _PixelCover(cover), columns, None, None, False)
-        if self._tier is not None:
-            # A bulk scan (the PPDB export) visits each segment once per partition: keeping them
-            # all mapped would grow the process's resident size with the catalogue.
-            self._tier.release()
-        return result
-
 
 def _bound(value: Any) -> float:
     """A window bound: a time, or +-inf for an open side."""
     if isinstance(value, (int, float, np.floating)) and not np.isfinite(value):
         return float(value)
     return mjd_tai(value)
-
-
-class _PixelCover(Region):
-    """Internal: a set of order-29 pixel ranges read as they are (for :meth:`Apdb.read_pixels`)."""
-
-    def __init__(self, ranges: np.ndarray) -> None:
-        self._ranges = ranges
-
-    def contains(self, ra_deg: Any, dec_deg: Any) -> Any:
-        # The backends return exactly the rows inside the ranges: nothing to remove.
-        return np.ones(np.shape(ra_deg), dtype=bool)
-
-    def size_deg(self) -> float:
-        return 180.0
-
-    def _cover(self, depth: int) -> np.ndarray:
-        return self._ranges
-
-    def pixel_ranges(self, refinement: int = 0) -> np.ndarray:
-        return self._ranges

@@ -1,32 +1,33 @@
-"""Daytime operations and the change log of ``diadb.Apdb`` (mixed into the facade).
+"""Daytime operations: what happens to stored rows between nights.
 
-Between nights the solar-system pipeline moves DiaSources from DiaObjects to SSObjects and
-deduplication moves them between DiaObjects; objects' validity intervals get closed. Each
-call is one atomic engine transaction and one chunk of the change log that feeds the PPDB.
-Sources already in history segments are changed through an overlay the reads apply.
+The solar-system pipeline moves DiaSources from DiaObjects to SSObjects, deduplication moves
+them between DiaObjects, and objects' validity intervals get closed. Each call is one atomic
+engine transaction and one chunk of the change log that feeds the PPDB (no chunk when nothing
+changed). The new values are computed by :mod:`diadb.updates`, the same for every engine;
+sources already in history segments are found here (the engine cannot see inside segments)
+and changed through an overlay the reader applies.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from diadb.backends.base import CHUNK_SCHEMA, TimeWindow
-from diadb.errors import ConfigError, SchemaVersionError
-from diadb.history.manifest import HistoryEngine as HistoryCapable
-from diadb.history.tier import HISTORY_TABLES
+from diadb.backends.base import Backend
+from diadb.history.manifest import HistoryEngine
+from diadb.history.tier import HistoryTier
+from diadb.schema.model import ApdbSchema
 from diadb.times import mjd_tai
 from diadb.updates import (
+    CURRENT_COLUMNS,
     FORCED_CURRENT,
     FORCED_KEY,
-    MUTABLE_SOURCE_COLUMNS,
+    empty_current,
     empty_forced,
     forced_keys,
     mapping_table,
@@ -34,65 +35,37 @@ from diadb.updates import (
     normalise_forced,
 )
 
-if TYPE_CHECKING:
-    from diadb.backends import Backend
-    from diadb.config import ApdbConfig
-    from diadb.history.tier import HistoryTier
-    from diadb.schema.model import ApdbSchema, TableSpec
 
-#: Metadata key prefixes of diadb and its engines (not user metadata).
-RESERVED_PREFIXES = ("diadb.", "felis.", "postgres.", "cassandra.", "sqlite.")
-#: The kinds of update record diadb's own daytime calls write.
-NATIVE_UPDATE_KINDS = (
-    "reassign_to_ssobjects",
-    "reassign_sources",
-    "withdraw_sources",
-    "withdraw_forced_sources",
-    "set_validity_end",
-)
-
-
-def _now_mjd_tai() -> float:
+def now_mjd_tai() -> float:
+    """The current time as MJD TAI."""
     from astropy.time import Time
 
     return float(Time(time.time(), format="unix").tai.mjd)
 
 
-def _members_of(members: pa.Table | None, chunk_id: int, table: str) -> pa.Table | None:
-    """The membership rows of one keyed store chunk for ``table`` (None: not a keyed store)."""
-    if members is None or not members.num_rows:
-        return None
-    mine = members.filter(pc.equal(members.column("_chunk_id").cast(pa.int64()), chunk_id))
-    if not mine.num_rows:
-        return None
-    return mine.filter(pc.equal(mine.column("table_name"), table))
+class Daytime:
+    """The daytime calls of one database (see the module docstring).
 
+    ``writable`` raises when the database is open read-only; ``tier`` and ``history`` are the
+    history tier and its engine, or None when the tier is off."""
 
-class DaytimeMixin:
-    """The daytime API; see the module docstring. Each call is atomic; unknown IDs raise
-    ``LookupError`` naming them, and nothing changes."""
+    def __init__(
+        self,
+        backend: Backend,
+        schema: ApdbSchema,
+        writable: Callable[[], None],
+        tier: HistoryTier | None = None,
+        history: HistoryEngine | None = None,
+    ) -> None:
+        self._backend = backend
+        self._schema = schema
+        self._writable = writable
+        self._tier = tier if history is not None else None
+        self._history = history
 
-    # Provided by Apdb.
-    url: str
-    read_only: bool
-    schema: ApdbSchema
-    config: ApdbConfig
-    _backend: Backend
-    _tier: HistoryTier | None
-
-    def _cast_to_schema(self, spec: TableSpec, raw: pa.Table, names: Sequence[str]) -> pa.Table:
-        raise NotImplementedError  # provided by Apdb
-
-    def _writable(self) -> Any:
-        if self.read_only:
-            raise SchemaVersionError(f"{self.url} is open read-only")
-        return self._backend
-
-    # ---- daytime updates -----------------------------------------------------------
-    def reassign_to_ssobjects(self, mapping: Mapping[int, int], *, time: Any = None) -> None:
-        """Move DiaSources (``{diaSourceId: ssObjectId}``) to solar-system objects: each leaves its
-        DiaObject, whose ``nDiaSources`` drops; a DiaObject left with no sources is removed."""
-        when = _now_mjd_tai() if time is None else mjd_tai(time)
+    # ---- DiaSources ------------------------------------------------------------------
+    def reassign_to_ssobjects(self, mapping: Mapping[int, int], time: Any = None) -> None:
+        when = now_mjd_tai() if time is None else mjd_tai(time)
         changes = mapping_table(mapping, "diaSourceId", "ssObjectId")
         n = changes.num_rows
         changes = changes.append_column("diaObjectId", pa.nulls(n, pa.int64()))
@@ -100,17 +73,9 @@ class DaytimeMixin:
         self._update_sources(changes, "reassign_to_ssobjects", when, object_deltas=True, remove_empty=True)
 
     def reassign_sources(
-        self,
-        mapping: Mapping[int, int],
-        *,
-        time: Any = None,
-        increment: bool = True,
-        decrement: bool = True,
+        self, mapping: Mapping[int, int], time: Any = None, increment: bool = True, decrement: bool = True
     ) -> None:
-        """Move DiaSources to other DiaObjects (``{diaSourceId: diaObjectId}``, deduplication).
-        ``nDiaSources`` of the new object grows (``increment``) and of the old one drops
-        (``decrement``); the change log records each object's new count."""
-        when = _now_mjd_tai() if time is None else mjd_tai(time)
+        when = now_mjd_tai() if time is None else mjd_tai(time)
         changes = mapping_table(mapping, "diaSourceId", "diaObjectId")
         changes = changes.append_column("ssObjectId", pa.nulls(changes.num_rows, pa.int64()))
         self._update_sources(
@@ -123,13 +88,8 @@ class DaytimeMixin:
             decrement=decrement,
         )
 
-    def withdraw_sources(
-        self, source_ids: Iterable[int], *, time: Any = None, update_time: Any = None
-    ) -> None:
-        """Mark DiaSources withdrawn (``timeWithdrawnMjdTai`` = ``time``, default now); a source
-        already withdrawn keeps its time. ``update_time`` (default ``time``) is the time the
-        change log records for this update."""
-        when = _now_mjd_tai() if time is None else mjd_tai(time)
+    def withdraw_sources(self, source_ids: Iterable[int], time: Any = None, update_time: Any = None) -> None:
+        when = now_mjd_tai() if time is None else mjd_tai(time)
         logged = when if update_time is None else mjd_tai(update_time)
         ids = np.unique(np.fromiter((int(i) for i in source_ids), dtype=np.int64))
         changes = pa.table({"diaSourceId": ids, "timeWithdrawnMjdTai": np.full(len(ids), when)})
@@ -141,19 +101,6 @@ class DaytimeMixin:
             remove_empty=False,
             only_null="timeWithdrawnMjdTai",
         )
-
-    def withdraw_forced_sources(
-        self, keys: Iterable[tuple[int, int, int]], *, time: Any = None, update_time: Any = None
-    ) -> None:
-        """Mark DiaForcedSources, named by ``(diaObjectId, visit, detector)``, withdrawn (at
-        ``time``, default now); one already withdrawn keeps its time. Unknown keys raise
-        ``LookupError``, and nothing changes. ``update_time`` as for :meth:`withdraw_sources`."""
-        when = _now_mjd_tai() if time is None else mjd_tai(time)
-        logged = when if update_time is None else mjd_tai(update_time)
-        table = forced_keys([tuple(int(x) for x in k) for k in keys])  # type: ignore[misc]
-        if not table.num_rows:
-            return
-        self._writable().withdraw_forced_sources(table, when, self._segment_forced, logged)
 
     def _update_sources(
         self,
@@ -167,14 +114,14 @@ class DaytimeMixin:
         decrement: bool = True,
         only_null: str | None = None,
     ) -> None:
-        backend = self._writable()
+        self._writable()
         if not changes.num_rows:
             return
-        backend.update_sources(
+        self._backend.update_sources(
             changes,
             kind=kind,
             when_mjd=when,
-            segment_lookup=self._segment_sources,
+            segment_lookup=self.sources_in_segments,
             object_deltas=object_deltas,
             remove_empty=remove_empty,
             increment=increment,
@@ -182,110 +129,46 @@ class DaytimeMixin:
             only_null=only_null,
         )
 
-    def set_validity_end(self, object_ids: Iterable[int], time: Any, *, missing_ok: bool = False) -> int:
-        """Close the validity of these DiaObjects' current versions at ``time``; they are no
-        longer returned by ``get_objects``. Returns how many versions were closed. Ids never
-        stored raise ``LookupError`` (nothing changes), or are skipped with ``missing_ok``."""
+    # ---- DiaForcedSources and DiaObjects -----------------------------------------------
+    def withdraw_forced_sources(
+        self, keys: Iterable[tuple[int, int, int]], time: Any = None, update_time: Any = None
+    ) -> None:
+        when = now_mjd_tai() if time is None else mjd_tai(time)
+        logged = when if update_time is None else mjd_tai(update_time)
+        table = forced_keys([(int(a), int(b), int(c)) for a, b, c in keys])
+        self._writable()
+        if table.num_rows:
+            self._backend.withdraw_forced_sources(table, when, self.forced_in_segments, logged)
+
+    def set_validity_end(self, object_ids: Iterable[int], time: Any, missing_ok: bool = False) -> int:
         ids = np.fromiter((int(i) for i in object_ids), dtype=np.int64)
+        self._writable()
         if not len(ids):
             return 0
-        count: int = self._writable().set_validity_end(ids, mjd_tai(time), missing_ok)
-        return count
+        return self._backend.set_validity_end(ids, mjd_tai(time), missing_ok)
 
-    def log_updates(self, kind: str, payloads: list[dict[str, Any]], time: Any) -> int:
-        """Record update records made elsewhere (JSON-serialisable dicts) in the change log, as
-        one daytime chunk of ``kind`` at ``time``; they are read back by :meth:`read_chunks`.
-        Returns the chunk id."""
-        if not kind or kind in NATIVE_UPDATE_KINDS:
-            raise ConfigError(f"log_updates: kind {kind!r} is empty or one of diadb's own")
-        text = [json.dumps(p) for p in payloads]  # refuse what cannot be recorded, before writing
-        del text
-        chunk: int = self._writable().log_updates(kind, list(payloads), mjd_tai(time))
-        return chunk
-
-    # ---- user metadata -------------------------------------------------------------
-    def user_metadata(self) -> dict[str, str]:
-        """The key/value metadata kept for users (diadb's and the engines' own keys left out)."""
-        meta = self._backend.read_metadata()
-        return {k: v for k, v in sorted(meta.items()) if not k.startswith(RESERVED_PREFIXES)}
-
-    def set_user_metadata(self, values: Mapping[str, str | None]) -> None:
-        """Set (or, with ``None``, delete) user metadata, in one transaction. Keys that start
-        with ``diadb.``, ``felis.``, ``postgres.``, ``cassandra.`` or ``sqlite.`` are diadb's own:
-        ``ConfigError``."""
-        reserved = sorted(k for k in values if str(k).startswith(RESERVED_PREFIXES))
-        if reserved:
-            raise ConfigError(f"metadata keys {reserved} are diadb's own and cannot be changed")
-        if any(not isinstance(k, str) or not k for k in values):
-            raise ConfigError("metadata keys must be non-empty strings")
-        bad = sorted(k for k, v in values.items() if v is not None and not isinstance(v, str))
-        if bad:
-            raise ConfigError(f"metadata values must be strings or None: {bad}")
-        put = {k: v for k, v in values.items() if v is not None}
-        gone = [k for k, v in values.items() if v is None]
-        if put or gone:
-            self._writable().set_metadata(put, gone)
-
-    def get_objects_for_dedup(self, since: Any, *, columns: Sequence[str] | None = None) -> pa.Table:
-        """Latest DiaObject versions written at or after ``since`` (the previous deduplication)."""
-        spec = self.schema.table("DiaObject")
-        raw = self._backend.objects_since(mjd_tai(since))
-        names = [c for c in raw.column_names]
-        data = self._cast_to_schema(spec, raw, names)
+    def objects_for_dedup(self, since: Any, columns: Sequence[str] | None = None) -> pa.Table:
+        data = self._schema.table("DiaObject").cast(self._backend.objects_since(mjd_tai(since)))
         return data.select(list(columns)) if columns is not None else data
 
     def count_unassociated_objects(self) -> int:
-        """How many current DiaObjects have exactly one DiaSource."""
-        count: int = self._backend.count_unassociated()
-        return count
+        return self._backend.count_unassociated()
 
-    # ---- the change log ------------------------------------------------------------
-    def replica_chunks(self, *, published: bool | None = None) -> pa.Table:
-        """The change log's chunks in commit order: ``chunk_id``, ``kind`` (store or update),
-        ``visit``, ``detector``, ``visit_mjd_tai``, ``stored_at``, ``published``."""
-        chunks: pa.Table = self._backend.list_chunks(published)
-        return chunks.select(CHUNK_SCHEMA.names).cast(CHUNK_SCHEMA)
+    # ---- rows in history segments (the engine's lookups) -----------------------------
+    def sources_in_segments(self, ids: npt.NDArray[np.int64]) -> pa.Table:
+        """Stored values (:data:`~diadb.updates.CURRENT_COLUMNS`) of DiaSources found in the
+        history segments, newest segment first."""
+        if self._tier is None or self._history is None or not len(ids):
+            return empty_current()
+        segments = sorted(self._history.list_segments("DiaSource"), key=lambda s: -s.t_max)
+        return self._tier.find_rows(segments, "diaSourceId", ids, list(CURRENT_COLUMNS))
 
-    def read_chunks(self, chunk_ids: Iterable[int]) -> dict[str, pa.Table]:
-        """What these chunks wrote: ``DiaObject`` (versions), ``DiaSource``, ``DiaForcedSource``
-        (each with ``_chunk_id`` first, schema types) and ``updates`` (daytime records, JSON)."""
-        ids = np.fromiter((int(i) for i in chunk_ids), dtype=np.int64)
-        raw: dict[str, pa.Table] = self._backend.chunk_rows(ids.tolist())
-        out: dict[str, pa.Table] = {"updates": raw["updates"]}
-        chunks = self.replica_chunks().filter(pc.is_in(pc.field("chunk_id"), pa.array(ids)))
-        for name in ("DiaObject", "DiaSource", "DiaForcedSource"):
-            spec = self.schema.table(name)
-            table = raw[name]
-            cols = [c for c in table.column_names if c != "_chunk_id"]
-            typed = self._cast_to_schema(spec, table.select(cols), cols)
-            typed = typed.add_column(0, "_chunk_id", table.column("_chunk_id").cast(pa.int64()))
-            if name in HISTORY_TABLES:
-                typed = self._with_segment_chunk_rows(name, typed, chunks, raw.get("members"))
-            out[name] = typed
-        return out
-
-    def mark_published(self, chunk_ids: Iterable[int]) -> None:
-        """Record that these chunks reached the PPDB."""
-        self._writable().mark_published([int(i) for i in chunk_ids])
-
-    # ---- history segments ----------------------------------------------------------
-    def _segment_sources(self, ids: npt.NDArray[np.int64]) -> pa.Table:
-        """Current stored values of DiaSources found in the history segments (newest first)."""
-        keys = ["diaSourceId", "_healpix_29", "ra", "dec", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS]
-        if self._tier is None or not len(ids):
-            spec = self.schema.table("DiaSource").arrow_schema()
-            return spec.empty_table().select(keys)
-        assert isinstance(self._backend, HistoryCapable)
-        segments = sorted(self._backend.list_segments("DiaSource"), key=lambda s: -s.t_max)
-        return self._tier.find_rows(segments, "diaSourceId", ids, keys)
-
-    def _segment_forced(self, keys: pa.Table) -> pa.Table:
-        """Current stored values of DiaForcedSources (``keys``: diaObjectId, visit, detector)
-        found in the history segments, newest segment first; one search per segment."""
-        if self._tier is None or not keys.num_rows:
+    def forced_in_segments(self, keys: pa.Table) -> pa.Table:
+        """Stored values of DiaForcedSources (``keys``: diaObjectId, visit, detector) found in the
+        history segments, newest segment first; one search per segment."""
+        if self._tier is None or self._history is None or not keys.num_rows:
             return empty_forced()
-        assert isinstance(self._backend, HistoryCapable)
-        segments = sorted(self._backend.list_segments("DiaForcedSource"), key=lambda s: -s.t_max)
+        segments = sorted(self._history.list_segments("DiaForcedSource"), key=lambda s: -s.t_max)
         parts: list[pa.Table] = []
         rest = keys
         for info in segments:
@@ -297,45 +180,4 @@ class DaytimeMixin:
             if rows.num_rows:
                 parts.append(rows)
                 rest = missing_keys(rest, rows)
-        if not parts:
-            return empty_forced()
-        return pa.concat_tables(parts)
-
-    def _with_segment_chunk_rows(
-        self, table: str, engine_rows: pa.Table, chunks: pa.Table, members: pa.Table | None
-    ) -> pa.Table:
-        """Add the rows of store chunks that compaction moved into segments: a keyed store's by
-        the primary keys it recorded, any other store's by its visit/detector."""
-        stores = chunks.filter(pc.equal(chunks.column("kind"), "store"))
-        if self._tier is None or not stores.num_rows:
-            return engine_rows
-        assert isinstance(self._backend, HistoryCapable)
-        parts = [engine_rows]
-        segments = self._backend.list_segments(table)
-        for chunk in stores.to_pylist():
-            window = TimeWindow(chunk["visit_mjd_tai"] - 1.0, chunk["visit_mjd_tai"] + 1.0)
-            found = self._tier.select(
-                segments,
-                np.zeros((0, 2), np.int64),
-                engine_rows.column_names[1:],
-                region=None,
-                window=window,
-                object_ids=None,
-            )
-            mine = _members_of(members, chunk["chunk_id"], table)
-            for part in found:
-                if mine is not None:
-                    pk = list(self.schema.table(table).primary_key)
-                    keys = pa.table(
-                        {c: mine.column(f"k{i}").cast(part.schema.field(c).type) for i, c in enumerate(pk)}
-                    )
-                    rows = part.join(keys, keys=pk, join_type="left semi")
-                else:
-                    mask = pc.equal(part.column("visit"), chunk["visit"])
-                    if chunk["detector"] != -1:
-                        mask = pc.and_(mask, pc.equal(part.column("detector"), chunk["detector"]))
-                    rows = part.filter(mask)
-                if rows.num_rows:
-                    ids = pa.array(np.full(rows.num_rows, chunk["chunk_id"], dtype=np.int64))
-                    parts.append(rows.add_column(0, "_chunk_id", ids).cast(engine_rows.schema))
-        return pa.concat_tables(parts)
+        return pa.concat_tables(parts) if parts else empty_forced()

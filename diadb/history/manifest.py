@@ -70,5 +70,11 @@ class HistoryEngine(Protocol):
     def select_forced_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
         """Withdrawal times of forced sources in segments (diaObjectId, visit, detector, ``_w``)."""
 
+    def contains_visit_detector(self, visit: int, detector: int) -> bool:
+        """Whether this visit/detector (-1: any part of the visit) is stored."""
+
+    def contains_store_key(self, key: str) -> bool:
+        """Whether a store was made with this idempotency key (``store(key=...)``)."""
+
     def drop_overlay_before(self, cutoff_mjd: float) -> None:
         """Forget overlay entries of rows older than ``cutoff_mjd`` (retention)."""

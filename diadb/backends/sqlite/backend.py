@@ -315,6 +315,10 @@ class SqliteBackend(SqliteChanges, SqliteForced):
             )
         return bool(t.num_rows > 0)
 
+    def contains_store_key(self, key: str) -> bool:
+        t = self._fetch("SELECT 1 FROM diadb_store_key WHERE key = ?", [key])
+        return bool(t.num_rows > 0)
+
     # ---- writes --------------------------------------------------------------------
     def store_visit(self, batch: VisitBatch) -> bool:
         try:
