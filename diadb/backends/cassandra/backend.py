@@ -65,7 +65,6 @@ class CassandraBackend:
         self.id_bucket_bits = self.layout.id_bucket_bits
         self.read_consistency = self.session.read_consistency
         self.write_consistency = self.session.write_consistency
-        self._packer = self.layout.packer
 
     @property
     def schema(self) -> ApdbSchema:
@@ -85,7 +84,8 @@ class CassandraBackend:
         """Nothing in the frozen config concerns this engine (its options are in the URL)."""
 
     def counters(self) -> dict[str, int]:
-        """Event counters since open: none (the driver retries on its own, uncounted)."""
+        """Event counters since open: none (neither the driver's retries nor the re-sends of
+        ``CassandraSession.run`` are counted)."""
         return {}
 
     # ---- reads and stores ----------------------------------------------------------

@@ -111,13 +111,19 @@ class Layout:
     """The layout parameters of one keyspace, its tables and their time partitions."""
 
     def __init__(
-        self, session: CassandraSession, *, rf: int, pixel_order: int, part_days: float, bits: int
+        self,
+        session: CassandraSession,
+        *,
+        rf: int,
+        pixel_order: int,
+        time_partition_days: float,
+        id_bucket_bits: int,
     ) -> None:
         self.session = session
         self.rf = rf
         self.pixel_order = pixel_order
-        self.time_partition_days = part_days
-        self.id_bucket_bits = bits
+        self.time_partition_days = time_partition_days
+        self.id_bucket_bits = id_bucket_bits
         self._schema: ApdbSchema | None = None
         #: Packed columns per logical table (frozen in the metadata; none in older keyspaces).
         self.packer = RowPacker(lambda: self.schema)
@@ -137,8 +143,8 @@ class Layout:
                 session,
                 rf=opts.rf or min(3, session.n_hosts()),
                 pixel_order=opts.pixel_order,
-                part_days=opts.time_partition_days,
-                bits=opts.id_bucket_bits,
+                time_partition_days=opts.time_partition_days,
+                id_bucket_bits=opts.id_bucket_bits,
             )
         if not meta:
             raise ConfigError(f"no APDB in keyspace {ks} at {url}; use Apdb.create to make one")
@@ -146,8 +152,8 @@ class Layout:
             session,
             rf=int(meta.get("cassandra.replication_factor", "1")),
             pixel_order=int(meta["cassandra.pixel_order"]),
-            part_days=float(meta["cassandra.time_partition_days"]),
-            bits=int(meta["cassandra.id_bucket_bits"]),
+            time_partition_days=float(meta["cassandra.time_partition_days"]),
+            id_bucket_bits=int(meta["cassandra.id_bucket_bits"]),
         )
         layout.packer.set(json.loads(meta.get("cassandra.packed_columns", "{}")))
         return layout

@@ -346,6 +346,3 @@ class Store:
             }
         )
         return out, session.writes("diadb_DiaObject_keys", keys, [BUCKET], unset_nulls=False)
-
-
-__all__ = ["Registry", "Store"]
