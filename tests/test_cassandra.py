@@ -1,4 +1,5 @@
-"""Cassandra on a real 3-node cluster: RF=3, QUORUM, one node SIGKILLed during a run.
+"""Cassandra on a real 3-node cluster: RF=3, QUORUM, one node SIGKILLed during a run; and the
+time partitions on the session's single node.
 
 The cluster (127.0.0.1/.2/.3, CQL port 9043) is started by ``scripts/cassandra.sh up --nodes 3``
 for this module and stopped afterwards. Checks: stores and reads go on while a node is down,
@@ -22,7 +23,7 @@ import pytest
 
 import diadb
 from tests.helpers import Visit, make_visit, random_positions, with_nulls
-from tests.service_cassandra import ROOT, script
+from tests.service_cassandra import ROOT, fresh_url, script
 from tests.services import unavailable
 
 pytestmark = pytest.mark.slow
@@ -187,7 +188,8 @@ def test_packed_layout_reads_what_the_plain_layout_reads(cluster3, official_sche
         for packed in (0, 1)
     }
     try:
-        assert not dbs[0]._backend._packer.packed and dbs[1]._backend._packer.packed  # type: ignore[attr-defined]
+        packers = [dbs[p]._backend.layout.packer for p in (0, 1)]  # type: ignore[attr-defined]
+        assert not packers[0].packed and packers[1].packed
         ids = np.arange(1, 41)
         ra, dec = random_positions(len(ids), 5)
         for k in range(1, 4):
@@ -220,3 +222,36 @@ def test_packed_layout_reads_what_the_plain_layout_reads(cluster3, official_sche
                 db._backend.drop()  # type: ignore[attr-defined]
             finally:
                 db.close()
+
+
+def test_time_partitions_are_listed_made_ahead_and_dropped(request, official_schema):
+    """``TimePartitioned`` on the session's node: the partitions of stored visits (by table, then
+    start), more made ahead for ``[start, end)``, and the old ones dropped whole."""
+    from diadb.backends.base import TimePartition, TimePartitioned
+
+    db = diadb.Apdb.create(fresh_url(request) + "?time_partition_days=10", schema=official_schema)
+    try:
+        backend = db._backend
+        assert isinstance(backend, TimePartitioned)
+        ids = np.arange(1, 11)
+        ra, dec = random_positions(len(ids), 3)
+        v = make_visit(official_schema, 1, 60005.0, ids, ra, dec, seed=1)
+        assert db.store(v.mjd, v.objects, v.sources, v.forced, visit=1)
+        assert backend.time_partitions() == [
+            TimePartition("DiaForcedSource", "DiaForcedSource_6000", 60000.0, 60010.0),
+            TimePartition("DiaSource", "DiaSource_6000", 60000.0, 60010.0),
+        ]
+        made = ["DiaForcedSource_6001", "DiaForcedSource_6002", "DiaSource_6001", "DiaSource_6002"]
+        assert sorted(backend.create_time_partitions(60005.0, 60030.0)) == made  # 60030 is not in
+        assert backend.create_time_partitions(60005.0, 60030.0) == []
+        parts = backend.time_partitions()
+        assert [p.name for p in parts if p.table == "DiaSource"] == [
+            f"DiaSource_{n}" for n in (6000, 6001, 6002)
+        ]
+        assert parts == sorted(parts, key=lambda p: (p.table, p.start_mjd)) and len(parts) == 6
+        dropped = ["DiaForcedSource_6000", "DiaForcedSource_6001", "DiaSource_6000", "DiaSource_6001"]
+        assert sorted(backend.drop_time_partitions(60020.0)) == dropped
+        assert [p.name for p in backend.time_partitions()] == ["DiaForcedSource_6002", "DiaSource_6002"]
+        assert db.get_sources(EVERYWHERE, 60029.0, columns=["diaSourceId"]).num_rows == 0
+    finally:
+        db.close()

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from diadb.errors import BackendUnavailable
+from diadb.errors import BackendUnavailable, ConfigError
 from diadb.sky.regions import Circle, Polygon, Region
 
 
@@ -74,10 +74,12 @@ def to_sphgeom(region: Region) -> Any:
 def reference_cassandra_location(url: str) -> tuple[tuple[str, ...], int, str]:
     """(hosts, port, keyspace) of a diadb-style ``cassandra://`` URL (its options are diadb's own
     and are not passed on)."""
-    from diadb.backends.cassandra import parse_url
+    from diadb.backends import locate
 
-    parsed = parse_url(url)
-    return parsed.hosts, parsed.port, parsed.keyspace
+    where = locate(url)
+    if where.scheme != "cassandra" or where.port is None or where.namespace is None:
+        raise ConfigError(f"not a Cassandra URL: {url!r}")
+    return where.hosts, where.port, where.namespace
 
 
 def _dax_cassandra(url: str, months: int, create: bool) -> Any:

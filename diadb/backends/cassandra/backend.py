@@ -1,0 +1,209 @@
+"""The distributed engine: Apache Cassandra (4.1 / 5.0) through the DataStax Python driver.
+
+``CassandraBackend`` implements the Backend protocol (and ``TimePartitioned``) by delegating to
+its parts, each made here with what it needs:
+
+- :class:`.session.CassandraSession`: the connection, prepared statements, concurrent execution;
+- :class:`.layout.Layout`: the keyspace's tables, time partitions, retention, stats, evolution;
+- :class:`.store.Registry` and :class:`.store.Store`: key registries and ``store_visit``;
+- :class:`.read.Reader`: ``select``;
+- :class:`.changelog.ChangeLog` and :class:`.chunk_rows.ChunkReader`: the replica chunks;
+- :class:`.daytime.Daytime`: the daytime updates.
+
+The driver is imported only when a backend is made (``diadb.backends.cassandra.url`` reads URLs
+without it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from diadb.backends.base import Int64Array, ReadTable, TableStats, TimePartition, TimeWindow, VisitBatch
+from diadb.backends.cassandra.changelog import ChangeLog
+from diadb.backends.cassandra.chunk_rows import ChunkReader
+from diadb.backends.cassandra.daytime import Daytime
+from diadb.backends.cassandra.layout import Layout
+from diadb.backends.cassandra.read import Reader
+from diadb.backends.cassandra.session import CassandraSession
+from diadb.backends.cassandra.store import Registry, Store
+from diadb.backends.cassandra.url import parse_options, parse_url
+from diadb.config import ApdbConfig
+from diadb.schema.model import ApdbSchema, ColumnSpec
+
+
+class CassandraBackend:
+    """Cassandra through the DataStax driver. See :mod:`.layout` for the tables."""
+
+    #: ``Apdb.store(key=...)`` is supported (a key registry and chunk membership).
+    supports_store_key = True
+
+    def __init__(self, url: str, *, create: bool, **options: Any) -> None:
+        self.url = url
+        parsed = parse_url(url)
+        self.keyspace = parsed.keyspace
+        self._opts = parse_options({**parsed.params, **options})
+        self.session = CassandraSession(parsed, self._opts)
+        try:
+            self.layout = Layout.open(self.session, self._opts, url, create=create)
+        except BaseException:
+            self.session.close()
+            raise
+        self.session.use_consistency(self.layout.rf)
+        self.registry = Registry(self.session, self.layout)
+        self.log = ChangeLog(self.session, self.layout)
+        self.store = Store(self.session, self.layout, self.registry, self.log)
+        self.reader = Reader(self.session, self.layout, self.registry)
+        self.chunks = ChunkReader(self.session, self.layout, self.log)
+        self.daytime = Daytime(self.session, self.layout, self.registry, self.log)
+        # What tests and tools inspect (the frozen layout, the levels in use).
+        self.rf = self.layout.rf
+        self.pixel_order = self.layout.pixel_order
+        self.time_partition_days = self.layout.time_partition_days
+        self.id_bucket_bits = self.layout.id_bucket_bits
+        self.read_consistency = self.session.read_consistency
+        self.write_consistency = self.session.write_consistency
+
+    @property
+    def schema(self) -> ApdbSchema:
+        return self.layout.schema
+
+    # ---- set-up --------------------------------------------------------------------
+    def initialize(self, schema: ApdbSchema, metadata: Mapping[str, str]) -> None:
+        self.layout.initialize(schema, metadata, packed=self._opts.packed)
+
+    def read_metadata(self) -> dict[str, str]:
+        return self.layout.read_metadata()
+
+    def attach_schema(self, schema: ApdbSchema) -> None:
+        self.layout.attach(schema)
+
+    def configure(self, config: ApdbConfig) -> None:
+        """Nothing in the frozen config concerns this engine (its options are in the URL)."""
+
+    def counters(self) -> dict[str, int]:
+        """Event counters since open: none (neither the driver's retries nor the re-sends of
+        ``CassandraSession.run`` are counted)."""
+        return {}
+
+    # ---- reads and stores ----------------------------------------------------------
+    def select(
+        self,
+        table: ReadTable,
+        ranges: Int64Array,
+        columns: Sequence[str],
+        *,
+        window: TimeWindow | None = None,
+        object_ids: Int64Array | None = None,
+    ) -> pa.Table:
+        return self.reader.select(table, ranges, columns, window=window, object_ids=object_ids)
+
+    def known_object_ids(self, ids: Int64Array) -> Int64Array:
+        return self.registry.known_object_ids(ids)
+
+    def existing_keys(self, table: str, keys: pa.Table) -> pa.Table:
+        return self.store.existing_keys(table, keys)
+
+    def store_visit(self, batch: VisitBatch) -> bool:
+        return self.store.store_visit(batch)
+
+    def contains_visit_detector(self, visit: int, detector: int) -> bool:
+        return self.registry.contains_visit_detector(visit, detector)
+
+    def latest_visit_mjd(self) -> float | None:
+        return self.registry.latest_visit_mjd()
+
+    # ---- retention and time partitions ---------------------------------------------
+    def count_before(self, table: str, cutoff_mjd: float) -> int:
+        return self.layout.count_before(table, cutoff_mjd)
+
+    def delete_before(self, table: str, cutoff_mjd: float) -> int:
+        return self.layout.delete_before(table, cutoff_mjd)
+
+    def time_partitions(self) -> list[TimePartition]:
+        return self.layout.time_partitions()
+
+    def create_time_partitions(self, start_mjd: float, end_mjd: float) -> list[str]:
+        return self.layout.create_time_partitions(start_mjd, end_mjd)
+
+    def drop_time_partitions(self, before_mjd: float) -> list[str]:
+        return self.layout.drop_time_partitions(before_mjd)
+
+    def table_stats(self) -> dict[str, TableStats]:
+        return self.layout.table_stats()
+
+    # ---- change log ----------------------------------------------------------------
+    def list_chunks(self, published: bool | None = None) -> pa.Table:
+        return self.log.list_chunks(published)
+
+    def chunk_rows(self, chunk_ids: Sequence[int]) -> dict[str, pa.Table]:
+        return self.chunks.chunk_rows(chunk_ids)
+
+    def mark_published(self, chunk_ids: Sequence[int]) -> None:
+        self.log.mark_published(chunk_ids)
+
+    def log_updates(self, kind: str, payloads: Sequence[Mapping[str, object]], when_mjd: float) -> int:
+        return self.log.log_updates(kind, payloads, when_mjd)
+
+    # ---- daytime updates -----------------------------------------------------------
+    def update_sources(
+        self,
+        changes: pa.Table,
+        *,
+        kind: str,
+        when_mjd: float,
+        segment_lookup: Callable[[Int64Array], pa.Table],
+        object_deltas: bool,
+        remove_empty: bool,
+        increment: bool = True,
+        decrement: bool = True,
+        only_null: str | None = None,
+    ) -> int:
+        return self.daytime.update_sources(
+            changes,
+            kind=kind,
+            when_mjd=when_mjd,
+            segment_lookup=segment_lookup,
+            object_deltas=object_deltas,
+            remove_empty=remove_empty,
+            increment=increment,
+            decrement=decrement,
+            only_null=only_null,
+        )
+
+    def withdraw_forced_sources(
+        self,
+        keys: pa.Table,
+        when_mjd: float,
+        segment_lookup: Callable[[pa.Table], pa.Table],
+        logged_mjd: float | None = None,
+    ) -> int:
+        return self.daytime.withdraw_forced_sources(keys, when_mjd, segment_lookup, logged_mjd)
+
+    def set_validity_end(self, object_ids: Int64Array, when_mjd: float, missing_ok: bool = False) -> int:
+        return self.daytime.set_validity_end(object_ids, when_mjd, missing_ok)
+
+    def objects_since(self, since_mjd: float) -> pa.Table:
+        return self.daytime.objects_since(since_mjd)
+
+    def count_unassociated(self) -> int:
+        return self.daytime.count_unassociated()
+
+    # ---- schema evolution ----------------------------------------------------------
+    def upgrade_layout(self, from_version: str) -> list[str]:
+        return self.layout.upgrade_layout(from_version)
+
+    def add_columns(self, table: str, columns: Sequence[ColumnSpec]) -> None:
+        self.layout.add_columns(table, columns)
+
+    def set_metadata(self, values: Mapping[str, str], delete: Sequence[str] = ()) -> None:
+        self.layout.set_metadata(values, delete)
+
+    def drop(self) -> None:
+        """Drop this APDB's keyspace (tests and tear-down)."""
+        self.layout.drop()
+
+    def close(self) -> None:
+        self.session.close()
