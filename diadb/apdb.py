@@ -22,6 +22,12 @@ Writes
     ``key="..."`` the store is idempotent by that text instead: stores of one visit/detector
     under different keys all append, and each one's change-log chunk lists its rows by
     primary key.
+
+This module is the public API and nothing else: one method per call, each with its numpydoc
+docstring, shaping the request and delegating (reads to :mod:`diadb.history.reader`, store
+checks to :mod:`diadb.ingest`, daytime calls to :mod:`diadb.daytime`, the change log to
+:mod:`diadb.changelog`, compaction to :mod:`diadb.history.compaction`). The docstrings are why
+it is longer than ~500 lines.
 """
 
 from __future__ import annotations
@@ -59,11 +65,6 @@ from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.schema.validate import to_arrow, validate_catalog
 from diadb.sky.regions import Region, as_region
 from diadb.times import DAYS_PER_MONTH, TimeWindow, mjd_tai
-
-# This module is the public API: one method per call, each with its docstring; the work is done
-# by the modules it delegates to (history.reader, ingest, daytime, changelog, history.compaction).
-# It is longer than ~500 lines for that reason only.
-
 
 class Apdb:
     """An Alert Production Database. Make one with :meth:`create`, reopen it with :meth:`open`.
