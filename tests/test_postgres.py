@@ -208,7 +208,7 @@ def test_reads_touch_only_the_window_and_old_partitions_drop(server, official_sc
             mjd, v.objects, v.sources, v.forced, visit=visit, detector=det
         )
     backend = db._backend
-    names = [p[0] for p in backend.partitions("DiaSource")]
+    names = [p.name for p in backend.time_partitions() if p.table == "DiaSource"]
     assert names == ["DiaSource_p6000", "DiaSource_p6001", "DiaSource_p6002", "DiaSource_p6004"]
     # The plan of a history read names only the partitions of its window.
     sql, settings = backend.select_sql(
@@ -229,7 +229,7 @@ def test_reads_touch_only_the_window_and_old_partitions_drop(server, official_sc
     # Dropping old history removes whole partitions.
     assert backend.delete_before("DiaSource", 60020.0) == 2 * N
     assert backend.delete_before("DiaForcedSource", 60020.0) == 2 * N
-    names = [p[0] for p in backend.partitions("DiaSource")]
+    names = [p.name for p in backend.time_partitions() if p.table == "DiaSource"]
     assert names == ["DiaSource_p6002", "DiaSource_p6004"]
     assert db.get_sources(EVERYWHERE, 60050.0, months=12).num_rows == 2 * N
     # The other client still believes p6000 exists: its store recreates it and succeeds.
