@@ -76,13 +76,17 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     query = parse_qsl(parts.query, keep_blank_values=True)
     secrets = sorted({k.lower() for k, _ in query if k.lower() in SECRET_PARAMS})
     if secrets:
-        named = " and ".join(f"a {k}= parameter" for k in secrets)
-        raise ConfigError(f"the URL carries {named}; diadb refuses to hold a secret: {_WHERE_SECRETS_GO}")
+        named = ", ".join(f"{k}=" for k in secrets)
+        raise ConfigError(
+            f"the URL carries a secret ({named}); diadb refuses to hold one: {_WHERE_SECRETS_GO}"
+        )
     options = {k: v for k, v in query if k in DIADB_PARAMS}
     libpq = [(k, v) for k, v in query if k not in DIADB_PARAMS]
     if not any(k == "application_name" for k, _ in libpq):
         libpq.append(("application_name", "diadb"))
-    uri = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(libpq, quote_via=quote), ""))
+    # Not urlunsplit: it drops the "//" of an empty host list (postgresql:///db?host=/socket),
+    # and libpq then fails to parse the URI.
+    uri = f"postgresql://{parts.netloc}{parts.path}?{urlencode(libpq, quote_via=quote)}"
     return uri, options
 
 
@@ -168,10 +172,10 @@ def _host_port(item: str) -> tuple[str, int | None]:
         port = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port = item.partition(":")
-    try:
-        return unquote(host), int(port) if port else None
-    except ValueError:
-        raise ConfigError(f"bad port {port!r} in a PostgreSQL URL") from None
+    number = int(port) if port.isdigit() else None
+    if port and (number is None or not 0 < number < 65536):
+        raise ConfigError(f"bad port {port!r} in a PostgreSQL URL")
+    return unquote(host), number
 
 
 def locate(url: str) -> Location:
