@@ -356,7 +356,7 @@ class Layout:
             return []
         first = math.floor(start_mjd / self.partition_days)
         last = math.ceil(end_mjd / self.partition_days) - 1
-        ks = list(range(first, max(first, last) + 1))
+        ks = list(range(first, last + 1))
         return self.ensure_partitions({table: ks for table in PARTITIONED})
 
     def drop_time_partitions(self, before_mjd: float) -> list[str]:
