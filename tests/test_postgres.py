@@ -86,6 +86,83 @@ def test_url_with_password_is_refused_without_echoing_it(official_schema):
         assert "hunter2" not in str(info.value)
 
 
+def test_url_secrets_are_refused_and_never_echoed(official_schema):
+    """A client key's passphrase (``sslpassword=``) is a secret too, and no error about a URL
+    (a secret in it, a bad option beside one, another scheme) shows the secret."""
+    secret = "hunter2-secret"
+    # retry_seconds=0: a URL that is (wrongly) let through fails at once on the closed port.
+    base = "postgresql://alice@127.0.0.1:1/apdb?schema=x&retry_seconds=0"
+    for url in (
+        f"{base}&sslpassword={secret}",
+        f"{base}&SSLPASSWORD={secret}",
+        f"{base}&sslpassword={secret}&pool_size=many",
+        f"{base}&password={secret}&sslpassword={secret}",
+    ):
+        with pytest.raises(ConfigError, match="sslpassword") as info:
+            diadb.Apdb.create(url, schema=official_schema)
+        assert secret not in str(info.value)
+        with pytest.raises(ConfigError) as info:
+            diadb.backends.locate(url)
+        assert secret not in str(info.value)
+    from diadb.backends.postgres.url import parse_url
+
+    for url in (f"mysql://alice:{secret}@db.example/apdb", f"postgresql+psycopg://alice:{secret}@db/apdb"):
+        with pytest.raises(ConfigError) as info:
+            parse_url(url)
+        assert secret not in str(info.value) and "***" in str(info.value)
+
+
+def test_locate_names_the_server_and_schema_without_diadb_options():
+    where = diadb.backends.locate(
+        "postgresql://alice@h1:5433,h2/apdb?schema=s1&sslmode=require&pool_size=2&partition_days=10"
+    )
+    assert (where.scheme, where.hosts, where.port, where.database) == (
+        "postgresql",
+        ("h1", "h2"),
+        5433,
+        "apdb",
+    )
+    assert where.namespace == "s1" and where.files == ()
+    assert where.uri == "postgresql://alice@h1:5433,h2/apdb?sslmode=require&application_name=diadb"
+    assert dict(where.options) == {"schema": "s1", "pool_size": "2", "partition_days": "10"}
+    local = diadb.backends.locate("postgresql:///apdb?host=/tmp")
+    assert local.namespace == "public" and local.hosts == ("/tmp",) and local.port is None
+    assert local.uri is not None and local.uri.startswith("postgresql:///apdb?")
+
+
+def test_schema_names_the_server_would_change_are_refused(server, official_schema):
+    """PostgreSQL truncates a name to 63 bytes (with a NOTICE only), so two long names would open
+    the same APDB: refused. So are names it cannot hold as given; any other name is quoted."""
+    from urllib.parse import quote
+
+    base = server.url + ("&" if "?" in server.url else "?")
+    tag = uuid.uuid4().hex[:12]
+    for name in ("s" * 64 + tag, "é" * 32, "é" * 26 + tag):  # 64+, 64 and 64 bytes in UTF-8
+        for open_ in (diadb.Apdb.create, diadb.Apdb.open):
+            with pytest.raises(ConfigError, match="63 bytes"):
+                open_(
+                    base + "schema=" + quote(name),
+                    **({"schema": official_schema} if open_ is diadb.Apdb.create else {}),
+                )
+    for name in (f"a\nb{tag}", f"a\x00{tag}", f"pg_{tag}"):
+        with pytest.raises(ConfigError, match="schema name"):
+            diadb.Apdb.create(base + "schema=" + quote(name), schema=official_schema)
+    # The longest name kept whole, and one that needs quoting, work and are what the server holds.
+    import psycopg
+
+    for name in ("é" * 25 + "x" + tag, f'a "quoted", name; {tag}'):
+        assert len(name.encode()) <= 63
+        url = base + "schema=" + quote(name)
+        with diadb.Apdb.create(url, schema=official_schema) as db:
+            v = _visit(official_schema, 1, 0, 60000.0)
+            assert db.store(v.mjd, v.objects, v.sources, v.forced, visit=1, detector=0)
+        with diadb.Apdb.open(url) as db:
+            assert db.get_sources(EVERYWHERE, 60000.0).num_rows == N
+        with psycopg.connect(server.url) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (name,)).fetchone()
+        assert row == (1,)
+
+
 def test_password_from_environment_never_reaches_metadata(server, official_schema, monkeypatch):
     password = "pw-" + uuid.uuid4().hex
     server.sql(
@@ -208,7 +285,7 @@ def test_reads_touch_only_the_window_and_old_partitions_drop(server, official_sc
             mjd, v.objects, v.sources, v.forced, visit=visit, detector=det
         )
     backend = db._backend
-    names = [p[0] for p in backend.partitions("DiaSource")]
+    names = [p.name for p in backend.time_partitions() if p.table == "DiaSource"]
     assert names == ["DiaSource_p6000", "DiaSource_p6001", "DiaSource_p6002", "DiaSource_p6004"]
     # The plan of a history read names only the partitions of its window.
     sql, settings = backend.select_sql(
@@ -229,7 +306,7 @@ def test_reads_touch_only_the_window_and_old_partitions_drop(server, official_sc
     # Dropping old history removes whole partitions.
     assert backend.delete_before("DiaSource", 60020.0) == 2 * N
     assert backend.delete_before("DiaForcedSource", 60020.0) == 2 * N
-    names = [p[0] for p in backend.partitions("DiaSource")]
+    names = [p.name for p in backend.time_partitions() if p.table == "DiaSource"]
     assert names == ["DiaSource_p6002", "DiaSource_p6004"]
     assert db.get_sources(EVERYWHERE, 60050.0, months=12).num_rows == 2 * N
     # The other client still believes p6000 exists: its store recreates it and succeeds.
@@ -238,6 +315,40 @@ def test_reads_touch_only_the_window_and_old_partitions_drop(server, official_sc
     assert db.get_sources(EVERYWHERE, 60005.0, months=1).num_rows == N
     other.close()
     db.close()
+
+
+def test_time_partitions_are_created_ahead_listed_and_dropped(server, official_schema):
+    from diadb.backends.base import TimePartition, TimePartitioned
+
+    with diadb.Apdb.create(server.fresh_url() + "&partition_days=10", schema=official_schema) as db:
+        backend = db._backend
+        assert isinstance(backend, TimePartitioned)
+        assert backend.time_partitions() == []
+        assert backend.create_time_partitions(60000.0, 60000.0) == []
+        made = backend.create_time_partitions(60005.0, 60030.0)  # [60005, 60030): 3 partitions each
+        assert made == [f"{t}_p{k}" for t in ("DiaSource", "DiaForcedSource") for k in (6000, 6001, 6002)]
+        assert backend.create_time_partitions(60000.0, 60030.0) == []  # all there: none made
+        assert backend.time_partitions() == [
+            TimePartition(t, f"{t}_p{k}", k * 10.0, (k + 1) * 10.0)
+            for t in ("DiaForcedSource", "DiaSource")  # ordered by table, then start
+            for k in (6000, 6001, 6002)
+        ]
+        v = _visit(official_schema, 1, 0, 60005.0)
+        assert db.store(v.mjd, v.objects, v.sources, v.forced, visit=1, detector=0)
+        assert len(backend.time_partitions()) == 6  # the store needed no new partition
+        assert backend.drop_time_partitions(60019.0) == ["DiaSource_p6000", "DiaForcedSource_p6000"]
+        assert [p.name for p in backend.time_partitions()] == [
+            "DiaForcedSource_p6001",
+            "DiaForcedSource_p6002",
+            "DiaSource_p6001",
+            "DiaSource_p6002",
+        ]
+        assert db.get_sources(EVERYWHERE, 60010.0, months=1).num_rows == 0
+        # The dropped partition is made again by the store that needs it.
+        w = _visit(official_schema, 2, 0, 60006.0)
+        assert db.store(w.mjd, w.objects, w.sources, w.forced, visit=2, detector=0)
+        assert db.get_sources(EVERYWHERE, 60010.0, months=1).num_rows == N
+        assert backend.counters() == {"retries": backend.retries}
 
 
 # ---- many writer processes ----------------------------------------------------------------

@@ -45,16 +45,18 @@ def reference_postgres_url(url: str) -> tuple[str, str]:
     ``PGPASSWORD``, ``~/.pgpass`` or a service file."""
     from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-    from diadb.backends.postgres import parse_url
+    from diadb.backends import locate
 
-    uri, options = parse_url(url)  # refuses a password
-    parts = urlsplit(uri)
+    location = locate(url)  # refuses a password
+    parts = urlsplit(location.uri or "")
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "application_name"]
     query.append(("application_name", "dax_apdb"))
     sa_url = urlunsplit(
         ("postgresql+psycopg2", parts.netloc, parts.path, urlencode(query, quote_via=quote), "")
     )
-    return sa_url, options.get("schema") or "dax_apdb"
+    # Not location.namespace: that is diadb's default schema when none is named, and the
+    # reference keeps its own default namespace.
+    return sa_url, location.options.get("schema") or "dax_apdb"
 
 
 def to_sphgeom(region: Region) -> Any:
