@@ -66,6 +66,7 @@ from diadb.schema.validate import to_arrow, validate_catalog
 from diadb.sky.regions import Region, as_region
 from diadb.times import DAYS_PER_MONTH, TimeWindow, mjd_tai
 
+
 class Apdb:
     """An Alert Production Database. Make one with :meth:`create`, reopen it with :meth:`open`.
 
