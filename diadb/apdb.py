@@ -472,6 +472,9 @@ class Apdb:
             )
             raise DuplicateVisitError(f"visit {visit} {what} is already stored in {self.url}")
         if stored and self._compactor is not None and self.config.history_auto_compact:
+            # The store's own copies of its catalogs are not needed by the compaction: let them go
+            # before it reads a span's rows and rewrites the DiaObject snapshot.
+            del batch, objs, srcs, forced, obj_in
             self._compactor.after_store(mjd)
         return stored
 
