@@ -32,6 +32,8 @@ class SqliteConnection:
     """The database file ``path`` opened through ADBC in WAL mode (autocommit between transactions)."""
 
     def __init__(self, path: str, *, create: bool) -> None:
+        # The driver is imported on connect, not with the module: ``diadb.backends.locate``
+        # imports this package (for its url module) and promises no driver import.
         import adbc_driver_manager
         import adbc_driver_sqlite.dbapi as dbapi
 
