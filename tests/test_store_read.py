@@ -10,6 +10,7 @@ import pytest
 from astropy.time import Time
 
 import diadb
+from diadb.backends.sqlite import SqliteBackend
 from diadb.errors import ConfigError, DuplicateVisitError, SchemaVersionError
 from tests.helpers import make_visit, random_positions
 
@@ -102,12 +103,13 @@ def test_new_version_closes_previous_and_only_latest_is_read(apdb, official_sche
     assert by_id[1]["ra"] == pytest.approx(ra[0] + 1e-4)
     # The history table keeps the closed version.
     assert apdb.get_sources(None, 60001.0, object_ids=[1]).num_rows == 2
+    backend = apdb._backend
     closed = (
-        apdb._backend._fetch(  # type: ignore[attr-defined]
+        backend.connection.fetch(
             'SELECT "validityEndMjdTai" FROM "DiaObject" '
             'WHERE "diaObjectId" = 1 ORDER BY "validityStartMjdTai"'
         )
-        if hasattr(apdb._backend, "_fetch")
+        if isinstance(backend, SqliteBackend)
         else None
     )
     if closed is not None:

@@ -14,16 +14,35 @@ SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
 HISTORY_SUFFIX = ".history"
 
 
+#: The forms a SQLite database is named by, for the error messages.
+_FORMS = "a file path, sqlite:///relative.db or sqlite:////abs/path.db"
+
+
 def path_from_url(url: str) -> str:
-    """``sqlite:///rel.db`` or ``sqlite:////abs.db`` (SQLAlchemy's convention), or a bare path."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    if not scheme.startswith("sqlite"):
-        raise ConfigError(f"not a SQLite URL: {url!r}")
-    if not rest.startswith("/") or rest == "/":
-        raise ConfigError(f"SQLite URL {url!r} needs a path: sqlite:///relative.db or sqlite:////abs/path.db")
-    return rest[1:]
+    """``sqlite:///rel.db`` or ``sqlite:////abs.db`` (SQLAlchemy's convention), or a bare path.
+
+    Refused with ConfigError: an empty path and ``:memory:`` (SQLite would make a temporary
+    database that vanishes on close, and the history tier a stray directory; neither can be
+    reopened), and a string with a ``:`` before any ``/`` that is not a ``scheme://`` URL
+    (``sqlite:/x.db`` would otherwise be a relative path in a directory named ``sqlite:``).
+    """
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if not scheme.startswith("sqlite"):
+            raise ConfigError(f"not a SQLite URL: {url!r}")
+        if not rest.startswith("/") or rest == "/":
+            raise ConfigError(f"SQLite URL {url!r} needs a path: {_FORMS}")
+        path = rest[1:]
+    else:
+        if url != ":memory:" and ":" in url.split("/", 1)[0]:
+            raise ConfigError(f"{url!r} is neither a path nor a SQLite URL; expected {_FORMS}")
+        path = url
+    if path in ("", ":memory:"):
+        raise ConfigError(
+            f"{url!r} names no database file (SQLite would make a temporary one that vanishes); "
+            f"expected {_FORMS}"
+        )
+    return path
 
 
 def history_directory(path: str) -> Path:

@@ -1,0 +1,245 @@
+"""SQLite's part of the history tier (``diadb.history.manifest.HistoryEngine``): the manifest
+of segments and its trash, compaction, the DiaObject snapshot, and the overlays that reads
+apply on top of the rows already in segments (written by the daytime part)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from diadb.backends.base import Int64Array, TimeWindow
+from diadb.backends.common.names import LATEST_TABLE
+from diadb.backends.sqlite.connection import SqliteConnection, q
+from diadb.backends.sqlite.layout import CHANGED_TABLE, OBJECT_CHANGES_DDL, TIME_COLUMN
+from diadb.backends.sqlite.url import history_directory
+from diadb.errors import StorageError
+from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.segment import SegmentInfo
+from diadb.schema.model import HEALPIX_COLUMN
+from diadb.sky.healpix import in_ranges
+from diadb.updates import MUTABLE_SOURCE_COLUMNS
+
+_SEGMENT_COLUMNS = (
+    "table_name, name, t_min, t_max, span_start, span_end, pix_min, pix_max, rows, bytes, checksum"
+)
+
+
+def record_segment(cur: Any, info: SegmentInfo) -> None:
+    """A manifest row for ``info``, in the transaction of ``cur``."""
+    cur.execute(
+        f"INSERT INTO diadb_segment ({_SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            info.table,
+            info.name,
+            info.t_min,
+            info.t_max,
+            info.span_start,
+            info.span_end,
+            info.pix_min,
+            info.pix_max,
+            info.rows,
+            info.bytes,
+            info.checksum,
+        ],
+    )
+
+
+def overlay_filter(ranges: Int64Array, window: TimeWindow | None) -> tuple[str, list[float]]:
+    """The ``WHERE`` clause (or nothing) of an overlay read: the cover's bounds and the window."""
+    where: list[str] = []
+    params: list[float] = []
+    if len(ranges):
+        where.append("_healpix_29 >= ? AND _healpix_29 < ?")
+        params += [int(ranges[0, 0]), int(ranges[-1, 1])]
+    if window is not None:
+        if np.isfinite(window.start):
+            where.append("midpointMjdTai > ?")
+            params.append(float(window.start))
+        if np.isfinite(window.end):
+            where.append("midpointMjdTai <= ?")
+            params.append(float(window.end))
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
+class SqliteHistory:
+    """The manifest and the moves of rows between the engine and the segments."""
+
+    def __init__(self, conn: SqliteConnection) -> None:
+        self._conn = conn
+
+    def history_directory(self) -> Path:
+        return history_directory(self._conn.path)
+
+    @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Reads inside see one consistent state (one SQLite read transaction in WAL mode)."""
+        with self._conn.read_transaction():
+            yield
+
+    def list_segments(self, table: str | None = None) -> list[SegmentInfo]:
+        sql = f"SELECT {_SEGMENT_COLUMNS}, segment_id FROM diadb_segment"
+        if table:
+            t = self._conn.fetch(sql + " WHERE table_name = ? ORDER BY segment_id", [table])
+        else:
+            t = self._conn.fetch(sql + " ORDER BY segment_id")
+        return [
+            SegmentInfo(
+                table=r["table_name"],
+                name=r["name"],
+                t_min=r["t_min"],
+                t_max=r["t_max"],
+                span_start=r["span_start"],
+                span_end=r["span_end"],
+                pix_min=r["pix_min"],
+                pix_max=r["pix_max"],
+                rows=r["rows"],
+                bytes=r["bytes"],
+                checksum=r["checksum"],
+                segment_id=r["segment_id"],
+            )
+            for r in t.to_pylist()
+        ]
+
+    def compact_history(
+        self,
+        tables: Sequence[str],
+        boundary: float,
+        write: SegmentWriter,
+        sweep: SegmentSweeper,
+        fault: FaultHook | None = None,
+        objects: ObjectSnapshotWriter | None = None,
+    ) -> list[SegmentInfo]:
+        """Move every row older than ``boundary`` into segments, in one write transaction;
+        with ``objects``, also replace the DiaObject snapshot (see ``layout.OBJECT_CHANGES_DDL``).
+
+        Files are written (and made durable) by ``write`` while the transaction holds the
+        write lock; the manifest rows and the deletion of the moved rows commit together.
+        A crash before the commit leaves the rows in the engine and an orphan file that the
+        next compaction's ``sweep`` deletes.
+        """
+        hook = fault or (lambda step: None)
+        created: list[SegmentInfo] = []
+        try:
+            with self._conn.transaction() as cur:
+                trash = self._conn.fetch("SELECT name, dropped_at FROM diadb_segment_trash")
+                trash_list = list(zip(trash.column(0).to_pylist(), trash.column(1).to_pylist(), strict=True))
+                for name in sweep(self.list_segments(), trash_list):
+                    cur.execute("DELETE FROM diadb_segment_trash WHERE name = ?", [name])
+                for table in tables:
+                    tcol = q(TIME_COLUMN[table])
+                    cur.execute(f"SELECT * FROM {q(table)} WHERE {tcol} < ?", [boundary])
+                    rows: pa.Table = cur.fetch_arrow_table()
+                    hook("read")
+                    if rows.num_rows == 0:
+                        continue
+                    infos = write(table, rows)
+                    for info in infos:
+                        record_segment(cur, info)
+                    cur.execute(f"DELETE FROM {q(table)} WHERE {tcol} < ?", [boundary])
+                    created += infos
+                if objects is not None:
+                    created += self._refresh_object_snapshot(cur, objects, hook)
+                hook("commit")
+            hook("committed")
+        except self._conn.errors as e:
+            raise StorageError(f"SQLite compaction failed on {self._conn.path}: {e}") from e
+        return created
+
+    def _refresh_object_snapshot(
+        self, cur: Any, write: ObjectSnapshotWriter, hook: FaultHook
+    ) -> list[SegmentInfo]:
+        """Inside compaction's transaction: write a current DiaObject snapshot, record it, send
+        the old one to the trash and forget the changes it now includes."""
+        old = self.list_segments("DiaObject")
+        tracking = bool(
+            self._conn.scalar("SELECT count(*) FROM sqlite_master WHERE name = ?", [CHANGED_TABLE])
+        )
+        if old and tracking:
+            cur.execute(f"SELECT diaObjectId FROM {CHANGED_TABLE}")
+            ids = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), np.int64)
+            if not len(ids):
+                return []
+            changed: Int64Array | None = ids
+            cur.execute(
+                f"SELECT t.* FROM {CHANGED_TABLE} c CROSS JOIN {q(LATEST_TABLE)} t "
+                "ON t.diaObjectId = c.diaObjectId"
+            )
+        else:
+            # First snapshot (or one lost): every latest row, and start tracking changes.
+            for stmt in OBJECT_CHANGES_DDL:
+                cur.execute(stmt)
+            changed = None
+            cur.execute(f"SELECT * FROM {q(LATEST_TABLE)}")
+        rows: pa.Table = cur.fetch_arrow_table()
+        if changed is None and rows.num_rows == 0:
+            return []
+        hook("objects")
+        info = write(old[0] if old else None, changed, rows)
+        record_segment(cur, info)
+        if old:
+            cur.execute(
+                "INSERT OR IGNORE INTO diadb_segment_trash (name, dropped_at) VALUES (?, ?)",
+                [old[0].name, time.time()],
+            )
+            cur.execute("DELETE FROM diadb_segment WHERE segment_id = ?", [old[0].segment_id])
+        cur.execute(f"DELETE FROM {CHANGED_TABLE}")
+        return [info]
+
+    def select_changed_objects(
+        self, ranges: Int64Array, columns: Sequence[str]
+    ) -> tuple[Int64Array, pa.Table]:
+        changed = np.asarray(
+            self._conn.fetch(f"SELECT diaObjectId FROM {CHANGED_TABLE}").column(0).to_numpy(), np.int64
+        )
+        cols = ", ".join(f"t.{q(c)}" for c in columns)
+        sql = (
+            f"SELECT {cols} FROM {CHANGED_TABLE} c CROSS JOIN {q(LATEST_TABLE)} t "
+            "ON t.diaObjectId = c.diaObjectId"
+        )
+        params: list[Any] = []
+        if len(ranges):
+            # The cover's bounds in SQL; the exact ranges below (a few changed rows at most).
+            sql += f" WHERE t.{q(HEALPIX_COLUMN)} >= ? AND t.{q(HEALPIX_COLUMN)} < ?"
+            params = [int(ranges[0, 0]), int(ranges[-1, 1])]
+        rows = self._conn.fetch(sql, params)
+        if len(ranges) and rows.num_rows:
+            rows = rows.filter(pa.array(in_ranges(rows.column(HEALPIX_COLUMN).to_numpy(), ranges)))
+        return changed, rows
+
+    def drop_segments(self, segment_ids: Sequence[int]) -> None:
+        """Remove segments from the manifest; their files go to the trash (deleted after a grace)."""
+        if not segment_ids:
+            return
+        ids = [int(i) for i in segment_ids]
+        marks = ", ".join("?" * len(ids))
+        with self._conn.transaction() as cur:
+            cur.execute(
+                f"INSERT OR IGNORE INTO diadb_segment_trash SELECT name, ? FROM diadb_segment "
+                f"WHERE segment_id IN ({marks})",
+                [time.time(), *ids],
+            )
+            cur.execute(f"DELETE FROM diadb_segment WHERE segment_id IN ({marks})", ids)
+
+    # ---- the overlays --------------------------------------------------------------
+    def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        """Overlay rows (current values of the mutable source columns) in the ranges and window."""
+        where, params = overlay_filter(ranges, window)
+        sql = "SELECT diaSourceId, " + ", ".join(MUTABLE_SOURCE_COLUMNS) + " FROM diadb_source_overlay"
+        return self._conn.fetch(sql + where, params)
+
+    def select_forced_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        """Overlay rows (withdrawal times of forced sources in segments) in the ranges and window."""
+        where, params = overlay_filter(ranges, window)
+        sql = "SELECT diaObjectId, visit, detector, timeWithdrawnMjdTai AS _w FROM diadb_forced_overlay"
+        return self._conn.fetch(sql + where, params)
+
+    def drop_overlay_before(self, cutoff_mjd: float) -> None:
+        with self._conn.transaction() as cur:
+            cur.execute("DELETE FROM diadb_source_overlay WHERE midpointMjdTai < ?", [cutoff_mjd])
+            cur.execute("DELETE FROM diadb_forced_overlay WHERE midpointMjdTai < ?", [cutoff_mjd])
