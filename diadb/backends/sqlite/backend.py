@@ -122,8 +122,7 @@ class SqliteBackend:
         return self._reader.contains_visit_detector(visit, detector)
 
     def contains_store_key(self, key: str) -> bool:
-        t = self._fetch("SELECT 1 FROM diadb_store_key WHERE key = ?", [key])
-        return bool(t.num_rows > 0)
+        return self._reader.contains_store_key(key)
 
     # ---- writes --------------------------------------------------------------------
     def store_visit(self, batch: VisitBatch) -> bool:

@@ -119,6 +119,10 @@ class SqliteReader:
         value = self._conn.scalar("SELECT MAX(visit_mjd_tai) FROM diadb_visit")
         return None if value is None else float(value)
 
+    def contains_store_key(self, key: str) -> bool:
+        t = self._conn.fetch("SELECT 1 FROM diadb_store_key WHERE key = ?", [key])
+        return bool(t.num_rows > 0)
+
     def contains_visit_detector(self, visit: int, detector: int) -> bool:
         if detector == -1:
             t = self._conn.fetch("SELECT 1 FROM diadb_visit WHERE visit = ? LIMIT 1", [int(visit)])
