@@ -133,7 +133,7 @@ def _run_detector(visit: Visit) -> list[_Metric]:
 
 
 def _retries(db: Apdb) -> int:
-    return int(getattr(db._backend, "retries", 0))
+    return int(db.counters().get("retries", 0))
 
 
 #: What clients report for a visit: (metrics, error messages, transactions retried).
