@@ -7,6 +7,7 @@ with 1.
 
 from __future__ import annotations
 
+import datetime as _dt
 import functools
 import json
 from collections.abc import Callable
@@ -447,11 +448,9 @@ def partitions(
         if drop_before is not None:
             for name in db.drop_time_partitions(drop_before):
                 typer.echo(f"dropped {name}")
-        shown: dict[str, list[str]] = {}
+        shown: dict[str, list[str]] = {"DiaSource": [], "DiaForcedSource": []}
         for p in db.time_partitions():
             shown.setdefault(p.table, []).append(f"{p.name} [{p.start_mjd:g}, {p.end_mjd:g})")
-        for table in ("DiaSource", "DiaForcedSource"):
-            shown.setdefault(table, [])
         for table, parts in shown.items():
             typer.echo(f"{table}: {', '.join(parts) or 'none'}")
 
@@ -487,11 +486,7 @@ def _newest_visit_mjd(db: Apdb) -> float:
     chunks = db.replica_chunks()
     stores = chunks.filter(pc.equal(chunks.column("kind"), "store"))
     newest = pc.max(stores.column("visit_mjd_tai")).as_py() if stores.num_rows else None
-    if newest is not None:
-        return float(newest)
-    import datetime as _dt
-
-    return mjd_tai(_dt.datetime.now(_dt.UTC).replace(tzinfo=None))
+    return mjd_tai(_dt.datetime.now(_dt.UTC).replace(tzinfo=None)) if newest is None else float(newest)
 
 
 def main() -> None:

@@ -50,7 +50,8 @@ import pyarrow.compute as pc
 
 from diadb.apdb import Apdb
 from diadb.errors import ConfigError
-from diadb.sim.model import Visit, VisitSimulator
+from diadb.sim.model import VisitSimulator
+from diadb.sim.visit import Visit
 
 TABLES = ("DiaObject", "DiaSource", "DiaForcedSource")
 ALL = "all"
