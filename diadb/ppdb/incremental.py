@@ -58,14 +58,12 @@ def update_export(
     say: Progress,
     t0: float,
 ) -> ExportResult:
-    if manifest.last_chunk_id is None:
-        raise PublicationError(
-            f"{root} cannot be updated incrementally (no change log recorded); export to an empty directory"
-        )
     if manifest.region is not None and region is None:
         region = as_region(manifest.region)
     ids = chunk_ids(apdb)
-    new_ids = ids[ids > manifest.last_chunk_id]
+    # An export made before the first chunk (of an empty database) takes every chunk: the
+    # partitions they touch are read again whole, so rows already exported are not doubled.
+    new_ids = ids if manifest.last_chunk_id is None else ids[ids > manifest.last_chunk_id]
     result_tables: dict[str, dict[str, int]] = {}
     rewritten = 0
     if len(new_ids):
