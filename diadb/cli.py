@@ -1,14 +1,25 @@
-"""The ``diadb`` command line: parse, call one library function, print, map errors to exit codes."""
+"""The ``diadb`` command line: parse, call one library function, print, map errors to exit codes.
+
+Every command is registered through :func:`_command`: a ``diadb.Error`` it raises, whatever the
+command, is one line on stderr and exit status 2 (no traceback). A failed check (``verify``) exits
+with 1.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from diadb.errors import Error
+
+if TYPE_CHECKING:
+    from diadb.apdb import Apdb
 
 app = typer.Typer(
     help="diadb: an Alert Production Database for time-domain astronomy.",
@@ -23,7 +34,24 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-@app.command()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _command(fn: F) -> F:
+    """Register ``fn`` as a command; the ``diadb.Error`` it raises is one line and exit 2."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Error as e:
+            raise _fail(str(e)) from None
+
+    app.command()(run)
+    return fn
+
+
+@_command
 def create(
     url: Annotated[str, typer.Argument(help="SQLite path or URL of the new database.")],
     schema: Annotated[
@@ -34,14 +62,11 @@ def create(
     """Create an empty APDB."""
     from diadb.apdb import Apdb
 
-    try:
-        with Apdb.create(url, schema=schema, history_months=history_months) as db:
-            typer.echo(f"created {url}: schema {db.schema.name} {db.schema.version}")
-    except Error as e:
-        raise _fail(str(e)) from None
+    with Apdb.create(url, schema=schema, history_months=history_months) as db:
+        typer.echo(f"created {url}: schema {db.schema.name} {db.schema.version}")
 
 
-@app.command()
+@_command
 def stats(
     url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -49,11 +74,8 @@ def stats(
     """Rows and bytes per table."""
     from diadb.apdb import Apdb
 
-    try:
-        with Apdb.open(url) as db:
-            result = db.stats()
-    except Error as e:
-        raise _fail(str(e)) from None
+    with Apdb.open(url) as db:
+        result = db.stats()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -61,16 +83,13 @@ def stats(
         typer.echo(f"{table:24s} {s['rows']:>12,d} rows {s['bytes'] / 1e6:>10.1f} MB")
 
 
-@app.command()
+@_command
 def compact(url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")]) -> None:
     """Move source rows of closed time spans into history segments, refresh the DiaObject snapshot."""
     from diadb.apdb import Apdb
 
-    try:
-        with Apdb.open(url) as db:
-            created = db.compact()
-    except Error as e:
-        raise _fail(str(e)) from None
+    with Apdb.open(url) as db:
+        created = db.compact()
     sources = [s for s in created if s.table != "DiaObject"]
     snapshot = [s for s in created if s.table == "DiaObject"]
     rows = sum(s.rows for s in sources)
@@ -80,7 +99,7 @@ def compact(url: Annotated[str, typer.Argument(help="SQLite path or URL of the d
     typer.echo(line)
 
 
-@app.command()
+@_command
 def verify(
     url: Annotated[
         str, typer.Argument(help="SQLite path or URL of the database, or a PPDB export directory.")
@@ -93,12 +112,9 @@ def verify(
     if Path(url).is_dir():
         _verify_export(url)
         return
-    try:
-        with Apdb.open(url) as db:
-            problems = db.verify()
-            n = len(db.segments())
-    except Error as e:
-        raise _fail(str(e)) from None
+    with Apdb.open(url) as db:
+        problems = db.verify()
+        n = len(db.segments())
     for line in problems:
         typer.echo(f"BAD {line}", err=True)
     if problems:
@@ -106,7 +122,7 @@ def verify(
     typer.echo(f"ok: {n} segment(s) verified")
 
 
-@app.command()
+@_command
 def upgrade(
     url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")],
     schema: Annotated[Path | None, typer.Option(help="A newer Felis YAML (same major version).")] = None,
@@ -114,15 +130,12 @@ def upgrade(
     """Migrate an older database in place: diadb's layout, and optionally the Felis schema."""
     from diadb.apdb import Apdb
 
-    try:
-        steps = Apdb.upgrade(url, schema)
-    except Error as e:
-        raise _fail(str(e)) from None
+    steps = Apdb.upgrade(url, schema)
     for step in steps or ["already up to date"]:
         typer.echo(step)
 
 
-@app.command()
+@_command
 def prune(
     url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would go; change nothing.")] = False,
@@ -130,17 +143,14 @@ def prune(
     """Drop source history older than the window plus the retention grace."""
     from diadb.apdb import Apdb
 
-    try:
-        with Apdb.open(url) as db:
-            report = db.prune(dry_run=dry_run)
-    except Error as e:
-        raise _fail(str(e)) from None
+    with Apdb.open(url) as db:
+        report = db.prune(dry_run=dry_run)
     verb = "would drop" if dry_run else "dropped"
     for table, r in report.items():
         typer.echo(f"{table}: {verb} {r['rows']:,} rows ({r['segments']} segment(s))")
 
 
-@app.command()
+@_command
 def bench(
     profile: Annotated[
         str, typer.Option(help="ci (seconds), demo (minutes) or year (up to an hour).")
@@ -173,32 +183,29 @@ def bench(
     """Simulate visits into diadb (and the reference) side by side; report medians, ratios, a plot."""
     from diadb.sim.bench import run_bench
 
-    try:
-        result = _with_progress(
-            "bench",
-            lambda progress: run_bench(
-                profile,
-                out,
-                compare=compare or (),
-                engine_only=engine_only,
-                association_view=association_view,
-                visits=visits,
-                scale=scale,
-                columns=columns,
-                progress=progress,
-                url=url,
-                reference_url=reference_url,
-            ),
-        )
-    except Error as e:
-        raise _fail(str(e)) from None
+    result = _with_progress(
+        "bench",
+        lambda progress: run_bench(
+            profile,
+            out,
+            compare=compare or (),
+            engine_only=engine_only,
+            association_view=association_view,
+            visits=visits,
+            scale=scale,
+            columns=columns,
+            progress=progress,
+            url=url,
+            reference_url=reference_url,
+        ),
+    )
     typer.echo(result.summary_path.read_text())
     typer.echo(f"report: {result.summary_path}")
     if result.plot_path is not None:
         typer.echo(f"plot: {result.plot_path}")
 
 
-@app.command()
+@_command
 def simulate(
     url: Annotated[str, typer.Argument(help="SQLite path or URL of a database to create.")],
     profile: Annotated[str, typer.Option(help="Simulation profile: ci, demo or year.")] = "ci",
@@ -243,31 +250,28 @@ def simulate(
         raise _fail(f"--after must be >= 0, got {after}")
     prof = PROFILES[profile]
     n = prof.visits if visits is None else visits
-    try:
-        sim_config = prof.sim if scale is None else dataclasses.replace(prof.sim, scale=scale)
-        with Apdb.open(url) if after else Apdb.create(url) as db:
-            before = db.stats() if after else {}
-            sim = VisitSimulator(sim_config, db.schema)
-            # The model's state (ids, detection history) depends on the visits before: replay them.
-            for _ in sim.visits(after):
-                pass
-            table = _with_progress(
-                "simulate",
-                lambda progress: run(
-                    db,
-                    sim,
-                    n,
-                    mode="field" if mode == "field" else "detector",
-                    workers=workers,
-                    clients=clients,
-                    progress=progress,
-                ),
-            )
-            held = db.stats()
-        if metrics is not None:
-            save_metrics(table, metrics)
-    except Error as e:
-        raise _fail(str(e)) from None
+    sim_config = prof.sim if scale is None else dataclasses.replace(prof.sim, scale=scale)
+    with Apdb.open(url) if after else Apdb.create(url) as db:
+        before = db.stats() if after else {}
+        sim = VisitSimulator(sim_config, db.schema)
+        # The model's state (ids, detection history) depends on the visits before: replay them.
+        for _ in sim.visits(after):
+            pass
+        table = _with_progress(
+            "simulate",
+            lambda progress: run(
+                db,
+                sim,
+                n,
+                mode="field" if mode == "field" else "detector",
+                workers=workers,
+                clients=clients,
+                progress=progress,
+            ),
+        )
+        held = db.stats()
+    if metrics is not None:
+        save_metrics(table, metrics)
     for key, value in summarize(table).items():
         typer.echo(f"{key:28s} {value:12.4f}")
     # Rows given to the stores against rows the database holds (every DiaObject version is a row;
@@ -286,7 +290,7 @@ def simulate(
         typer.echo(f"first error: {first_error}", err=True)
 
 
-@app.command()
+@_command
 def sizing(
     summary: Annotated[Path, typer.Option(help="summary.json written by diadb bench.")] = Path(
         "build/bench/summary.json"
@@ -299,12 +303,7 @@ def sizing(
     """Project storage from the bytes per visit a benchmark measured (at full source density)."""
     from diadb.sim.sizing import load_summary, project
 
-    try:
-        rows = project(
-            load_summary(summary), visits=visits, nights=nights, years=years, replication=replication
-        )
-    except Error as e:
-        raise _fail(str(e)) from None
+    rows = project(load_summary(summary), visits=visits, nights=nights, years=years, replication=replication)
     for p in rows:
         typer.echo(f"{p.table:28s} {p.bytes_per_visit / 1e6:10.2f} MB/visit {p.total_bytes / 1e12:12.3f} TB")
 
@@ -324,7 +323,7 @@ def _with_progress(label: str, work: Any) -> Any:
         return work(progress)
 
 
-@app.command()
+@_command
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the demo database and report.")] = Path(
         "build/demo"
@@ -340,15 +339,10 @@ def demo(
     from diadb.sim.bench import run_bench
 
     hats_dir = out / "hats"
-    try:
-        result = _with_progress(
-            "demo", lambda progress: run_bench("demo", out, visits=visits, progress=progress)
-        )
-        shutil.rmtree(hats_dir, ignore_errors=True)
-        with Apdb.open(str(out / "diadb.db")) as db:
-            exported = export_hats(db, hats_dir)
-    except Error as e:
-        raise _fail(str(e)) from None
+    result = _with_progress("demo", lambda progress: run_bench("demo", out, visits=visits, progress=progress))
+    shutil.rmtree(hats_dir, ignore_errors=True)
+    with Apdb.open(str(out / "diadb.db")) as db:
+        exported = export_hats(db, hats_dir)
     typer.echo(result.summary_path.read_text())
     for table, s in exported.tables.items():
         typer.echo(f"HATS {table:16s} {s['rows']:>10,d} rows {s['partitions']:>4d} partition(s)")
@@ -364,7 +358,7 @@ def _verify_export(directory: str) -> None:
 
     try:
         report = verify_export(directory)
-    except (Error, OSError) as e:  # OSError: an unreadable directory or manifest
+    except OSError as e:  # an unreadable directory or manifest
         raise _fail(str(e)) from None
     for line in report.lines():
         typer.echo(line, err=line.startswith("BAD"))
@@ -372,7 +366,7 @@ def _verify_export(directory: str) -> None:
         raise typer.Exit(code=1)
 
 
-@app.command()
+@_command
 def export(
     url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")],
     directory: Annotated[
@@ -399,24 +393,20 @@ def export(
 
     from diadb.apdb import Apdb
     from diadb.ppdb.hats_export import ExportOptions, export_hats
+    from diadb.ppdb.layout import TABLES
 
-    try:
-        opts = ExportOptions(workers=workers, scheduler=scheduler)
-        if max_rows is not None:
-            opts = dataclasses.replace(opts, max_rows=dict.fromkeys(TABLES_PPDB, max_rows))
-        with Apdb.open(url) as db:
-            result = export_hats(
-                db, directory, region=region, options=opts, incremental=False if full else None
-            )
-    except Error as e:
-        raise _fail(str(e)) from None
+    opts = ExportOptions(workers=workers, scheduler=scheduler)
+    if max_rows is not None:
+        opts = dataclasses.replace(opts, max_rows=dict.fromkeys(TABLES, max_rows))
+    with Apdb.open(url) as db:
+        result = export_hats(db, directory, region=region, options=opts, incremental=False if full else None)
     kind = f"incremental ({result.chunks_applied} chunk(s))" if result.incremental else "full"
     for table, s in result.tables.items():
         typer.echo(f"{table:16s} {s['rows']:>12,d} rows {s['partitions']:>6d} partition(s)")
     typer.echo(f"{kind} export to {directory} in {result.seconds:.1f} s")
 
 
-@app.command()
+@_command
 def restore(
     directory: Annotated[Path, typer.Argument(help="A PPDB export directory (diadb export).")],
     url: Annotated[str, typer.Argument(help="SQLite path or URL of the new database.")],
@@ -426,52 +416,77 @@ def restore(
 
     try:
         result = restore_export(directory, url)
-    except (Error, OSError) as e:  # OSError: an unreadable export, no room for the scratch files
+    except OSError as e:  # an unreadable export, no room for the scratch files
         raise _fail(str(e)) from None
     rows = ", ".join(f"{n:,} {t}" for t, n in result.rows.items())
     typer.echo(f"restored {rows} in {result.visits} visit(s) into {url}")
 
 
-TABLES_PPDB = ("DiaObject", "DiaSource", "DiaForcedSource")
-
-
-@app.command()
+@_command
 def partitions(
-    url: Annotated[str, typer.Argument(help="URL of a Cassandra APDB.")],
+    url: Annotated[str, typer.Argument(help="URL of a PostgreSQL or Cassandra APDB.")],
     create_ahead: Annotated[
-        int, typer.Option(help="Create the time partitions from the newest visit's (or now) to N ahead.")
+        int,
+        typer.Option(
+            help="Create the time partitions from the newest visit's (or now) to N partitions ahead."
+        ),
     ] = 0,
     drop_before: Annotated[
         float | None, typer.Option(help="Drop the partitions that end at or before this MJD (TAI).")
     ] = None,
 ) -> None:
-    """Manage time-partition tables (Cassandra): list them, create ahead, drop old ones."""
+    """Manage the source tables' time partitions (PostgreSQL, Cassandra): list them, create ahead,
+    drop old ones."""
     from diadb.apdb import Apdb
+
+    if create_ahead < 0:
+        raise _fail(f"--create-ahead must be >= 0, got {create_ahead}")
+    with Apdb.open(url) as db:
+        if create_ahead:
+            for name in _create_ahead(db, create_ahead):
+                typer.echo(f"created {name}")
+        if drop_before is not None:
+            for name in db.drop_time_partitions(drop_before):
+                typer.echo(f"dropped {name}")
+        shown: dict[str, list[str]] = {"DiaSource": [], "DiaForcedSource": []}
+        for p in db.time_partitions():
+            shown.setdefault(p.table, []).append(f"{p.name} [{p.start_mjd:g}, {p.end_mjd:g})")
+        for table, parts in shown.items():
+            typer.echo(f"{table}: {', '.join(parts) or 'none'}")
+
+
+def _create_ahead(db: Apdb, n: int) -> list[str]:
+    """Create the partitions from the one holding the newest visit (or now) to ``n`` partitions
+    of the current width beyond it; the names created."""
+    start = _newest_visit_mjd(db)
+    created: list[str] = []
+    existing = db.time_partitions()  # ConfigError on an engine without time partitions
+    if not existing:
+        # No partition to read the width from: make the one holding ``start`` first.
+        created += db.create_time_partitions(start, start + _INSTANT_DAYS)
+        existing = db.time_partitions()
+    if not existing:
+        raise _fail(f"{db.url}: no time partition was made at MJD {start:g}; cannot tell their width")
+    newest = max(existing, key=lambda p: p.end_mjd)
+    width = newest.end_mjd - newest.start_mjd
+    created += db.create_time_partitions(start, start + n * width)
+    return created
+
+
+#: A time span shorter than any partition: [t, t + this) lies in the partition holding t.
+_INSTANT_DAYS = 1e-6
+
+
+def _newest_visit_mjd(db: Apdb) -> float:
+    """MJD TAI of the newest stored visit (from the change log's store chunks), or now."""
+    import pyarrow.compute as pc
+
     from diadb.times import mjd_tai
 
-    try:
-        with Apdb.open(url) as db:
-            backend: Any = db._backend
-            if not hasattr(backend, "create_time_partitions"):
-                raise _fail(f"{url}: this backend has no time-partition tables")
-            if create_ahead:
-                start = backend.latest_visit_mjd()
-                if start is None:
-                    import datetime as _dt
-
-                    start = mjd_tai(_dt.datetime.now(_dt.UTC).replace(tzinfo=None))
-                end = start + create_ahead * backend.time_partition_days
-                for name in backend.create_time_partitions(start, end):
-                    typer.echo(f"created {name}")
-            if drop_before is not None:
-                for name in backend.drop_time_partitions(drop_before):
-                    typer.echo(f"dropped {name}")
-            for table, parts in backend.time_partitions().items():
-                spans = [backend.time_partition_span(p) for p in parts]
-                shown = ", ".join(f"{p} [{a:g}, {b:g})" for p, (a, b) in zip(parts, spans, strict=True))
-                typer.echo(f"{table}: {shown or 'none'}")
-    except Error as e:
-        raise _fail(str(e)) from None
+    chunks = db.replica_chunks()
+    stores = chunks.filter(pc.equal(chunks.column("kind"), "store"))
+    newest = pc.max(stores.column("visit_mjd_tai")).as_py() if stores.num_rows else None
+    return mjd_tai(_dt.datetime.now(_dt.UTC).replace(tzinfo=None)) if newest is None else float(newest)
 
 
 def main() -> None:

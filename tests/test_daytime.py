@@ -13,13 +13,6 @@ EVERYWHERE = diadb.Box(0, 360, -90, 90)
 N = 20
 
 
-@pytest.fixture(autouse=True)
-def _backend_has_daytime_operations(apdb):
-    # Backends gain the daytime protocol one at a time; a backend without it says so.
-    if not hasattr(apdb._backend, "update_sources"):
-        pytest.skip(f"{type(apdb._backend).__name__} does not implement the daytime operations yet")
-
-
 def _night(apdb: diadb.Apdb) -> None:
     """Objects 1..20 seen in visits 1-3 (days 0, 2, 4); object 21 only in visit 3."""
     ra, dec = random_positions(N + 1, 5)
@@ -274,15 +267,6 @@ def test_explicit_read_window(apdb):
 
 def test_keyed_stores_append_and_chunks_list_their_rows(apdb):
     """Stores of one visit/detector under different keys all append; the same key is a no-op."""
-    if not getattr(apdb._backend, "supports_store_key", False):
-        with pytest.raises(diadb.ConfigError, match="key"):
-            apdb.store(
-                60000.0,
-                apdb.schema.table("DiaObject").arrow_schema(with_healpix=False).empty_table(),
-                visit=1,
-                key="k",
-            )
-        pytest.skip(f"{type(apdb._backend).__name__} does not support keyed stores yet (refused clearly)")
     ra, dec = random_positions(6, 7)
     parts = [
         make_visit(apdb.schema, 9, 60000.0 + day, np.arange(1, 4) + 10 * i, ra[3 * (i % 2) :][:3], dec[:3])

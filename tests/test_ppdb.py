@@ -278,6 +278,24 @@ def test_incremental_export_equals_full(official_schema: ApdbSchema, tmp_path: P
     db.close()
 
 
+def test_an_export_of_an_empty_database_is_updated_incrementally(
+    official_schema: ApdbSchema, tmp_path: Path
+) -> None:
+    """An export made before any change-log chunk existed takes every chunk on its update."""
+    db = diadb.Apdb.create(tmp_path / "apdb.db", schema=official_schema)
+    out = tmp_path / "ppdb"
+    first = export_hats(db, out, options=SMALL)
+    assert not first.incremental and first.last_chunk_id is None
+    assert all(s["rows"] == 0 for s in first.tables.values())
+    _store_visits(db, official_schema, range(1, 3))
+    second = export_hats(db, out, options=SMALL)
+    assert second.incremental and second.chunks_applied == 2
+    for table in TABLES:
+        assert _export_rows(out, table).equals(_all_rows(db, table).cast(_export_rows(out, table).schema))
+    assert verify_export(out).ok, verify_export(out).problems
+    db.close()
+
+
 def test_restore_streams_in_time_batches(
     source_db: diadb.Apdb, exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

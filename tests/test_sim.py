@@ -17,16 +17,10 @@ import pytest
 import diadb
 from diadb.errors import ConfigError
 from diadb.schema import ApdbSchema
-from diadb.sim.model import (
-    N_DETECTORS,
-    FocalPlane,
-    SimConfig,
-    Visit,
-    VisitSimulator,
-    detector_regions,
-    from_tangent_plane,
-)
+from diadb.sim.focal_plane import N_DETECTORS, FocalPlane, detector_regions, from_tangent_plane
+from diadb.sim.model import SimConfig, VisitSimulator
 from diadb.sim.runner import METRIC_COLUMNS, run, save_metrics, summarize
+from diadb.sim.visit import Visit
 
 # One dithered field: consecutive visits overlap, so objects are re-detected.
 FIELD = SimConfig(seed=7, scale=0.02, field_centres_deg=((55.0, -30.0),), dither_deg=0.3)

@@ -19,8 +19,8 @@ import astropy.time
 import numpy as np
 
 from diadb.compat.dax import DiadbApdb
-from diadb.sim.model import Visit
 from diadb.sim.reference import ReadResult, forced_key, to_sphgeom
+from diadb.sim.visit import Visit
 from diadb.sky.regions import Region
 
 

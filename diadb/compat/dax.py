@@ -25,8 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import astropy.time
 import numpy as np
@@ -34,33 +34,27 @@ import pandas as pd
 import pyarrow as pa
 from lsst.dax.apdb import (
     Apdb,
-    ApdbMetadata,
     DiaForcedSourceId,
     DiaObjectId,
     DiaSourceId,
     IncompatibleVersionError,
     VersionTuple,
 )
-from lsst.dax.apdb.apdbAdmin import (
-    ApdbAdmin,
-    DiaForcedSourceLocator,
-    DiaObjectLocator,
-    DiaSourceLocator,
-)
+from lsst.dax.apdb.apdbAdmin import ApdbAdmin
+from lsst.dax.apdb.apdbMetadata import ApdbMetadata
 from lsst.dax.apdb.apdbSchema import ApdbSchema, ApdbTables
 from lsst.dax.apdb.schema_model import Table
 
 import diadb
-from diadb.compat.dax_config import DEFAULT_SCHEMA, DiadbApdbConfig
+from diadb.compat.dax_admin import DiadbApdbAdmin, DiadbApdbMetadata
+from diadb.compat.dax_config import DEFAULT_SCHEMA, DiadbApdbConfig, register
+from diadb.compat.dax_replica import DiadbApdbReplica
 from diadb.schema.felis import schema_from_yaml
-from diadb.sky.healpix import radec_to_healpix29
 from diadb.sky.regions import as_region
 from diadb.times import DAYS_PER_MONTH
 
 if TYPE_CHECKING:
     from lsst.dax.apdb import ApdbUpdateRecord
-
-    from diadb.compat.dax_replica import DiadbApdbReplica
 
 #: Logged under the reference's logger hierarchy, so a pipeline's logging config applies.
 _LOG = logging.getLogger("lsst.dax.apdb.diadb")
@@ -95,14 +89,6 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
 
 def _mjd(when: astropy.time.Time) -> float:
     return float(when.tai.mjd)
-
-
-def _native(db: diadb.Apdb, name: str) -> Callable[..., Any]:
-    """A diadb method this facade needs; a clear error when this diadb does not have it yet."""
-    method = getattr(db, name, None)
-    if method is None:
-        raise NotImplementedError(f"this diadb has no diadb.Apdb.{name}(), which the facade needs here")
-    return cast(Callable[..., Any], method)
 
 
 def _schema_text(uri: str) -> str:
@@ -151,67 +137,6 @@ def _window_start(visit_time: Any, start_time: Any, months: int) -> float | None
     if months == 0:
         return None
     return _mjd(visit_time) - DAYS_PER_MONTH * months
-
-
-class DiadbApdbMetadata(ApdbMetadata):
-    """``ApdbMetadata`` on diadb's metadata: key/value strings kept in the database.
-
-    diadb's own keys (``diadb.*``, ``felis.*``) are not shown and cannot be changed here.
-    """
-
-    def __init__(self, db: diadb.Apdb) -> None:
-        self._db = db
-
-    def _all(self) -> dict[str, str]:
-        return self._db.user_metadata()
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        return self._all().get(key, default)
-
-    def set(self, key: str, value: str, *, force: bool = False) -> None:
-        if not key or not value:
-            raise ValueError("Empty key or value are not allowed")
-        if not force and key in self._all():
-            raise KeyError(f"Metadata key {key!r} already exists")
-        self._db.set_user_metadata({key: value})
-
-    def delete(self, key: str) -> bool:
-        if key not in self._all():
-            return False
-        self._db.set_user_metadata({key: None})
-        return True
-
-    def items(self) -> Generator[tuple[str, str], None, None]:
-        yield from self._all().items()
-
-    def empty(self) -> bool:
-        return not self._all()
-
-
-class DiadbApdbAdmin(ApdbAdmin):
-    """``ApdbAdmin``: diadb's spatial key is the HEALPix order-29 nested pixel (``_healpix_29``)."""
-
-    def __init__(self, db: diadb.Apdb) -> None:
-        self._db = db
-
-    def apdb_part(self, ra_deg: float, dec_deg: float) -> int:
-        return int(radec_to_healpix29(np.array([ra_deg]), np.array([dec_deg]))[0])
-
-    def apdb_time_part(self, midpointMjdTai: float) -> int:
-        # diadb's engines partition time by days of MJD TAI (30 days per partition by default).
-        return int(np.floor(midpointMjdTai / DAYS_PER_MONTH))
-
-    def delete_records(
-        self,
-        objects: Iterable[DiaObjectLocator],
-        sources: Iterable[DiaSourceLocator],
-        forced_sources: Iterable[DiaForcedSourceLocator],
-    ) -> None:
-        _native(self._db, "delete_records")(
-            [o.diaObjectId for o in objects],
-            [s.diaSourceId for s in sources],
-            [(f.diaObjectId, f.visit, f.detector) for f in forced_sources],
-        )
 
 
 class DiadbApdb(Apdb):
@@ -326,8 +251,6 @@ class DiadbApdb(Apdb):
 
     def get_replica(self) -> DiadbApdbReplica:
         """The ``ApdbReplica`` view of this database's change log."""
-        from diadb.compat.dax_replica import DiadbApdbReplica
-
         return DiadbApdbReplica(self)
 
     def close(self) -> None:
@@ -504,5 +427,7 @@ class DiadbApdb(Apdb):
         ]
         self._db.log_updates("dax_apdb", payloads, _mjd(update_time))
 
+
+register(DiadbApdb)
 
 __all__ = ["DiadbApdb", "DiadbApdbAdmin", "DiadbApdbConfig", "DiadbApdbMetadata", "to_pandas"]

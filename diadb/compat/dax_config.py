@@ -8,9 +8,11 @@ A pipeline that builds its APDB with ``lsst.dax.apdb.Apdb.from_uri(path)`` (or
 
 The reference's factory chooses an implementation by the exact type of the config object
 (``ApdbSqlConfig`` or ``ApdbCassandraConfig``) and by the YAML's ``implementation_type``; it has
-no plugin registry. :func:`register` (run when this module is imported) wraps its three factory
-functions so that a :class:`DiadbApdbConfig`, or ``implementation_type: diadb``, makes diadb's
-facade; every other config still goes to the reference unchanged.
+no plugin registry. :func:`register` wraps its three factory functions so that a
+:class:`DiadbApdbConfig`, or ``implementation_type: diadb``, makes diadb's facade; every other
+config still goes to the reference unchanged. :mod:`diadb.compat.dax` calls it with the facade
+when it is imported (this module knows the facade only as that argument: it imports nothing of
+the facade's).
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def _wrap(original: Callable[..., Any], replacement: Callable[..., Any]) -> Call
     return replacement
 
 
-def register() -> None:
-    """Teach ``lsst.dax.apdb``'s factory about :class:`DiadbApdbConfig` (idempotent)."""
+def register(facade: Callable[[DiadbApdbConfig], Any]) -> None:
+    """Teach ``lsst.dax.apdb``'s factory to make ``facade(config)`` (an ``Apdb``) of a
+    :class:`DiadbApdbConfig` (idempotent: a second call changes nothing)."""
     import lsst.dax.apdb.apdb as dax_apdb_module
     import lsst.dax.apdb.apdbReplica as dax_replica_module
     import lsst.dax.apdb.config as dax_config_module
@@ -80,16 +83,12 @@ def register() -> None:
 
     def diadb_make_apdb(config: Any) -> Any:
         if isinstance(config, DiadbApdbConfig):
-            from diadb.compat.dax import DiadbApdb
-
-            return DiadbApdb(config)
+            return facade(config)
         return make_apdb(config)
 
     def diadb_make_apdb_replica(config: Any) -> Any:
         if isinstance(config, DiadbApdbConfig):
-            from diadb.compat.dax import DiadbApdb
-
-            return DiadbApdb(config).get_replica()
+            return facade(config).get_replica()
         return make_apdb_replica(config)
 
     def diadb_config_type_for_name(type_name: str) -> Any:
@@ -112,4 +111,4 @@ def register() -> None:
         setattr(module, name, function)
 
 
-register()
+__all__ = ["DEFAULT_SCHEMA", "IMPLEMENTATION_TYPE", "DiadbApdbConfig", "register"]

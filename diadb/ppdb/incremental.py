@@ -19,17 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.ppdb import partition as part
-from diadb.ppdb.hats_export import (
-    ExportOptions,
-    ExportResult,
-    Progress,
-    _max_rows,
-    _public_url,
-    _scan_cover,
-    _TableWriter,
-)
 from diadb.ppdb.layout import TABLES, Manifest, PublicationError, catalog_dir
+from diadb.ppdb.options import ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, run_jobs
+from diadb.ppdb.writer import TableWriter, public_url, scan_cover
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.regions import Region, as_region
 
@@ -37,18 +30,16 @@ if TYPE_CHECKING:
     from diadb.apdb import Apdb
 
 
-def chunk_ids(apdb: Apdb) -> np.ndarray | None:
-    """All change-log chunk ids, or None when this database has no change log."""
-    if not hasattr(apdb, "replica_chunks"):
-        return None
+def chunk_ids(apdb: Apdb) -> np.ndarray:
+    """All change-log chunk ids, in commit order."""
     chunks = apdb.replica_chunks()
     return np.asarray(chunks.column("chunk_id").to_numpy(), dtype=np.int64)
 
 
 def check_same_source(manifest: Manifest, apdb: Apdb, region_text: str | None) -> None:
-    if manifest.source_url != _public_url(apdb.url):
+    if manifest.source_url != public_url(apdb.url):
         raise PublicationError(
-            f"the export was made from {manifest.source_url}, not {_public_url(apdb.url)}; "
+            f"the export was made from {manifest.source_url}, not {public_url(apdb.url)}; "
             "use an empty directory for a new export"
         )
     if region_text is not None and region_text != manifest.region:
@@ -67,15 +58,12 @@ def update_export(
     say: Progress,
     t0: float,
 ) -> ExportResult:
-    if manifest.last_chunk_id is None or not hasattr(apdb, "read_chunks"):
-        raise PublicationError(
-            f"{root} cannot be updated incrementally (no change log recorded); export to an empty directory"
-        )
     if manifest.region is not None and region is None:
         region = as_region(manifest.region)
-    chunks = apdb.replica_chunks()
-    ids = np.asarray(chunks.column("chunk_id").to_numpy(), dtype=np.int64)
-    new_ids = ids[ids > manifest.last_chunk_id]
+    ids = chunk_ids(apdb)
+    # An export made before the first chunk (of an empty database) takes every chunk: the
+    # partitions they touch are read again whole, so rows already exported are not doubled.
+    new_ids = ids if manifest.last_chunk_id is None else ids[ids > manifest.last_chunk_id]
     result_tables: dict[str, dict[str, int]] = {}
     rewritten = 0
     if len(new_ids):
@@ -83,7 +71,7 @@ def update_export(
         changes = apdb.read_chunks(new_ids.tolist())
         touched = _touched(root, manifest, changes)
         written: list[Path] = []
-        writers = {t: _TableWriter(apdb, root, t, region, opts) for t in TABLES}
+        writers = {t: TableWriter(apdb, root, t, region, opts) for t in TABLES}
         plans: dict[str, list[part.Pixel]] = {}
         stale: dict[str, set[part.Pixel]] = {}
         jobs: list[Job] = []
@@ -98,14 +86,14 @@ def update_export(
             # New rows outside every partition get new partitions, planned from their counts.
             outside = hp29[where < 0]
             if region is not None and len(outside):
-                outside = outside[part.in_ranges(outside, _scan_cover(region))]
+                outside = outside[part.in_ranges(outside, scan_cover(region))]
             fresh: list[part.Pixel] = []
             if len(outside):
                 pixels, counts = part.histogram(np.unique(outside))
                 fresh = [
                     p
                     for p, _ in part.plan_partitions(
-                        pixels, counts, max_rows=_max_rows(opts, table), forbidden=old
+                        pixels, counts, max_rows=opts.rows_per_partition(table), forbidden=old
                     )
                 ]
             plans[table] = sorted(set(old) | set(fresh), key=lambda p: p.range29())

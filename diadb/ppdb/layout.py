@@ -69,6 +69,7 @@ class Manifest:
     created_at: str
     max_rows: int
     margin_arcsec: float
+    #: The newest change-log chunk the export holds; None when it was made before the first one.
     last_chunk_id: int | None
     apdb_config: str | None = None
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)

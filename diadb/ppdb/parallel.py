@@ -32,10 +32,11 @@ import numpy as np
 from diadb.errors import BackendUnavailable
 from diadb.ppdb import partition as part
 from diadb.ppdb.layout import PublicationError
+from diadb.ppdb.options import ExportOptions
+from diadb.ppdb.writer import TableWriter
 
 if TYPE_CHECKING:
     from diadb.apdb import Apdb
-    from diadb.ppdb.hats_export import ExportOptions, _TableWriter
     from diadb.sky.regions import Region
 
 #: Jobs per worker: enough that a few large partitions do not leave the other workers idle,
@@ -76,7 +77,7 @@ def run_jobs(
     region: Region | None,
     opts: ExportOptions,
     jobs: Sequence[Job],
-    writers: dict[str, _TableWriter],
+    writers: dict[str, TableWriter],
 ) -> int:
     """Run the jobs (serially through ``writers``, or on Dask); returns the data rows written."""
     jobs = [j for j in jobs if j.pixels]
@@ -131,7 +132,7 @@ def _split(jobs: list[Job], workers: int) -> list[Job]:
     return [replace(j, pixels=j.pixels[i : i + size]) for j in jobs for i in range(0, len(j.pixels), size)]
 
 
-def _do(writer: _TableWriter, job: Job) -> int:
+def _do(writer: TableWriter, job: Job) -> int:
     if job.kind == "data":
         return sum(writer.write_partition(p) for p in job.pixels)
     changed = None if job.changed is None else np.asarray(job.changed, dtype=np.int64)
@@ -144,9 +145,7 @@ _local = threading.local()
 
 def _remote(url: str, root: Path, region: Region | None, opts: ExportOptions, job: Job) -> int:
     """A job on a worker, through this thread's connection to the database."""
-    from diadb.ppdb.hats_export import _TableWriter
-
-    return _do(_TableWriter(_worker_db(url), root, job.table, region, opts), job)
+    return _do(TableWriter(_worker_db(url), root, job.table, region, opts), job)
 
 
 def _worker_db(url: str) -> Apdb:

@@ -6,7 +6,8 @@ sources and forced sources of the history window) and stores the visit. The syst
 turns in a rotating order so that machine noise hits them alike. Reads are checked: every
 system must return the same IDs as diadb, or the difference is counted and explained.
 Outputs (in ``out``): ``metrics.parquet`` (one row per system, visit, table and operation),
-``summary.md`` (medians, ratios, ID differences, distance to the floor), ``latency.png``.
+``summary.md`` (medians, ratios, ID differences, distance to the floor), ``latency.png``
+(the summary, the report and the plot are made by :mod:`diadb.sim.report`).
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from diadb.apdb import Apdb
 from diadb.errors import ConfigError
 from diadb.history.segment import locate, open_segment
-from diadb.sim.model import SimConfig, Visit, VisitSimulator
-from diadb.sim.probe import describe, reader_memory
+from diadb.sim.model import SimConfig, VisitSimulator
+from diadb.sim.probe import reader_memory
 from diadb.sim.reference import ReadResult, ReferenceApdb, forced_key
+from diadb.sim.report import TABLES, plot_latency, render_markdown, summarize
+from diadb.sim.visit import Visit
 from diadb.sky.regions import Region
 
-TABLES = ("DiaObject", "DiaSource", "DiaForcedSource")
 #: The columns an association step needs (the ``--columns association`` reads).
 ASSOCIATION_COLUMNS = {
     "DiaObject": ["diaObjectId", "ra", "dec", "nDiaSources", "lastDiaSourceMjdTai"],
@@ -327,13 +328,22 @@ def run_bench(
         for system in systems:
             system.close()
     metrics = pa.Table.from_pylist(rows)
-    summary = _summarize(profile, n_visits, columns, metrics, checks, floor, sizes)
+    summary = summarize(
+        profile.name,
+        dataclasses.asdict(profile.sim),
+        n_visits,
+        columns,
+        metrics,
+        {k: dataclasses.asdict(v) for k, v in checks.items()},
+        floor,
+        sizes,
+    )
     summary["reader_memory"] = reader_memory(main.db.url, last.region, last.mjd_tai)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     import pyarrow.parquet as pq
 
     pq.write_table(metrics, out / "metrics.parquet")
-    plot_path = _plot(metrics, out / "latency.png", profile.name)
+    plot_path = plot_latency(metrics, out / "latency.png", profile.name)
     summary_path = out / "summary.md"
     summary_path.write_text(render_markdown(summary))
     return BenchResult(out, metrics, summary, summary_path, plot_path)
@@ -380,186 +390,3 @@ def _size(system: System) -> dict[str, Any]:
     if isinstance(system, ReferenceSystem):
         return {"file_bytes": system.ref.size_bytes()}
     return {}
-
-
-def _median(metrics: pa.Table, system: str, op: str, table: str | None, last: int | None = None) -> float:
-    mask = pc.and_(pc.equal(metrics.column("system"), system), pc.equal(metrics.column("op"), op))
-    part = metrics.filter(mask)
-    if table is not None:
-        part = part.filter(pc.equal(part.column("table"), table))
-    if op == "select" and table is None:
-        part = part.group_by("visit").aggregate([("seconds", "sum")]).rename_columns(["visit", "seconds"])
-    if last is not None and part.num_rows:
-        visits = part.column("visit").to_numpy()
-        part = part.filter(pa.array(visits > visits.max() - last))
-    values = part.column("seconds").to_numpy()
-    return float(np.median(values)) if len(values) else float("nan")
-
-
-def _summarize(
-    profile: Profile,
-    n_visits: int,
-    columns: str,
-    metrics: pa.Table,
-    checks: dict[str, IdCheck],
-    floor: list[tuple[int, float, int, float]],
-    sizes: dict[str, Any],
-) -> dict[str, Any]:
-    systems = list(dict.fromkeys(metrics.column("system").to_pylist()))
-    # "at depth": the last 20% of visits, where the history window is fullest.
-    tail = max(1, n_visits // 5)
-    medians: dict[str, dict[str, float]] = {}
-    for s in systems:
-        entry = {f"select_{t}": _median(metrics, s, "select", t) for t in TABLES}
-        entry["select_total"] = _median(metrics, s, "select", None)
-        entry["select_total_at_depth"] = _median(metrics, s, "select", None, last=tail)
-        entry["store"] = _median(metrics, s, "store", None)
-        medians[s] = entry
-    rows_at_depth = {
-        t: float(
-            np.median(
-                metrics.filter(
-                    pc.and_(
-                        pc.and_(
-                            pc.equal(metrics.column("system"), "diadb"), pc.equal(metrics.column("table"), t)
-                        ),
-                        pc.greater(metrics.column("visit"), n_visits - tail),
-                    )
-                )
-                .column("rows")
-                .to_numpy()
-            )
-        )
-        for t in TABLES
-    }
-    ratios = {}
-    if "dax_apdb" in medians:
-        ref = medians["dax_apdb"]
-        for s in systems:
-            if s != "dax_apdb":
-                ratios[s] = {k: ref[k] / v if v else float("nan") for k, v in medians[s].items()}
-    floor_summary = None
-    if floor:
-        last_visit, seconds, touched, diadb_seconds = floor[-1]
-        floor_summary = {
-            "visit": last_visit,
-            "floor_s": seconds,
-            "bytes": touched,
-            "diadb_sources_plus_forced_s": diadb_seconds,
-            "ratio": diadb_seconds / seconds if seconds else float("nan"),
-        }
-    return {
-        "profile": profile.name,
-        "visits": n_visits,
-        "columns": columns,
-        "sim": dataclasses.asdict(profile.sim),
-        "medians_s": medians,
-        "ratio_reference_over_system": ratios,
-        "rows_per_visit_at_depth": rows_at_depth,
-        "id_checks": {k: dataclasses.asdict(v) for k, v in checks.items()},
-        "floor": floor_summary,
-        "sizes": sizes,
-        # Medians hide the few stores that also compacted a closed span: means include them.
-        "store_mean_s": {s: _mean_store(metrics, s) for s in systems if not np.isnan(medians[s]["store"])},
-    }
-
-
-def _mean_store(metrics: pa.Table, system: str) -> float:
-    mask = pc.and_(pc.equal(metrics.column("system"), system), pc.equal(metrics.column("op"), "store"))
-    values = metrics.filter(mask).column("seconds").to_numpy()
-    return float(values.mean()) if len(values) else float("nan")
-
-
-def render_markdown(summary: dict[str, Any]) -> str:
-    """The summary as a Markdown report."""
-    lines = [
-        f"# diadb bench: profile `{summary['profile']}`, {summary['visits']} visits, "
-        f"source density x{summary['sim']['scale']}, columns: {summary['columns']}",
-        "",
-        "Medians in seconds per visit (whole field). *At depth*: the last 20% of visits.",
-        "",
-        "| system | objects | sources | forced | select total | select at depth | store |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for system, m in summary["medians_s"].items():
-        lines.append(
-            f"| {system} | {m['select_DiaObject']:.3f} | {m['select_DiaSource']:.3f} | "
-            f"{m['select_DiaForcedSource']:.3f} | {m['select_total']:.3f} | "
-            f"{m['select_total_at_depth']:.3f} | {m['store']:.3f} |"
-        )
-    depth = summary["rows_per_visit_at_depth"]
-    lines += [
-        "",
-        f"Rows read per visit at depth (diadb): {depth['DiaObject']:,.0f} objects, "
-        f"{depth['DiaSource']:,.0f} sources, {depth['DiaForcedSource']:,.0f} forced sources.",
-    ]
-    if summary["ratio_reference_over_system"]:
-        lines += ["", "Speed-up over lsst-dax-apdb (its median / ours):", ""]
-        lines += ["| system | select total | select at depth | store |", "|---|---|---|---|"]
-        for system, r in summary["ratio_reference_over_system"].items():
-            lines.append(
-                f"| {system} | {r['select_total']:.1f}x | {r['select_total_at_depth']:.1f}x | "
-                f"{r['store']:.2f}x |"
-            )
-    for system, c in summary["id_checks"].items():
-        lines += [
-            "",
-            f"ID check against {system}: {c['identical']} of {c['visits']} checked visits identical.",
-        ]
-        for t in TABLES:
-            if c["missing"][t] or c["extra"][t]:
-                lines.append(
-                    f"- {t}: {c['extra'][t]:,} rows only in {system} "
-                    f"({c['extra_outside_region'][t]:,} of them outside the region), "
-                    f"{c['missing'][t]:,} rows only in diadb"
-                )
-    if summary["floor"]:
-        f = summary["floor"]
-        lines += [
-            "",
-            f"Distance to the floor (visit {f['visit']}): summing the same rows' numeric columns "
-            f"straight from the mapped segments takes {f['floor_s']:.3f} s ({f['bytes'] / 1e6:,.0f} MB); "
-            f"diadb's source + forced-source reads took {f['diadb_sources_plus_forced_s']:.3f} s: "
-            f"{f['ratio']:.1f}x the floor.",
-        ]
-    if summary.get("store_mean_s"):
-        means = ", ".join(f"{k} {v:.3f} s" for k, v in summary["store_mean_s"].items())
-        lines += ["", f"Mean store per visit, compactions included: {means}."]
-    if summary.get("reader_memory"):
-        lines += ["", describe(summary["reader_memory"])]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(metrics: pa.Table, path: Path, profile: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, (ax_select, ax_store) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for system in dict.fromkeys(metrics.column("system").to_pylist()):
-        for op, ax in (("select", ax_select), ("store", ax_store)):
-            part = metrics.filter(
-                pc.and_(pc.equal(metrics.column("system"), system), pc.equal(metrics.column("op"), op))
-            )
-            per_visit = part.group_by("visit").aggregate([("seconds", "sum")]).sort_by("visit")
-            ax.plot(
-                per_visit.column("visit").to_numpy(),
-                per_visit.column("seconds_sum").to_numpy(),
-                ".",
-                markersize=3,
-                label=system,
-            )
-    ax_select.set(title="select (objects + sources + forced) per visit", xlabel="visit", ylabel="seconds")
-    ax_store.set(title="store per visit", xlabel="visit", ylabel="seconds")
-    for ax in (ax_select, ax_store):
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"diadb bench, profile {profile}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

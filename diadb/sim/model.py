@@ -11,10 +11,8 @@ The model
     DiaSource and a DiaSource within the last ``forced_window_days``.
 
 The focal plane
-    A 15 x 15 grid of square CCD tiles (5 x 5 rafts of 3 x 3 CCDs, without the four corner
-    rafts: 189 detectors) on the tangent plane of the pointing, spanning the field's diameter.
-    A row belongs to the one tile that contains it; rows outside every tile (in the missing
-    corner rafts) are not detected. A detector reads the sky of its tile padded by 52 arcsec.
+    189 CCD tiles on the tangent plane of the pointing (:mod:`diadb.sim.focal_plane`); a row is
+    detected by the one tile that contains it, a detector reads its tile padded by 52 arcsec.
 
 Everything is a function of the seed: the population comes from ``(seed, 0)`` and visit ``i``
 from ``(seed, 1, i)``, so two simulators with one config produce identical visits.
@@ -24,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -33,120 +31,20 @@ import pyarrow as pa
 from diadb.errors import ConfigError
 from diadb.schema.model import ApdbSchema
 from diadb.sim.fill import BANDS, fill_table
-from diadb.sky.regions import Circle, Polygon, Region, unit_vectors
+from diadb.sim.focal_plane import FocalPlane, band_area_deg2, cap_area_deg2, random_in_cap
+from diadb.sim.visit import Visit
+from diadb.sky.regions import Circle, unit_vectors
 
 FloatArray = npt.NDArray[np.float64]
 Int64Array = npt.NDArray[np.int64]
 Int32Array = npt.NDArray[np.int32]
-BoolArray = npt.NDArray[np.bool_]
 
-RAFTS_PER_SIDE = 5
-CCDS_PER_RAFT_SIDE = 3
-#: CCD tiles along one side of the focal-plane grid.
-GRID_SIDE = RAFTS_PER_SIDE * CCDS_PER_RAFT_SIDE
-#: Pixels along one side of a CCD; sets the DiaSource ``x``/``y`` scale.
-CCD_PIXELS = 4000
 SECONDS_PER_DAY = 86400.0
 #: Seconds from the visit's mid-point to its processing, for ``timeProcessedMjdTai``.
 PROCESSING_DELAY_S = 60.0
 # Height of the declination strips the population is indexed by: a field spans a few strips.
 _STRIP_DEG = 1.0
 _N_STRIPS = round(180.0 / _STRIP_DEG)
-
-
-def _layout() -> tuple[Int64Array, Int64Array, Int64Array]:
-    """Grid column and row of each detector (ids in raft-major order) and the grid -> id map."""
-    rr, rc, sr, sc = np.meshgrid(
-        np.arange(RAFTS_PER_SIDE),
-        np.arange(RAFTS_PER_SIDE),
-        np.arange(CCDS_PER_RAFT_SIDE),
-        np.arange(CCDS_PER_RAFT_SIDE),
-        indexing="ij",
-    )
-    edge = RAFTS_PER_SIDE - 1
-    corner = ((rr == 0) | (rr == edge)) & ((rc == 0) | (rc == edge))
-    keep = ~corner.ravel()
-    row = (rr * CCDS_PER_RAFT_SIDE + sr).ravel()[keep].astype(np.int64)
-    col = (rc * CCDS_PER_RAFT_SIDE + sc).ravel()[keep].astype(np.int64)
-    grid = np.full((GRID_SIDE, GRID_SIDE), -1, dtype=np.int64)
-    grid[row, col] = np.arange(len(row))
-    return col, row, grid
-
-
-_TILE_COL, _TILE_ROW, _GRID = _layout()
-#: Number of detectors: 25 rafts minus 4 corners, 9 CCDs each.
-N_DETECTORS = len(_TILE_COL)
-
-
-# ---- sphere helpers ----------------------------------------------------------------------
-def _basis(ra0_deg: float, dec0_deg: float) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Unit vectors of the pointing and of local east and north there."""
-    a, d = math.radians(ra0_deg), math.radians(dec0_deg)
-    centre = np.array([math.cos(d) * math.cos(a), math.cos(d) * math.sin(a), math.sin(d)])
-    east = np.array([-math.sin(a), math.cos(a), 0.0])
-    north = np.array([-math.sin(d) * math.cos(a), -math.sin(d) * math.sin(a), math.cos(d)])
-    return centre, east, north
-
-
-def _radec(vectors: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """(ra, dec) in degrees of (n, 3) vectors of any length; ra in [0, 360)."""
-    v = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
-    ra = np.mod(np.degrees(np.arctan2(v[..., 1], v[..., 0])), 360.0)
-    # mod of a tiny negative angle rounds to exactly 360, which is outside [0, 360).
-    ra = np.where(ra >= 360.0, 0.0, ra)
-    dec = np.degrees(np.arcsin(np.clip(v[..., 2], -1.0, 1.0)))
-    return ra, dec
-
-
-def to_tangent_plane(
-    ra_deg: npt.ArrayLike, dec_deg: npt.ArrayLike, ra0_deg: float, dec0_deg: float
-) -> tuple[FloatArray, FloatArray, BoolArray]:
-    """Gnomonic coordinates (xi east, eta north; tangents, unitless) around a pointing.
-
-    The third array is False for points on the far hemisphere, which have no projection.
-    """
-    centre, east, north = _basis(ra0_deg, dec0_deg)
-    v = unit_vectors(ra_deg, dec_deg)
-    depth = v @ centre
-    front = depth > 0.0
-    safe = np.where(front, depth, 1.0)
-    return (v @ east) / safe, (v @ north) / safe, front
-
-
-def from_tangent_plane(
-    xi: npt.ArrayLike, eta: npt.ArrayLike, ra0_deg: float, dec0_deg: float
-) -> tuple[FloatArray, FloatArray]:
-    """(ra, dec) in degrees of gnomonic coordinates around a pointing."""
-    centre, east, north = _basis(ra0_deg, dec0_deg)
-    x = np.asarray(xi, dtype=np.float64)[..., None]
-    y = np.asarray(eta, dtype=np.float64)[..., None]
-    return _radec(centre + x * east + y * north)
-
-
-def _random_in_cap(
-    rng: np.random.Generator, n: int, ra0_deg: float, dec0_deg: float, radius_deg: float
-) -> tuple[FloatArray, FloatArray]:
-    """``n`` points uniform on the sphere within ``radius_deg`` of a centre."""
-    centre, east, north = _basis(ra0_deg, dec0_deg)
-    # Uniform in cos(angle from centre) is uniform in area on the sphere.
-    cos_t = 1.0 - rng.random(n) * (1.0 - math.cos(math.radians(radius_deg)))
-    sin_t = np.sqrt(np.clip(1.0 - cos_t * cos_t, 0.0, 1.0))
-    phi = rng.random(n) * 2.0 * math.pi
-    v = (
-        cos_t[:, None] * centre
-        + (sin_t * np.cos(phi))[:, None] * east
-        + (sin_t * np.sin(phi))[:, None] * north
-    )
-    return _radec(v)
-
-
-def _cap_area_deg2(radius_deg: float) -> float:
-    return 2.0 * math.pi * (1.0 - math.cos(math.radians(radius_deg))) * (180.0 / math.pi) ** 2
-
-
-def _band_area_deg2(dec_min_deg: float, dec_max_deg: float) -> float:
-    s = math.sin(math.radians(dec_max_deg)) - math.sin(math.radians(dec_min_deg))
-    return 2.0 * math.pi * s * (180.0 / math.pi) ** 2
 
 
 # ---- configuration -----------------------------------------------------------------------
@@ -223,65 +121,6 @@ class SimConfig:
         return mjd
 
 
-# ---- focal plane -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FocalPlane:
-    """The 189 CCD tiles on the tangent plane of a pointing (see the module docstring)."""
-
-    fov_radius_deg: float = 1.75
-    padding_arcsec: float = 52.0
-
-    @property
-    def half_width(self) -> float:
-        """Half the grid's side on the tangent plane (tangent of the field radius)."""
-        return math.tan(math.radians(self.fov_radius_deg))
-
-    @property
-    def tile_width(self) -> float:
-        return 2.0 * self.half_width / GRID_SIDE
-
-    def tile_box(self, detector: int, *, padded: bool = False) -> tuple[float, float, float, float]:
-        """(xi_min, xi_max, eta_min, eta_max) of a tile on the tangent plane."""
-        if not 0 <= detector < N_DETECTORS:
-            raise ConfigError(f"detector must be in [0, {N_DETECTORS}), got {detector}")
-        w, h = self.tile_width, self.half_width
-        pad = math.tan(math.radians(self.padding_arcsec / 3600.0)) if padded else 0.0
-        xi0 = -h + int(_TILE_COL[detector]) * w
-        eta0 = -h + int(_TILE_ROW[detector]) * w
-        return xi0 - pad, xi0 + w + pad, eta0 - pad, eta0 + w + pad
-
-    def assign(
-        self, ra_deg: npt.ArrayLike, dec_deg: npt.ArrayLike, ra0_deg: float, dec0_deg: float
-    ) -> tuple[Int64Array, FloatArray, FloatArray]:
-        """Detector of each point (-1 when on no tile) and its pixel ``x``, ``y`` on that CCD."""
-        xi, eta, front = to_tangent_plane(ra_deg, dec_deg, ra0_deg, dec0_deg)
-        fc = (xi + self.half_width) / self.tile_width
-        fr = (eta + self.half_width) / self.tile_width
-        col = np.floor(fc).astype(np.int64)
-        row = np.floor(fr).astype(np.int64)
-        on_grid = front & (col >= 0) & (col < GRID_SIDE) & (row >= 0) & (row < GRID_SIDE)
-        det = np.full(col.shape, -1, dtype=np.int64)
-        det[on_grid] = _GRID[row[on_grid], col[on_grid]]
-        return det, (fc - col) * CCD_PIXELS, (fr - row) * CCD_PIXELS
-
-    def region(self, detector: int, ra0_deg: float, dec0_deg: float, *, padded: bool = True) -> Polygon:
-        """A detector's tile on the sky: great-circle edges, so a convex polygon."""
-        xi0, xi1, eta0, eta1 = self.tile_box(detector, padded=padded)
-        ra, dec = from_tangent_plane([xi0, xi1, xi1, xi0], [eta0, eta0, eta1, eta1], ra0_deg, dec0_deg)
-        return Polygon(tuple((float(r), float(d)) for r, d in zip(ra, dec, strict=True)))
-
-    def regions(self, ra0_deg: float, dec0_deg: float, *, padded: bool = True) -> list[tuple[int, Polygon]]:
-        """``(detector, polygon)`` of every detector, ids 0..188."""
-        return [(d, self.region(d, ra0_deg, dec0_deg, padded=padded)) for d in range(N_DETECTORS)]
-
-
-def detector_regions(
-    ra_deg: float, dec_deg: float, *, fov_radius_deg: float = 1.75, padding_arcsec: float = 52.0
-) -> list[tuple[int, Polygon]]:
-    """The padded sky region of each of the 189 detectors for a pointing at (ra, dec) degrees."""
-    return FocalPlane(fov_radius_deg, padding_arcsec).regions(ra_deg, dec_deg)
-
-
 # ---- the population of variable sources --------------------------------------------------
 def _strip_of(dec_deg: FloatArray) -> Int64Array:
     strips: Int64Array = np.clip(np.floor((dec_deg + 90.0) / _STRIP_DEG), 0, _N_STRIPS - 1).astype(np.int64)
@@ -329,7 +168,7 @@ class _Population:
                 s_hi = min(hi, -90.0 + (s + 1) * _STRIP_DEG)
                 if s_hi <= s_lo:
                     continue
-                n = int(rng.poisson(density * _band_area_deg2(s_lo, s_hi)))
+                n = int(rng.poisson(density * band_area_deg2(s_lo, s_hi)))
                 sin_lo, sin_hi = math.sin(math.radians(s_lo)), math.sin(math.radians(s_hi))
                 dec = np.degrees(np.arcsin(np.clip(sin_lo + rng.random(n) * (sin_hi - sin_lo), -1.0, 1.0)))
                 ra = np.sort(rng.random(n) * 360.0)
@@ -343,8 +182,8 @@ class _Population:
         cos_r = math.cos(math.radians(radius))
         centres = np.asarray(config.field_centres_deg, dtype=np.float64)
         for k, (ra0, dec0) in enumerate(config.field_centres_deg):
-            n = int(rng.poisson(density * _cap_area_deg2(radius)))
-            ra, dec = _random_in_cap(rng, n, ra0, dec0, radius)
+            n = int(rng.poisson(density * cap_area_deg2(radius)))
+            ra, dec = random_in_cap(rng, n, ra0, dec0, radius)
             # Overlapping caps would double the density: keep a point only in its first cap.
             if k:
                 earlier = unit_vectors(centres[:k, 0], centres[:k, 1])
@@ -388,122 +227,6 @@ class _Population:
         return found
 
 
-# ---- visits ------------------------------------------------------------------------------
-def _split_rows(table: pa.Table, detectors: Int64Array) -> list[pa.Table]:
-    """One slice of ``table`` per detector id 0..N-1 (rows with -1 are left out)."""
-    order = np.argsort(detectors, kind="stable")
-    ordered = table.take(pa.array(order))
-    bounds = np.searchsorted(detectors[order], np.arange(N_DETECTORS + 1), side="left")
-    return [ordered.slice(int(bounds[d]), int(bounds[d + 1] - bounds[d])) for d in range(N_DETECTORS)]
-
-
-def _to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    data: bytes = sink.getvalue().to_pybytes()
-    return data
-
-
-def _from_ipc(data: bytes) -> pa.Table:
-    table: pa.Table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-    return table
-
-
-_TABLE_FIELDS = ("objects", "sources", "forced_sources")
-
-
-def _int_column(table: pa.Table, name: str) -> Int64Array:
-    return np.asarray(table.column(name).to_numpy(), dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class Visit:
-    """One visit (``detector=None``) or one detector's share of it, ready for ``Apdb.store``.
-
-    Every table has every schema column. ``objects`` holds one new version of each object
-    detected here; ``region`` is the field (a Circle) or the detector's padded tile.
-    """
-
-    visit: int
-    mjd_tai: float
-    #: (ra, dec) of the field centre, degrees.
-    pointing: tuple[float, float]
-    band: str
-    region: Region
-    objects: pa.Table
-    sources: pa.Table
-    forced_sources: pa.Table
-    focal_plane: FocalPlane
-    detector: int | None = None
-
-    # Pickled (to send a detector's share to a worker process) through Arrow IPC: pickling a
-    # sliced Arrow table would carry the whole visit's buffers, 189 times over.
-    def __getstate__(self) -> dict[str, object]:
-        state: dict[str, object] = dict(self.__dict__)
-        for name in _TABLE_FIELDS:
-            state[name] = _to_ipc(getattr(self, name))
-        return state
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        for name, value in state.items():
-            if name in _TABLE_FIELDS and isinstance(value, bytes):
-                value = _from_ipc(value)
-            object.__setattr__(self, name, value)
-
-    def _object_detectors(self) -> Int64Array:
-        """Each object's detector: that of its DiaSource in this visit (-1 if it has none)."""
-        obj_ids = _int_column(self.objects, "diaObjectId")
-        src_ids = _int_column(self.sources, "diaObjectId")
-        src_det = _int_column(self.sources, "detector")
-        if not len(src_ids):
-            return np.full(len(obj_ids), -1, dtype=np.int64)
-        order = np.argsort(src_ids, kind="stable")
-        sorted_ids = src_ids[order]
-        pos = np.clip(np.searchsorted(sorted_ids, obj_ids), 0, len(sorted_ids) - 1)
-        found = sorted_ids[pos] == obj_ids
-        result: Int64Array = np.where(found, src_det[order][pos], -1)
-        return result
-
-    def _whole(self) -> None:
-        if self.detector is not None:
-            raise ConfigError(f"visit {self.visit} is already detector {self.detector}'s share")
-
-    def for_detector(self, detector: int) -> Visit:
-        """The rows on ``detector`` and the objects whose DiaSources are there."""
-        self._whole()
-        region = self.focal_plane.region(detector, *self.pointing)
-        obj_mask = self._object_detectors() == detector
-        src_mask = _int_column(self.sources, "detector") == detector
-        forced_mask = _int_column(self.forced_sources, "detector") == detector
-        return replace(
-            self,
-            detector=detector,
-            region=region,
-            objects=self.objects.filter(pa.array(obj_mask)),
-            sources=self.sources.filter(pa.array(src_mask)),
-            forced_sources=self.forced_sources.filter(pa.array(forced_mask)),
-        )
-
-    def split_by_detector(self) -> list[Visit]:
-        """:meth:`for_detector` of every detector (0..188, empty ones included), sorting once."""
-        self._whole()
-        objects = _split_rows(self.objects, self._object_detectors())
-        sources = _split_rows(self.sources, _int_column(self.sources, "detector"))
-        forced = _split_rows(self.forced_sources, _int_column(self.forced_sources, "detector"))
-        return [
-            replace(
-                self,
-                detector=d,
-                region=poly,
-                objects=objects[d],
-                sources=sources[d],
-                forced_sources=forced[d],
-            )
-            for d, poly in self.focal_plane.regions(*self.pointing)
-        ]
-
-
 class VisitSimulator:
     """Produces the visits of :class:`SimConfig`'s model in order; see the module docstring."""
 
@@ -543,7 +266,7 @@ class VisitSimulator:
         ra0, dec0 = cfg.field_centres_deg[int(rng.integers(len(cfg.field_centres_deg)))]
         if cfg.dither_deg <= 0.0:
             return float(ra0), float(dec0)
-        dithered_ra, dithered_dec = _random_in_cap(rng, 1, ra0, dec0, cfg.dither_deg)
+        dithered_ra, dithered_dec = random_in_cap(rng, 1, ra0, dec0, cfg.dither_deg)
         return float(dithered_ra[0]), float(dithered_dec[0])
 
     def next_visit(self) -> Visit:
@@ -578,7 +301,7 @@ class VisitSimulator:
 
         # False detections are one-off objects: never re-detected, so they never get forced photometry.
         n_false = int(rng.poisson(cfg.false_per_visit * cfg.scale))
-        f_ra, f_dec = _random_in_cap(rng, n_false, ra0, dec0, cfg.fov_radius_deg)
+        f_ra, f_dec = random_in_cap(rng, n_false, ra0, dec0, cfg.fov_radius_deg)
         keep = field.contains(f_ra, f_dec)
         f_det, f_x, f_y = self.focal_plane.assign(f_ra[keep], f_dec[keep], ra0, dec0)
         on_tile = f_det >= 0

@@ -50,7 +50,8 @@ import pyarrow.compute as pc
 
 from diadb.apdb import Apdb
 from diadb.errors import ConfigError
-from diadb.sim.model import Visit, VisitSimulator
+from diadb.sim.model import VisitSimulator
+from diadb.sim.visit import Visit
 
 TABLES = ("DiaObject", "DiaSource", "DiaForcedSource")
 ALL = "all"
@@ -133,7 +134,7 @@ def _run_detector(visit: Visit) -> list[_Metric]:
 
 
 def _retries(db: Apdb) -> int:
-    return int(getattr(db._backend, "retries", 0))
+    return int(db.counters().get("retries", 0))
 
 
 #: What clients report for a visit: (metrics, error messages, transactions retried).
