@@ -35,11 +35,6 @@ MAX_LINES = 500
 LONG_MODULES = frozenset(
     {
         "diadb/apdb.py",
-        "diadb/backends/cassandra.py",
-        "diadb/backends/cassandra_changes.py",
-        "diadb/backends/postgres.py",
-        "diadb/backends/postgres_changes.py",
-        "diadb/backends/sqlite/backend.py",
     }
 )
 #: The phrase a long module's docstring uses to say why it is long.
