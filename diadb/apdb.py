@@ -772,6 +772,10 @@ class Apdb:
         """
         self._changelog.set_user_metadata(values)
 
+    def latest_visit_mjd(self) -> float | None:
+        """The visit time (MJD TAI) of the newest stored visit, or None when nothing is stored."""
+        return self._backend.latest_visit_mjd()
+
     def contains_visit_detector(self, visit: int, detector: int | None = None) -> bool:
         """Whether this visit/detector (``None``: any part of the visit) was stored."""
         return self._backend.contains_visit_detector(int(visit), -1 if detector is None else int(detector))

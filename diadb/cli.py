@@ -478,14 +478,10 @@ _INSTANT_DAYS = 1e-6
 
 
 def _newest_visit_mjd(db: Apdb) -> float:
-    """MJD TAI of the newest stored visit (from the change log's store chunks), or now."""
-    import pyarrow.compute as pc
-
+    """MJD TAI of the newest stored visit, or now."""
     from diadb.times import mjd_tai
 
-    chunks = db.replica_chunks()
-    stores = chunks.filter(pc.equal(chunks.column("kind"), "store"))
-    newest = pc.max(stores.column("visit_mjd_tai")).as_py() if stores.num_rows else None
+    newest = db.latest_visit_mjd()
     return mjd_tai(_dt.datetime.now(_dt.UTC).replace(tzinfo=None)) if newest is None else float(newest)
 
 

@@ -37,9 +37,6 @@ from diadb.schema.model import ApdbSchema, ColumnSpec
 class CassandraBackend:
     """Cassandra through the DataStax driver. See :mod:`.layout` for the tables."""
 
-    #: ``Apdb.store(key=...)`` is supported (a key registry and chunk membership).
-    supports_store_key = True
-
     def __init__(self, url: str, *, create: bool, **options: Any) -> None:
         self.url = url
         parsed = parse_url(url)

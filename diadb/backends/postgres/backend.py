@@ -30,9 +30,6 @@ from diadb.schema.model import ApdbSchema, ColumnSpec
 class PostgresBackend:
     """PostgreSQL (>= 15) through ADBC's libpq driver; see the package docstring."""
 
-    #: ``Apdb.store(key=...)`` is supported (a key registry and chunk membership).
-    supports_store_key = True
-
     def __init__(
         self,
         url: str,

@@ -41,9 +41,6 @@ from diadb.schema.model import ApdbSchema, ColumnSpec
 class SqliteBackend:
     """SQLite through ADBC: the parts composed. See the module docstring."""
 
-    #: ``Apdb.store(key=...)`` is supported (a key registry and chunk membership).
-    supports_store_key = True
-
     def __init__(self, url: str, *, create: bool) -> None:
         self.path = path_from_url(url)
         self.connection = SqliteConnection(self.path, create=create)
