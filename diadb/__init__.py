@@ -11,6 +11,7 @@ from diadb.errors import (
     SchemaError,
     SchemaVersionError,
     StorageError,
+    UnknownIdError,
 )
 from diadb.sky.regions import Box, Circle, Polygon, Region
 
@@ -31,5 +32,6 @@ __all__ = [
     "SchemaError",
     "SchemaVersionError",
     "StorageError",
+    "UnknownIdError",
     "__version__",
 ]

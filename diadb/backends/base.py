@@ -167,7 +167,7 @@ class Backend(Protocol):
         decrement: bool = True,
         only_null: str | None = None,
     ) -> int:
-        """Set mutable DiaSource columns atomically (LookupError for unknown ids); return the
+        """Set mutable DiaSource columns atomically (UnknownIdError for unknown ids); return the
         chunk (0 when nothing changed). ``increment``/``decrement`` choose which side of a move
         ``nDiaSources`` follows; rows whose ``only_null`` column is already set are left alone."""
 
@@ -179,11 +179,11 @@ class Backend(Protocol):
         logged_mjd: float | None = None,
     ) -> int:
         """Set ``timeWithdrawnMjdTai`` of the DiaForcedSources ``keys`` (diaObjectId, visit,
-        detector) that have none, atomically (LookupError for unknown keys); return the chunk
+        detector) that have none, atomically (UnknownIdError for unknown keys); return the chunk
         (logged at ``logged_mjd``, default ``when_mjd``; 0 when nothing changed)."""
 
     def set_validity_end(self, object_ids: Int64Array, when_mjd: float, missing_ok: bool = False) -> int:
-        """Close the open versions (LookupError for unknown ids unless ``missing_ok``)."""
+        """Close the open versions (UnknownIdError for unknown ids unless ``missing_ok``)."""
 
     def log_updates(self, kind: str, payloads: Sequence[Mapping[str, object]], when_mjd: float) -> int:
         """Record foreign update records as one daytime chunk; return its id."""

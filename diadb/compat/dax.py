@@ -49,6 +49,7 @@ import diadb
 from diadb.compat.dax_admin import DiadbApdbAdmin, DiadbApdbMetadata
 from diadb.compat.dax_config import DEFAULT_SCHEMA, DiadbApdbConfig, register
 from diadb.compat.dax_replica import DiadbApdbReplica
+from diadb.errors import UnknownIdError
 from diadb.schema.felis import schema_from_yaml
 from diadb.sky.regions import as_region
 from diadb.times import DAYS_PER_MONTH
@@ -392,7 +393,7 @@ class DiadbApdb(Apdb):
             return
         try:
             self._db.reassign_to_ssobjects(mapping, time=self._current_time())
-        except LookupError as e:
+        except UnknownIdError as e:
             # The reference's callers expect ValueError here.
             raise ValueError(f"Following DiaSource IDs do not exist in the database: {e}") from e
 
