@@ -163,3 +163,78 @@ def test_read_only_means_read_only(tmp_path, official_schema):
         assert db.get_sources(EVERYWHERE, 60010.0).equals(sources)
     result = CliRunner().invoke(app, ["compact", url])
     assert result.exit_code == 2 and "read-only" in result.output
+
+
+class _FailingCursor:
+    """A cursor whose ROLLBACK (and optionally COMMIT) fail: what a dying disk does."""
+
+    def __init__(self, real, fail: set[str]):  # type: ignore[no-untyped-def]
+        self._real, self._fail, self.closed = real, fail, False
+
+    def execute(self, sql, *args, **kwargs):  # type: ignore[no-untyped-def]
+        import adbc_driver_manager
+
+        if sql.strip().upper() in self._fail:
+            raise adbc_driver_manager.OperationalError(
+                f"{sql}: disk I/O error", status_code=adbc_driver_manager.AdbcStatusCode.IO
+            )
+        return self._real.execute(sql, *args, **kwargs)
+
+    def close(self) -> None:
+        self.closed = True
+        self._real.close()
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("fail", [{"ROLLBACK"}, {"COMMIT", "ROLLBACK"}])
+def test_a_failed_rollback_neither_hides_the_error_nor_leaks_the_cursor(tmp_path, monkeypatch, fail):
+    from diadb.backends.sqlite.connection import SqliteConnection
+
+    conn = SqliteConnection(str(tmp_path / "x.db"), create=True)
+    made: list[_FailingCursor] = []
+    real_cursor = SqliteConnection.cursor
+
+    def cursor(self):  # type: ignore[no-untyped-def]
+        made.append(_FailingCursor(real_cursor(self), fail))
+        return made[-1]
+
+    monkeypatch.setattr(SqliteConnection, "cursor", cursor)
+    if "COMMIT" in fail:
+        # The commit fails: a StorageError, whose note says the rollback failed too.
+        with pytest.raises(StorageError, match="COMMIT") as err, conn.transaction() as cur:
+            cur.execute("CREATE TABLE t (x INTEGER)")
+    else:
+        # The body fails: that error is the one raised, the rollback's failure is a note on it.
+        with pytest.raises(ValueError, match="the real error") as err, conn.transaction() as cur:
+            cur.execute("CREATE TABLE t (x INTEGER)")
+            raise ValueError("the real error")
+    assert any("ROLLBACK that followed failed" in note for note in err.value.__notes__)
+    assert made and all(c.closed for c in made)
+    conn.close()
+
+
+@pytest.mark.parametrize("step", ["fsync", "replace"])
+def test_a_failing_fsync_or_rename_during_compaction_loses_nothing(tiered, monkeypatch, step):
+    import os
+
+    for v in range(1, 4):
+        visit = _visit(tiered, v, np.arange(1, 31))
+        tiered.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=v)
+    before = tiered.get_sources(EVERYWHERE, 60010.0)
+    live = tiered.segments()
+    assert tiered.stats()["DiaSource"]["rows"] > 0, "rows left to compact"
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EIO, f"{step}: Input/output error")
+
+    monkeypatch.setattr(os, step, broken)
+    with pytest.raises(StorageError, match="Input/output error"):
+        tiered.compact(boundary=60100.0)
+    monkeypatch.undo()
+    assert tiered.segments() == live
+    assert tiered.get_sources(EVERYWHERE, 60010.0).equals(before)
+    assert tiered.compact(boundary=60100.0), "a later compaction succeeds"
+    assert tiered.stats()["DiaSource"]["rows"] == 0
+    assert tiered.get_sources(EVERYWHERE, 60010.0).equals(before)

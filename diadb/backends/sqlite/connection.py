@@ -82,28 +82,57 @@ class SqliteConnection:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
         """A write transaction: ``BEGIN IMMEDIATE`` takes the write lock at once, so a check
-        made inside it (is this visit stored?) holds until the commit."""
+        made inside it (is this visit stored?) holds until the commit.
+
+        The cursor is always closed. A failed COMMIT (a full disk) is a StorageError after a
+        ROLLBACK; a ROLLBACK that fails too never hides the error that caused it (it is added
+        to that error as a note: SQLite has then rolled back by itself or the connection is
+        unusable, and either way nothing of the transaction is committed)."""
         cur = self.cursor()
-        cur.execute("BEGIN IMMEDIATE")
         try:
-            yield cur
-        except BaseException:
-            cur.execute("ROLLBACK")
-            cur.close()
-            raise
-        cur.execute("COMMIT")
-        cur.close()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+            except self.errors as e:
+                raise StorageError(f"SQLite could not start a write transaction on {self.path}: {e}") from e
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException as e:
+                self._rollback(cur, e)
+                if isinstance(e, self.errors):
+                    error = StorageError(f"SQLite transaction failed on {self.path}: {e}")
+                    for note in getattr(e, "__notes__", []):
+                        error.add_note(note)
+                    raise error from e
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                cur.close()
 
     @contextlib.contextmanager
     def read_transaction(self) -> Iterator[None]:
         """Reads inside see one consistent state (one SQLite read transaction in WAL mode)."""
         cur = self._conn.cursor()
-        cur.execute("BEGIN")
         try:
-            yield
-        finally:
+            cur.execute("BEGIN")
+            try:
+                yield
+            except BaseException as e:
+                self._rollback(cur, e)
+                raise
             cur.execute("COMMIT")
-            cur.close()
+        except self.errors as e:
+            raise StorageError(f"SQLite read transaction failed on {self.path}: {e}") from e
+        finally:
+            with contextlib.suppress(Exception):
+                cur.close()
+
+    @staticmethod
+    def _rollback(cur: Any, cause: BaseException) -> None:
+        try:
+            cur.execute("ROLLBACK")
+        except Exception as e:  # the cause is what the caller must see
+            cause.add_note(f"(the ROLLBACK that followed failed too: {e})")
 
     def fetch(self, sql: str, params: Sequence[Any] = ()) -> pa.Table:
         """The result of one query as an Arrow table; driver errors become StorageError."""
