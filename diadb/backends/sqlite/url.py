@@ -42,6 +42,8 @@ def path_from_url(url: str) -> str:
             f"{url!r} names no database file (SQLite would make a temporary one that vanishes); "
             f"expected {_FORMS}"
         )
+    if path.endswith("/") or os.path.basename(path) in (".", "..") or os.path.isdir(path):
+        raise ConfigError(f"{url!r} names a directory, not a database file; expected {_FORMS}")
     return path
 
 
