@@ -10,6 +10,7 @@ field takes ~15 ms and gathering its 223 k rows, all 104 columns, ~80 ms (8 colu
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,45 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# ---- names and spans --------------------------------------------------------------------
+
+
+def _label(value: float) -> str:
+    """A span bound for a file name, at most 12 characters whatever its magnitude."""
+    if abs(value) < 1e6:
+        return f"{value:.5f}"
+    return f"{value:.4e}"
+
+
+def segment_name(table: str, span: tuple[float, float]) -> str:
+    """``<table>-<start>-<end>-<random>.arrow``: the bounds are only labels (the manifest holds
+    the values), so the name's length does not depend on their magnitude."""
+    return f"{table}-{_label(span[0])}-{_label(span[1])}-{os.urandom(6).hex()}.arrow"
+
+
+def snapshot_span(values: pa.ChunkedArray | pa.Array) -> tuple[float, float]:
+    """The whole days covering the finite ``values`` (a DiaObject snapshot's validity starts),
+    ``[0, 1)`` when there are none; always finite and non-empty."""
+    array = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+    finite = array[np.isfinite(array)]
+    if not finite.size:
+        return 0.0, 1.0
+    lo = math.floor(float(finite.min()))
+    hi = float(math.floor(float(finite.max())))
+    return float(lo), max(hi + 1.0, float(np.nextafter(hi, np.inf)))
+
+
+def _check_span(table: str, span: tuple[float, float]) -> None:
+    start, end = span
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise StorageError(
+            f"refusing to write a {table} history segment for the span [{start}, {end}): "
+            "span bounds must be finite (a time column holds a non-finite value?)"
+        )
+    if not start < end:
+        raise StorageError(f"refusing to write a {table} history segment for the empty span [{start}, {end})")
+
+
 def write_segment(
     directory: Path,
     table: str,
@@ -74,16 +114,17 @@ def write_segment(
     order: tuple[str, ...] | None = None,
 ) -> SegmentInfo:
     """Sort ``data`` (by ``_healpix_29`` then ``order``, default ``time_column``) and write it
-    durably: temporary name, fsync, rename, fsync of the directory.
+    durably: temporary name, fsync, rename, fsync of the directory. ``span`` must be finite.
 
     ``fault`` (tests only) is called with the step name before each step, to crash there.
     """
+    _check_span(table, span)
     hook = fault if callable(fault) else (lambda step: None)
     directory.mkdir(parents=True, exist_ok=True)
     keys = [(c, "ascending") for c in (HEALPIX_COLUMN, *(order or (time_column,)))]
     ordered = data.take(pc.sort_indices(data, keys))
     ordered = ordered.combine_chunks()
-    name = f"{table}-{span[0]:.5f}-{span[1]:.5f}-{os.urandom(4).hex()}.arrow"
+    name = segment_name(table, span)
     final = directory / name
     tmp = directory / (name + ".tmp")
     hook("write_tmp")

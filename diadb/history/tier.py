@@ -20,11 +20,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from diadb.errors import StorageError
 from diadb.history.manifest import FaultHook
-from diadb.history.segment import Int64Array, SegmentInfo, locate, open_segment, verify_segment, write_segment
+from diadb.history.segment import (
+    Int64Array,
+    SegmentInfo,
+    locate,
+    open_segment,
+    snapshot_span,
+    verify_segment,
+    write_segment,
+)
 from diadb.times import TimeWindow
 
 HISTORY_TABLES = ("DiaSource", "DiaForcedSource")
@@ -234,9 +241,7 @@ class HistoryTier:
             keep = ~np.isin(column_values(data, "diaObjectId"), changed)
             parts.insert(0, select_columns(data, rows.column_names).filter(pa.array(keep)).cast(rows.schema))
         merged = pa.concat_tables(parts)
-        bounds = pc.min_max(merged.column("validityStartMjdTai")).as_py()
-        lo, hi = bounds["min"] or 0.0, bounds["max"] or 0.0
-        span = (float(math.floor(lo)), float(math.floor(hi)) + 1.0)
+        span = snapshot_span(merged.column("validityStartMjdTai"))
         with _storage_errors(self.directory):
             return write_segment(
                 self.directory,
