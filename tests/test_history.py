@@ -129,12 +129,17 @@ def test_damaged_or_missing_segment_is_an_error_not_wrong_rows(tmp_path, officia
     directory = Path(url + ".history")
     # One flipped byte keeps the size: the checksum finds it.
     victim = directory / segments[0].name
-    raw = bytearray(victim.read_bytes())
+    pristine = victim.read_bytes()
+    raw = bytearray(pristine)
     raw[len(raw) // 2] ^= 0xFF
     victim.write_bytes(bytes(raw))
     with diadb.Apdb.open(url) as again:
         problems = again.verify()
         assert len(problems) == 1 and segments[0].name in problems[0] and "checksum" in problems[0]
+        # Reads check block checksums too (tests/test_segment_integrity.py has the details).
+        with pytest.raises(CorruptSegmentError, match=segments[0].name):
+            again.get_sources(EVERYWHERE, 60100.0)
+    victim.write_bytes(pristine)
     # A truncated file is refused on read, naming the file.
     truncated = directory / segments[1].name
     truncated.write_bytes(truncated.read_bytes()[:1000])

@@ -5,6 +5,30 @@ batch, so a memory-mapped segment is one contiguous array per column: a region's
 become row ranges by binary search on the key, and only the pages of the rows (and columns)
 a read takes are ever touched. Measured on 2 M DiaSource rows (0.65 GB): locating a 1.75 deg
 field takes ~15 ms and gathering its 223 k rows, all 104 columns, ~80 ms (8 columns: ~10 ms).
+
+Integrity: a read never returns a row from bytes that fail their checksum.
+
+- The file is cut into 64 KiB blocks up to the end of its record batch; each block's xxh3-64
+  is kept in the Arrow footer's custom metadata. The footer itself (from the end of the record
+  batch to the end of the file: footer, block table, length, magic) is hashed into the
+  manifest's ``checksum`` text, ``xxh3-64:<block size>:<footer offset>:<footer digest>``, so a
+  flipped byte anywhere, the block table and the footer included, is caught.
+- Opening a segment checks its size, the footer's digest (before Arrow parses it), then the
+  blocks holding the schema and record-batch messages (before Arrow reads the batch).
+- A read checks the blocks of the bytes it is about to use, each the first time it is touched
+  in this process, and remembers them (a long-lived reader pays once): the key blocks a pixel
+  range's binary search depends on (its rows and one neighbour each side, whose authentic keys
+  must bracket the range, else the search was misled), the filter columns at the rows they
+  filter, and the result columns (data, validity bitmap, string offsets and bytes) at the rows
+  taken. Blocks a read never touches are not checked by it.
+- Segments written before this (``checksum`` a bare blake2b-128 of the whole file) are checked
+  whole on their first open in a process, before Arrow parses them; the result is remembered
+  for the file (path, inode, size, times) so later opens in that process skip it. Such segments
+  stop being read as retention drops them (the DiaObject snapshot is rewritten every compaction).
+- ``verify_segment`` (``diadb verify``) checks every block and names each bad one.
+- Limits: a block is checked once per process, so damage that appears later under a live
+  mapping is found by ``verify`` or the next process; the manifest's own fields (times, pixel
+  bounds) live in the engine and are as safe as it is (``verify`` runs SQLite's integrity check).
 """
 
 from __future__ import annotations
@@ -12,22 +36,45 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from diadb.errors import StorageError
+from diadb.history.blocks import (
+    BLOCK_SIZE,
+    FILE_MAGIC,
+    CorruptSegmentError,
+    Int64Array,
+    MappedSegment,
+    footer_metadata,
+    map_file,
+    rows_of,
+    seal_text,
+)
 from diadb.schema.model import HEALPIX_COLUMN
 
-Int64Array = npt.NDArray[np.int64]
-
-
-class CorruptSegmentError(StorageError):
-    """A history segment file is missing, truncated or fails its checksum."""
+__all__ = [
+    "BLOCK_SIZE",
+    "CorruptSegmentError",
+    "Int64Array",
+    "MappedSegment",
+    "SegmentInfo",
+    "file_checksum",
+    "locate",
+    "map_segment",
+    "open_segment",
+    "segment_name",
+    "snapshot_span",
+    "verify_segment",
+    "write_segment",
+]
 
 
 @dataclass(frozen=True)
@@ -44,11 +91,15 @@ class SegmentInfo:
     pix_max: int
     rows: int
     bytes: int
-    checksum: str  # blake2b-128 of the whole file, hex
+    #: ``xxh3-64:<block size>:<footer offset>:<footer digest hex>`` (block digests in the
+    #: footer, see the module docstring), or, for segments written before, the blake2b-128 of
+    #: the whole file in hex.
+    checksum: str
     segment_id: int = -1
 
 
 def file_checksum(path: Path) -> str:
+    """blake2b-128 of a whole file, hex (the checksum of segments written before block digests)."""
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -103,6 +154,90 @@ def _check_span(table: str, span: tuple[float, float]) -> None:
         raise StorageError(f"refusing to write a {table} history segment for the empty span [{start}, {end})")
 
 
+# ---- writing ----------------------------------------------------------------------------
+
+
+class _BlockHasher:
+    """A write-only file object that digests what it is given in fixed-size blocks."""
+
+    closed = False
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.position = 0
+        self.digests: list[int] = []
+        self._hash = xxhash.xxh3_64()
+        self._filled = 0
+        self._done = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        if self._done:
+            return size
+        while view.nbytes:
+            take = min(view.nbytes, self.block_size - self._filled)
+            self._hash.update(view[:take])
+            self._filled += take
+            self.position += take
+            view = view[take:]
+            if self._filled == self.block_size:
+                self.digests.append(self._hash.intdigest())
+                self._hash.reset()
+                self._filled = 0
+        return size
+
+    def finish(self) -> list[int]:
+        """The digests of everything written so far (the last block may be short)."""
+        if self._filled:
+            self.digests.append(self._hash.intdigest())
+        self._done = True
+        return self.digests
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return self.position
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _stream_digests(table: pa.Table, block_size: int) -> tuple[list[int], int]:
+    """The block digests of the file ``table`` becomes, up to the end of its record batch, and
+    that end's offset, without writing it: an IPC file is its magic followed by the same
+    messages as an IPC stream (checked after the real write by ``_check_written``)."""
+    sink = _BlockHasher(block_size)
+    sink.write(FILE_MAGIC)
+    writer = pa.ipc.new_stream(sink, table.schema)
+    writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+    end = sink.position
+    digests = sink.finish()
+    writer.close()
+    return digests, end
+
+
+def _check_written(path: Path, digests: Sequence[int], body_end: int, block_size: int) -> int:
+    """Every block of the file just written against the digests computed before writing it;
+    returns the digest of its footer. A mismatch is a bug (the two serialisations differ)."""
+    source = pa.memory_map(str(path), "r")
+    view = memoryview(source.read_buffer(source.size()))
+    try:
+        blocks = range(0, body_end, block_size)
+        actual = [xxhash.xxh3_64_intdigest(view[a : min(a + block_size, body_end)]) for a in blocks]
+        if actual != list(digests):
+            raise StorageError(f"history segment {path}: the written file differs from its block digests")
+        footer: int = xxhash.xxh3_64_intdigest(view[body_end:])
+        return footer
+    finally:
+        view.release()
+        source.close()
+
+
 def write_segment(
     directory: Path,
     table: str,
@@ -112,13 +247,16 @@ def write_segment(
     *,
     fault: object = None,
     order: tuple[str, ...] | None = None,
+    block_size: int | None = None,
 ) -> SegmentInfo:
     """Sort ``data`` (by ``_healpix_29`` then ``order``, default ``time_column``) and write it
     durably: temporary name, fsync, rename, fsync of the directory. ``span`` must be finite.
+    ``block_size``: bytes per checksummed block (default ``BLOCK_SIZE``).
 
     ``fault`` (tests only) is called with the step name before each step, to crash there.
     """
     _check_span(table, span)
+    block_size = block_size or BLOCK_SIZE
     hook = fault if callable(fault) else (lambda step: None)
     directory.mkdir(parents=True, exist_ok=True)
     keys = [(c, "ascending") for c in (HEALPIX_COLUMN, *(order or (time_column,)))]
@@ -127,12 +265,15 @@ def write_segment(
     name = segment_name(table, span)
     final = directory / name
     tmp = directory / (name + ".tmp")
+    digests, body_end = _stream_digests(ordered, block_size)
+    metadata = footer_metadata(digests, block_size)
     hook("write_tmp")
     with open(tmp, "wb") as raw:
-        with pa.ipc.new_file(raw, ordered.schema) as writer:
+        with pa.ipc.new_file(raw, ordered.schema, metadata=metadata) as writer:
             writer.write_table(ordered, max_chunksize=max(ordered.num_rows, 1))
         raw.flush()
         os.fsync(raw.fileno())
+    footer_digest = _check_written(tmp, digests, body_end, block_size)
     hook("rename")
     os.replace(tmp, final)
     _fsync_dir(directory)
@@ -150,57 +291,44 @@ def write_segment(
         pix_max=int(pix[-1].as_py()),
         rows=ordered.num_rows,
         bytes=final.stat().st_size,
-        checksum=file_checksum(final),
+        checksum=seal_text(block_size, body_end, footer_digest),
     )
 
 
+# ---- reading ----------------------------------------------------------------------------
+
+
+def map_segment(directory: Path, info: SegmentInfo, *, remember: bool = True) -> MappedSegment:
+    """Memory-map a segment (zero copy), its size, structure and row count checked against
+    the manifest entry (:func:`diadb.history.blocks.map_file`); its rows are read only after
+    its ``check``. Old segments (whole-file blake2b) are checked whole, once per process unless
+    ``remember`` is False."""
+    return map_file(directory / info.name, info.bytes, info.rows, info.checksum, remember=remember)
+
+
 def open_segment(directory: Path, info: SegmentInfo) -> pa.Table:
-    """Memory-map a segment (zero copy). Checks existence, size and the Arrow file structure."""
-    path = directory / info.name
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CorruptSegmentError(f"history segment {path} is missing") from None
-    if size != info.bytes:
-        raise CorruptSegmentError(f"history segment {path} has {size} bytes, the manifest says {info.bytes}")
-    try:
-        source = pa.memory_map(str(path), "r")
-        data = pa.ipc.open_file(source).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CorruptSegmentError(f"history segment {path} is not a readable Arrow file: {e}") from e
-    if data.num_rows != info.rows:
-        raise CorruptSegmentError(
-            f"history segment {path} holds {data.num_rows} rows, the manifest says {info.rows}"
-        )
-    return data
+    """Memory-map a segment (zero copy), its size and structure checked (``map_segment``) but
+    not the blocks of its rows: for measuring (diadb.sim.bench); reads use ``MappedSegment``."""
+    return map_segment(directory, info).table
 
 
 def verify_segment(directory: Path, info: SegmentInfo) -> None:
-    """Full check of one segment, including its checksum (reads the whole file)."""
-    open_segment(directory, info)
-    actual = file_checksum(directory / info.name)
-    if actual != info.checksum:
-        raise CorruptSegmentError(
-            f"history segment {directory / info.name}: checksum {actual} "
-            f"does not match the manifest's {info.checksum}"
-        )
+    """Full check of one segment: size, structure and every block (reads the whole file)."""
+    segment = map_segment(directory, info, remember=False)
+    if segment.complete:
+        return
+    bad = segment.bad_blocks()
+    if bad:
+        raise segment.failure(bad)
 
 
 def locate(data: pa.Table, ranges: Int64Array) -> Int64Array:
-    """Row numbers of ``data`` (sorted by ``_healpix_29``) inside the ``[lo, hi)`` pixel ranges."""
+    """Row numbers of ``data`` (sorted by ``_healpix_29``) inside the ``[lo, hi)`` pixel ranges.
+    Unchecked: reads use ``MappedSegment.locate``."""
     key = data.column(HEALPIX_COLUMN)
     if data.num_rows == 0 or len(ranges) == 0:
         return np.zeros(0, dtype=np.int64)
     keys = key.chunk(0).to_numpy() if key.num_chunks == 1 else key.to_numpy()
     lo = np.searchsorted(keys, ranges[:, 0], side="left")
     hi = np.searchsorted(keys, ranges[:, 1], side="left")
-    lengths = hi - lo
-    nonempty = lengths > 0
-    lo, lengths = lo[nonempty], lengths[nonempty]
-    if lo.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    # Concatenated aranges without a Python loop: offsets within each run plus its start.
-    total = int(lengths.sum())
-    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    rows: Int64Array = (np.arange(total, dtype=np.int64) + starts).astype(np.int64)
-    return rows
+    return rows_of(lo, hi)

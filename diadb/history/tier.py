@@ -25,9 +25,9 @@ from diadb.errors import StorageError
 from diadb.history.manifest import FaultHook
 from diadb.history.segment import (
     Int64Array,
+    MappedSegment,
     SegmentInfo,
-    locate,
-    open_segment,
+    map_segment,
     snapshot_span,
     verify_segment,
     write_segment,
@@ -92,15 +92,16 @@ class HistoryTier:
     def __init__(self, directory: Path, span_days: float) -> None:
         self.directory = directory
         self.span_days = span_days
-        self._open: dict[str, pa.Table] = {}
+        self._open: dict[str, MappedSegment] = {}
         self._bounds: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
 
-    def _segment(self, info: SegmentInfo) -> pa.Table:
-        data = self._open.get(info.name)
-        if data is None:
-            data = open_segment(self.directory, info)
-            self._open[info.name] = data
-        return data
+    def _segment(self, info: SegmentInfo) -> MappedSegment:
+        """The mapped segment; its rows are read only after its ``check`` (segment.py)."""
+        segment = self._open.get(info.name)
+        if segment is None:
+            segment = map_segment(self.directory, info)
+            self._open[info.name] = segment
+        return segment
 
     def forget(self, table: str, live: Sequence[SegmentInfo]) -> None:
         """Unmap the segments of ``table`` that left the manifest."""
@@ -126,15 +127,22 @@ class HistoryTier:
         """Per segment: its ``columns`` and the row numbers in the pixel ``ranges`` (all rows when
         empty), in the window, of ``object_ids`` (or whose ``diaSourceId`` is in ``include_ids``)
         when given, and not of ``exclude_ids`` (object ids). Nothing is gathered yet: the reader
-        filters the region exactly on these rows, then gathers (:func:`gather`)."""
+        filters the region exactly on these rows, then gathers (:func:`gather`). The blocks of
+        ``columns`` at the rows returned are checked (segment.py), so the reader may use them."""
         pieces: list[tuple[pa.Table, Int64Array]] = []
         for info in segments:
             if window is not None and (info.t_max <= window.start or info.t_min > window.end):
                 continue
             if len(ranges) and (info.pix_max < ranges[0, 0] or info.pix_min >= ranges[-1, 1]):
                 continue
-            data = self._segment(info)
-            idx = locate(data, ranges) if len(ranges) else np.arange(data.num_rows, dtype=np.int64)
+            segment = self._segment(info)
+            data = segment.table
+            idx = segment.locate(ranges) if len(ranges) else np.arange(data.num_rows, dtype=np.int64)
+            # Integrity: the filters' columns checked at the rows they filter, then ``columns``.
+            filters = [TIME_COLUMN] if window is not None else []
+            filters += ["diaObjectId"] if object_ids is not None or exclude_ids is not None else []
+            filters += ["diaSourceId"] if include_ids is not None else []
+            segment.check(filters, idx)
             if idx.size and window is not None:
                 t = column_values(data, TIME_COLUMN)[idx]
                 idx = idx[(t > window.start) & (t <= window.end)]
@@ -146,6 +154,7 @@ class HistoryTier:
             if idx.size and exclude_ids is not None and len(exclude_ids):
                 idx = idx[~np.isin(column_values(data, "diaObjectId")[idx], exclude_ids)]
             if idx.size:
+                segment.check(columns, idx)
                 pieces.append((select_columns(data, columns), idx))
         return pieces
 
@@ -159,10 +168,12 @@ class HistoryTier:
         for info in segments:
             if not len(wanted):
                 break
-            data = self._segment(info)
-            values = column_values(data, column)
+            segment = self._segment(info)
+            data = segment.table
+            values = segment.values(column)
             idx = np.flatnonzero(np.isin(values, wanted))
             if idx.size:
+                segment.check(columns, idx)
                 parts.append(select_columns(data, columns).take(pa.array(idx)))
                 wanted = np.setdiff1d(wanted, values[idx])
         if not parts:
@@ -187,11 +198,13 @@ class HistoryTier:
             bounds = self._key_bounds(info, names)
             if any(b[1] < lo[i] or b[0] > hi[i] for i, b in enumerate(bounds)):
                 continue
-            data = self._segment(info)
-            first = column_values(data, names[0])
+            segment = self._segment(info)
+            data = segment.table
+            first = segment.values(names[0])
             idx = np.flatnonzero(np.isin(first, values[0]))
             if not idx.size:
                 continue
+            segment.check(names, idx)
             stored = pa.table({c: pa.array(column_values(data, c)[idx]).cast(pa.int64()) for c in names})
             probe = pa.table({c: pa.array(v) for c, v in zip(names, values, strict=True)})
             probe = probe.append_column("_pos", pa.array(np.arange(keys.num_rows, dtype=np.int64)))
@@ -203,10 +216,10 @@ class HistoryTier:
         cache_key = (info.name, tuple(names))
         bounds = self._bounds.get(cache_key)
         if bounds is None:
-            data = self._segment(info)
+            segment = self._segment(info)
             bounds = []
             for c in names:
-                v = column_values(data, c)
+                v = segment.values(c)
                 bounds.append((int(v.min()), int(v.max())) if v.size else (0, -1))
             self._bounds[cache_key] = bounds
         return bounds
@@ -237,7 +250,7 @@ class HistoryTier:
         0.5 M objects at 100 columns); run once per compaction span."""
         parts = [rows]
         if old is not None and changed is not None:
-            data = self._segment(old)
+            data = self._segment(old).checked_table()  # never carry damage into a new snapshot
             keep = ~np.isin(column_values(data, "diaObjectId"), changed)
             parts.insert(0, select_columns(data, rows.column_names).filter(pa.array(keep)).cast(rows.schema))
         merged = pa.concat_tables(parts)
@@ -281,7 +294,9 @@ class HistoryTier:
             try:
                 verify_segment(self.directory, info)
             except Exception as e:  # every failure is reported, none stops the check
-                problems.append(str(e))
+                text = str(e)
+                path = str(self.directory / info.name)
+                problems.append(text if path in text else f"history segment {path}: {text}")
         return problems
 
 
