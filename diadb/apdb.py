@@ -533,16 +533,19 @@ class Apdb:
         return [] if self._history is None else self._history.list_segments()
 
     def verify(self) -> list[str]:
-        """Check every history segment against its manifest entry (size, structure, checksum).
+        """Check the engine's own files where it can (SQLite: ``PRAGMA integrity_check``) and
+        every history segment against its manifest entry (size, structure, every block checksum).
 
         Returns
         -------
         list of str
             One line per problem, naming the file; empty when all is well.
         """
+        check_engine = getattr(self._backend, "check_integrity", None)
+        problems: list[str] = list(check_engine()) if callable(check_engine) else []
         if self._tier is None:
-            return []
-        return self._tier.verify(self.segments())
+            return problems
+        return problems + self._tier.verify(self.segments())
 
     def prune(self, now: Any = None, *, dry_run: bool = False) -> dict[str, dict[str, int]]:
         """Drop source history older than ``history_months`` plus ``retention_grace_days``.

@@ -105,8 +105,9 @@ def verify(
         str, typer.Argument(help="SQLite path or URL of the database, or a PPDB export directory.")
     ],
 ) -> None:
-    """Check a database's history segments (size, structure, checksum), or a published PPDB export
-    (a directory: checksums, types, nullability and row counts against the Felis schema)."""
+    """Check a database (SQLite's integrity check, and every history segment's size, structure
+    and block checksums), or a published PPDB export (a directory: checksums, types,
+    nullability and row counts against the Felis schema)."""
     from diadb.apdb import Apdb
 
     if Path(url).is_dir():

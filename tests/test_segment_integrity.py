@@ -298,3 +298,34 @@ def test_old_segments_are_checked_whole_on_first_open(tmp_path, official_schema)
                     _read(old, table, FIELD)
                 problems = old.verify()
                 assert len(problems) == 1 and name in problems[0] and "checksum" in problems[0]
+
+
+# ---- the engine's own file ----------------------------------------------------------------
+
+
+def test_verify_reports_a_damaged_sqlite_file(tmp_path, official_schema):
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from diadb.cli import app
+
+    url = str(tmp_path / "engine.db")
+    db = diadb.Apdb.create(url, schema=official_schema, history_tier=False)
+    for visit in range(1, 5):
+        _store(db, visit, n=300)
+    assert db.verify() == []
+    db.close()
+    conn = sqlite3.connect(url)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'diadb_DiaSource_pk'").fetchone()[0]
+    conn.close()
+    with open(url, "r+b") as f:  # scribble over the index's root page, past its header
+        f.seek((root - 1) * page_size + 100)
+        f.write(b"\x5a" * (page_size - 200))
+    with diadb.Apdb.open(url) as damaged:
+        problems = damaged.verify()
+    assert problems and all(url in line for line in problems)
+    result = CliRunner().invoke(app, ["verify", url])
+    assert result.exit_code == 1 and url in result.output

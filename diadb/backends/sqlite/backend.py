@@ -27,6 +27,7 @@ from diadb.backends.sqlite.read import SqliteReader
 from diadb.backends.sqlite.store import SqliteStore
 from diadb.backends.sqlite.url import path_from_url
 from diadb.config import ApdbConfig
+from diadb.errors import StorageError
 from diadb.history.manifest import (
     FaultHook,
     HistoryEngine,
@@ -84,6 +85,15 @@ class SqliteBackend:
     def counters(self) -> dict[str, int]:
         """Event counters since open (SQLite counts none)."""
         return {}
+
+    def check_integrity(self) -> list[str]:
+        """SQLite's ``PRAGMA integrity_check`` (every page, b-tree and index; reads the whole
+        file): one line per problem, naming the file; empty when all is well."""
+        try:
+            lines = [str(v) for v in self.connection.fetch("PRAGMA integrity_check").column(0).to_pylist()]
+        except StorageError as e:
+            return [f"SQLite database {self.path}: integrity check failed to run: {e}"]
+        return [f"SQLite database {self.path}: {line}" for line in lines if line != "ok"]
 
     def close(self) -> None:
         self.connection.close()
