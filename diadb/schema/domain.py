@@ -24,7 +24,8 @@ Rules (README, "Validation"):
   diadb's lsst.dax.apdb facade records such stores under a visit no real visit uses.
 - **Rows belong to their store.** DiaSource and DiaForcedSource rows carry the store's
   ``visit``; with a ``detector`` they carry that detector too (a whole-visit store takes any
-  valid detector).
+  valid detector). A keyed whole-visit store, whose change log lists its rows by key, may hold
+  rows of several visits (the lsst.dax.apdb facade's stores of reference catalogs).
 - **References.** The ``diaObjectId`` of every DiaSource and DiaForcedSource is in the same
   store's objects or already in the database.
 - **Strings.** Valid UTF-8, and at most Felis ``length`` characters (bytes for binary).
@@ -124,23 +125,31 @@ def visit_detector(visit: Any, detector: Any, schema: ApdbSchema, *, keyed: bool
     return visit_id, integer_argument("detector", detector, 0, top)
 
 
-def check_rows_belong(table: str, data: pa.Table, visit: int, detector: int) -> None:
-    """Every row's ``visit`` (and, unless a whole-visit store, ``detector``) is the store's."""
-    if not data.num_rows:
+def check_rows_belong(catalogs: Mapping[str, pa.Table], visit: int, detector: int, *, keyed: bool) -> None:
+    """Every row's ``visit`` (and, unless a whole-visit store, ``detector``) is the store's.
+
+    A keyed whole-visit store is exempt: its change-log chunk lists its rows by primary key (not
+    by visit/detector), and the lsst.dax.apdb facade stores the reference's catalogs, which may
+    mix visits, that way."""
+    if keyed and detector == WHOLE_VISIT:
         return
     checks = [("visit", visit)] + ([("detector", detector)] if detector != WHOLE_VISIT else [])
-    for name, expected in checks:
-        if name not in data.column_names:
+    for table, data in catalogs.items():
+        if not data.num_rows:
             continue
-        bad = _mask(pc.not_equal(data.column(name), pa.scalar(expected, data.column(name).type)), True)
-        if bad.any():
-            found = np.unique(data.column(name).filter(pa.array(bad)).to_numpy())[:5].tolist()
-            raise CatalogError(
-                table,
-                name,
-                f"rows of {name} {found} in a store of {name}={expected}: each store holds its own rows",
-                _first_rows(bad),
-            )
+        for name, expected in checks:
+            if name not in data.column_names:
+                continue
+            column = data.column(name)
+            bad = _mask(pc.not_equal(column, pa.scalar(expected, column.type)), True)
+            if bad.any():
+                found = np.unique(column.filter(pa.array(bad)).to_numpy())[:5].tolist()
+                raise CatalogError(
+                    table,
+                    name,
+                    f"rows of {name} {found} in a store of {name}={expected}: each store holds its own rows",
+                    _first_rows(bad),
+                )
 
 
 def check_object_references(
