@@ -45,6 +45,7 @@ from diadb.errors import CatalogError, ConfigError, DuplicateVisitError, SchemaV
 from diadb.evolution import upgrade, version_tuple
 from diadb.history.segment import SegmentInfo
 from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, compaction_boundary, take_rows
+from diadb.schema import domain
 from diadb.schema.felis import load_schema, schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.schema.validate import to_arrow, validate_catalog
@@ -408,8 +409,8 @@ class Apdb(DaytimeMixin):
             raise SchemaVersionError(f"{self.url} was written by a newer diadb; it is open read-only")
         if key is not None and not getattr(self._backend, "supports_store_key", False):
             raise ConfigError(f"the backend of {self.url} does not support keyed stores (store(key=...))")
-        mjd = mjd_tai(visit_time)
-        det = -1 if detector is None else int(detector)
+        mjd = domain.check_visit_time(mjd_tai(visit_time))
+        visit_id, det = domain.visit_detector(visit, detector, self.schema, keyed=key is not None)
         obj_spec = self.schema.table("DiaObject")
         obj_in = to_arrow("DiaObject", objects)
         objs = validate_catalog(
@@ -418,9 +419,11 @@ class Apdb(DaytimeMixin):
         self._check_objects(objs)
         srcs = self._validate_optional("DiaSource", sources)
         forced = self._validate_optional("DiaForcedSource", forced_sources)
-        self._check_source_objects(srcs, objs)
+        catalogs = {"DiaSource": srcs, "DiaForcedSource": forced}
+        domain.check_rows_belong(catalogs, visit_id, det, keyed=key is not None)
+        domain.check_object_references(objs, catalogs, self._backend.known_object_ids)
         batch = VisitBatch(
-            visit=int(visit),
+            visit=visit_id,
             detector=det,
             visit_mjd_tai=mjd,
             objects=self._with_healpix(objs),
@@ -437,7 +440,7 @@ class Apdb(DaytimeMixin):
             what = (
                 f"key {key!r}" if key is not None else "the whole visit" if det == -1 else f"detector {det}"
             )
-            raise DuplicateVisitError(f"visit {visit} {what} is already stored in {self.url}")
+            raise DuplicateVisitError(f"visit {visit_id} {what} is already stored in {self.url}")
         if stored and self._tier is not None and self.config.history_auto_compact:
             boundary = compaction_boundary(
                 mjd, self.config.history_span_days, self.config.history_compact_lag_days
@@ -554,26 +557,6 @@ class Apdb(DaytimeMixin):
             rows = sorted(int(order[i + 1]) for i in np.flatnonzero(dup)[:10])
             raise CatalogError(
                 "DiaObject", "diaObjectId", "more than one version of an object in one store", rows
-            )
-
-    def _check_source_objects(self, srcs: pa.Table, objs: pa.Table) -> None:
-        """Every DiaSource's diaObjectId must be in this batch's objects or already stored."""
-        if not srcs.num_rows:
-            return
-        col = srcs.column("diaObjectId")
-        present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        ids = np.asarray(col.fill_null(0).to_numpy(), dtype=np.int64)
-        unknown = present & ~np.isin(ids, objs.column("diaObjectId").to_numpy())
-        if not unknown.any():
-            return
-        missing = np.setdiff1d(ids[unknown], self._backend.known_object_ids(np.unique(ids[unknown])))
-        if missing.size:
-            rows = np.flatnonzero(present & np.isin(ids, missing))
-            raise CatalogError(
-                "DiaSource",
-                "diaObjectId",
-                f"refers to DiaObjects neither in this store nor in the database: {missing[:10].tolist()}",
-                rows.tolist(),
             )
 
     @staticmethod
