@@ -141,6 +141,8 @@ def check_rows_belong(catalogs: Mapping[str, pa.Table], visit: int, detector: in
             if name not in data.column_names:
                 continue
             column = data.column(name)
+            if column.null_count == 0 and _bounds(column) == (expected, expected):
+                continue
             bad = _mask(pc.not_equal(column, pa.scalar(expected, column.type)), True)
             if bad.any():
                 found = np.unique(column.filter(pa.array(bad)).to_numpy())[:5].tolist()
@@ -252,9 +254,12 @@ def check_cast(table: str, column: ColumnSpec, original: pa.ChunkedArray, cast: 
     if pa.types.is_floating(target):
         if target.bit_width >= original.type.bit_width:
             return
+        largest = float(np.finfo(target.to_pandas_dtype()).max)
+        lo, hi = _bounds(original)  # NaN and null are skipped
+        if lo is None or (-largest <= lo and hi <= largest):
+            return
         bad = _mask(pc.and_(pc.is_finite(original), pc.is_inf(cast)), False)
         if bad.any():
-            largest = float(np.finfo(target.to_pandas_dtype()).max)
             raise CatalogError(
                 table,
                 column.name,
@@ -262,6 +267,9 @@ def check_cast(table: str, column: ColumnSpec, original: pa.ChunkedArray, cast: 
                 _first_rows(bad),
             )
     elif pa.types.is_integer(target):
+        lo, hi = _bounds(original)
+        if lo is None or (lo >= -FLOAT_EXACT_INTEGER and hi <= FLOAT_EXACT_INTEGER):
+            return
         bad = _mask(pc.greater(pc.abs(original), float(FLOAT_EXACT_INTEGER)), False)
         if bad.any():
             raise CatalogError(
@@ -282,11 +290,21 @@ def _check_time(table: str, name: str, column: pa.ChunkedArray) -> None:
         if bad.any():
             raise CatalogError(table, name, f"time outside {_WINDOW}", _first_rows(bad))
         return
+    if column.null_count == len(column):
+        return
+    if column.null_count == 0:
+        values = column.to_numpy()
+        # min and max propagate NaN, which then fails both comparisons.
+        if values.min() >= MJD_MIN and values.max() <= MJD_MAX:
+            return
+    else:
+        lo, hi = _bounds(column)  # skips NaN as well as null
+        nan = pc.any(pc.is_nan(column)).as_py()
+        if not nan and lo is not None and lo >= MJD_MIN and hi <= MJD_MAX:
+            return
     values = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)  # nulls -> NaN
     with np.errstate(invalid="ignore"):
         bad = ~((values >= MJD_MIN) & (values <= MJD_MAX))
-    if not bad.any():
-        return
     bad &= ~_mask(pc.is_null(column), False)
     if bad.any():
         nan = bad & np.isnan(values)
@@ -295,6 +313,9 @@ def _check_time(table: str, name: str, column: pa.ChunkedArray) -> None:
 
 
 def _check_key(table: str, name: str, column: pa.ChunkedArray, top: int) -> None:
+    lo, hi = _bounds(column)
+    if lo is None or (lo >= 0 and hi <= top):
+        return
     outside = pc.less(column, pa.scalar(0, column.type))
     if top < _integer_bounds(column.type)[1]:
         outside = pc.or_(outside, pc.greater(column, pa.scalar(top, column.type)))
@@ -306,6 +327,9 @@ def _check_key(table: str, name: str, column: pa.ChunkedArray, top: int) -> None
 def _check_length(table: str, name: str, column: pa.ChunkedArray, length: int) -> None:
     is_text = _kind(column.type) == "str"
     sizes = pc.utf8_length(column) if is_text else pc.binary_length(column)
+    longest = pc.max(sizes).as_py()
+    if longest is None or longest <= length:
+        return
     bad = _mask(pc.greater(sizes, length), False)
     if bad.any():
         unit = "characters" if is_text else "bytes"
@@ -363,6 +387,12 @@ def _kind(t: pa.DataType) -> str:
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return "bin"
     return "other"
+
+
+def _bounds(column: pa.ChunkedArray) -> tuple[Any, Any]:
+    """(min, max) of a column, nulls (and NaN) skipped; ``(None, None)`` when nothing is left."""
+    extremes = pc.min_max(column)
+    return extremes["min"].as_py(), extremes["max"].as_py()
 
 
 def _mask(values: Any, null: bool) -> BoolArray:
