@@ -72,11 +72,17 @@ BoolArray = npt.NDArray[np.bool_]
 
 
 # ---- store() arguments ------------------------------------------------------------------
-def check_visit_time(mjd: float) -> float:
-    """``mjd`` (the visit time, MJD TAI) if it lies in the plausible window, else ConfigError."""
+def check_time(name: str, mjd: float) -> float:
+    """``mjd`` (a time argument called ``name``, MJD TAI) if it lies in the plausible window,
+    else a ConfigError naming the argument."""
     if not MJD_MIN <= mjd <= MJD_MAX:
-        raise ConfigError(f"visit_time must lie in {_WINDOW}, got MJD {mjd!r}")
+        raise ConfigError(f"{name} must lie in {_WINDOW}, got MJD {mjd!r}")
     return mjd
+
+
+def check_visit_time(mjd: float) -> float:
+    """``store()``'s ``visit_time`` (MJD TAI) if it lies in the plausible window."""
+    return check_time("visit_time", mjd)
 
 
 def integer_argument(name: str, value: Any, lo: int, hi: int) -> int:
