@@ -56,10 +56,10 @@ from diadb.history.tier import HISTORY_TABLES, HistoryTier
 from diadb.ingest import (
     check_history_keys,
     check_objects,
-    check_source_objects,
     diagnose_key_conflicts,
     with_healpix,
 )
+from diadb.schema import domain
 from diadb.schema.felis import load_schema, schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.schema.validate import to_arrow, validate_catalog
@@ -439,8 +439,8 @@ class Apdb:
             Already stored, when created with ``on_duplicate_visit="error"``.
         """
         self._writable()
-        mjd = mjd_tai(visit_time)
-        det = -1 if detector is None else int(detector)
+        mjd = domain.check_visit_time(mjd_tai(visit_time))
+        visit_id, det = domain.visit_detector(visit, detector, self.schema, keyed=key is not None)
         obj_spec = self.schema.table("DiaObject")
         obj_in = to_arrow("DiaObject", objects)
         objs = validate_catalog(
@@ -449,9 +449,11 @@ class Apdb:
         check_objects(objs)
         srcs = self._validate_optional("DiaSource", sources)
         forced = self._validate_optional("DiaForcedSource", forced_sources)
-        check_source_objects(self._backend, "DiaSource", srcs, objs)
+        catalogs = {"DiaSource": srcs, "DiaForcedSource": forced}
+        domain.check_rows_belong(catalogs, visit_id, det, keyed=key is not None)
+        domain.check_object_references(objs, catalogs, self._backend.known_object_ids)
         batch = VisitBatch(
-            visit=int(visit),
+            visit=visit_id,
             detector=det,
             visit_mjd_tai=mjd,
             objects=with_healpix(objs),
@@ -470,7 +472,7 @@ class Apdb:
             what = (
                 f"key {key!r}" if key is not None else "the whole visit" if det == -1 else f"detector {det}"
             )
-            raise DuplicateVisitError(f"visit {visit} {what} is already stored in {self.url}")
+            raise DuplicateVisitError(f"visit {visit_id} {what} is already stored in {self.url}")
         if stored and self._compactor is not None and self.config.history_auto_compact:
             # The store's own copies of its catalogs are not needed by the compaction: let them go
             # before it reads a span's rows and rewrites the DiaObject snapshot.

@@ -20,6 +20,7 @@ from diadb.backends.base import CHUNK_SCHEMA, Backend
 from diadb.errors import ConfigError
 from diadb.history.manifest import HistoryEngine
 from diadb.history.tier import HISTORY_TABLES, HistoryTier, gather
+from diadb.schema.domain import check_time
 from diadb.schema.model import ApdbSchema
 from diadb.times import TimeWindow, mjd_tai
 
@@ -82,7 +83,7 @@ class ChangeLog:
         for payload in payloads:  # refuse what cannot be recorded, before writing
             json.dumps(payload)
         self._writable()
-        return self._backend.log_updates(kind, list(payloads), mjd_tai(time))
+        return self._backend.log_updates(kind, list(payloads), check_time("time", mjd_tai(time)))
 
     def _with_segment_rows(
         self, table: str, engine_rows: pa.Table, chunks: pa.Table, members: pa.Table | None

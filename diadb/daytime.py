@@ -21,6 +21,7 @@ import pyarrow as pa
 from diadb.backends.base import Backend
 from diadb.history.manifest import HistoryEngine
 from diadb.history.tier import HistoryTier
+from diadb.schema.domain import check_time
 from diadb.schema.model import ApdbSchema
 from diadb.times import mjd_tai
 from diadb.updates import (
@@ -65,7 +66,7 @@ class Daytime:
 
     # ---- DiaSources ------------------------------------------------------------------
     def reassign_to_ssobjects(self, mapping: Mapping[int, int], time: Any = None) -> None:
-        when = now_mjd_tai() if time is None else mjd_tai(time)
+        when = now_mjd_tai() if time is None else check_time("time", mjd_tai(time))
         changes = mapping_table(mapping, "diaSourceId", "ssObjectId")
         n = changes.num_rows
         changes = changes.append_column("diaObjectId", pa.nulls(n, pa.int64()))
@@ -75,7 +76,7 @@ class Daytime:
     def reassign_sources(
         self, mapping: Mapping[int, int], time: Any = None, increment: bool = True, decrement: bool = True
     ) -> None:
-        when = now_mjd_tai() if time is None else mjd_tai(time)
+        when = now_mjd_tai() if time is None else check_time("time", mjd_tai(time))
         changes = mapping_table(mapping, "diaSourceId", "diaObjectId")
         changes = changes.append_column("ssObjectId", pa.nulls(changes.num_rows, pa.int64()))
         self._update_sources(
@@ -89,8 +90,8 @@ class Daytime:
         )
 
     def withdraw_sources(self, source_ids: Iterable[int], time: Any = None, update_time: Any = None) -> None:
-        when = now_mjd_tai() if time is None else mjd_tai(time)
-        logged = when if update_time is None else mjd_tai(update_time)
+        when = now_mjd_tai() if time is None else check_time("time", mjd_tai(time))
+        logged = when if update_time is None else check_time("update_time", mjd_tai(update_time))
         ids = np.unique(np.fromiter((int(i) for i in source_ids), dtype=np.int64))
         changes = pa.table({"diaSourceId": ids, "timeWithdrawnMjdTai": np.full(len(ids), when)})
         self._update_sources(
@@ -133,8 +134,8 @@ class Daytime:
     def withdraw_forced_sources(
         self, keys: Iterable[tuple[int, int, int]], time: Any = None, update_time: Any = None
     ) -> None:
-        when = now_mjd_tai() if time is None else mjd_tai(time)
-        logged = when if update_time is None else mjd_tai(update_time)
+        when = now_mjd_tai() if time is None else check_time("time", mjd_tai(time))
+        logged = when if update_time is None else check_time("update_time", mjd_tai(update_time))
         table = forced_keys([(int(a), int(b), int(c)) for a, b, c in keys])
         self._writable()
         if table.num_rows:
@@ -145,7 +146,7 @@ class Daytime:
         self._writable()
         if not len(ids):
             return 0
-        return self._backend.set_validity_end(ids, mjd_tai(time), missing_ok)
+        return self._backend.set_validity_end(ids, check_time("time", mjd_tai(time)), missing_ok)
 
     def objects_for_dedup(self, since: Any, columns: Sequence[str] | None = None) -> pa.Table:
         data = self._schema.table("DiaObject").cast(self._backend.objects_since(mjd_tai(since)))

@@ -36,28 +36,6 @@ def check_objects(objs: pa.Table) -> None:
         )
 
 
-def check_source_objects(backend: Backend, table: str, srcs: pa.Table, objs: pa.Table) -> None:
-    """Every ``diaObjectId`` of ``srcs`` (rows of ``table``) must be in this store's objects or
-    already stored."""
-    if not srcs.num_rows:
-        return
-    col = srcs.column("diaObjectId")
-    present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    ids = np.asarray(col.fill_null(0).to_numpy(), dtype=np.int64)
-    unknown = present & ~np.isin(ids, objs.column("diaObjectId").to_numpy())
-    if not unknown.any():
-        return
-    missing = np.setdiff1d(ids[unknown], backend.known_object_ids(np.unique(ids[unknown])))
-    if missing.size:
-        rows = np.flatnonzero(present & np.isin(ids, missing))
-        raise CatalogError(
-            table,
-            "diaObjectId",
-            f"refers to DiaObjects neither in this store nor in the database: {missing[:10].tolist()}",
-            rows.tolist(),
-        )
-
-
 def with_healpix(data: pa.Table) -> pa.Table:
     """``data`` with its ``_healpix_29`` column (computed from ``ra``/``dec``) last."""
     pix = radec_to_healpix29(data.column("ra").to_numpy(), data.column("dec").to_numpy())

@@ -24,7 +24,7 @@ def _sorted(t: pa.Table, keys: list[str]) -> pa.Table:
 def test_round_trip_every_row_once_values_equal(apdb, official_schema):
     ids = np.arange(1, 301)
     ra, dec = random_positions(300, 1)
-    v = make_visit(official_schema, 7, 60100.0, ids, ra, dec)
+    v = make_visit(official_schema, 7, 60100.0, ids, ra, dec, detector=3)
     assert apdb.store(v.mjd, v.objects, v.sources, v.forced, visit=7, detector=3)
     for got, sent, key in [
         (apdb.get_objects(EVERYWHERE), v.objects, ["diaObjectId"]),
@@ -118,7 +118,7 @@ def test_new_version_closes_previous_and_only_latest_is_read(apdb, official_sche
 
 def test_store_same_visit_detector_is_a_noop(apdb, official_schema):
     ra, dec = random_positions(30, 6)
-    v = make_visit(official_schema, 5, 60000.0, np.arange(1, 31), ra, dec)
+    v = make_visit(official_schema, 5, 60000.0, np.arange(1, 31), ra, dec, detector=1)
     assert apdb.store(v.mjd, v.objects, v.sources, v.forced, visit=5, detector=1) is True
     assert apdb.store(v.mjd, v.objects, v.sources, v.forced, visit=5, detector=1) is False
     assert apdb.get_sources(EVERYWHERE, v.mjd).num_rows == 30
@@ -133,9 +133,10 @@ def test_duplicate_visit_can_be_an_error(backend_url, official_schema):
     ra, dec = random_positions(3, 6)
     v = make_visit(official_schema, 5, 60000.0, np.arange(1, 4), ra, dec)
     db.store(v.mjd, v.objects, v.sources, v.forced, visit=5)
+    v9 = make_visit(official_schema, 5, 60000.0, np.arange(1, 4), ra, dec, detector=9)
     with pytest.raises(DuplicateVisitError, match="visit 5"):
         db.store(
-            v.mjd, v.objects, v.sources, v.forced, visit=5, detector=9
+            v9.mjd, v9.objects, v9.sources, v9.forced, visit=5, detector=9
         )  # the whole visit covers detector 9
     db.close()
 

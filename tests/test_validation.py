@@ -134,8 +134,9 @@ def test_source_with_unknown_object(apdb, visit, official_schema):
 
 def test_source_key_already_stored_by_another_visit(apdb, visit):
     apdb.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=1)
+    again = _replace(visit.sources.slice(0, 3), "visit", np.full(3, 2))  # visit 2's rows, visit 1's keys
     with pytest.raises(CatalogError, match=r"DiaSource.diaSourceId: primary key already stored") as info:
-        apdb.store(visit.mjd + 1, visit.objects.slice(0, 0), visit.sources.slice(0, 3), None, visit=2)
+        apdb.store(visit.mjd + 1, visit.objects.slice(0, 0), again, None, visit=2)
     assert info.value.rows == [0, 1, 2]
     assert not apdb.contains_visit_detector(2)
 
@@ -146,7 +147,7 @@ def test_pandas_input_and_validity_end_rules(apdb, visit):
     assert apdb.store(visit.mjd, objs, df, visit.forced.to_pandas(), visit=1)
     got = apdb.get_objects(EVERYWHERE, columns=["validityStartMjdTai"])
     assert set(got.column(0).to_pylist()) == {visit.mjd}
-    bad = _replace(visit.objects, "validityEndMjdTai", np.full(20, 1.0))
+    bad = _replace(visit.objects, "validityEndMjdTai", np.full(20, visit.mjd + 1.0))
     with pytest.raises(CatalogError, match="validityEndMjdTai: must be null"):
         apdb.store(visit.mjd + 1, bad, visit=2)
     with pytest.raises(CatalogError, match=r"expected a pyarrow\.Table"):

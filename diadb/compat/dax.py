@@ -106,8 +106,9 @@ def _store_key(
 
     The key is a hash of the visit time and every id the call carries: a retried identical call
     is a no-op, while other stores of the same visit/detector append, as the reference's do.
-    The visit/detector recorded (for ``containsVisitDetector``) is that of the first catalog
-    with rows; a call without source rows gets a negative visit that no real visit uses.
+    The visit/detector recorded (for ``containsVisitDetector``) is the one all source rows share;
+    rows of several make a whole-visit store of the first catalog's (smallest) visit, and a call
+    without source rows gets a negative visit that no real visit uses.
     """
     digest = hashlib.blake2b(digest_size=16)
     digest.update(np.float64(visit_time_mjd).tobytes())
@@ -122,12 +123,16 @@ def _store_key(
                 if column in frame:
                     digest.update(np.asarray(frame[column], dtype=np.int64).tobytes())
     key = "dax:" + digest.hexdigest()
-    for frame in catalogs:
-        if frame is not None and len(frame) and "visit" in frame and "detector" in frame:
-            visits = np.unique(np.asarray(frame["visit"], dtype=np.int64))
-            detectors = np.unique(np.asarray(frame["detector"], dtype=np.int64))
-            detector = int(detectors[0]) if len(visits) == 1 and len(detectors) == 1 else None
-            return key, int(visits[0]), detector
+    # Every catalog's (visit, detector) pairs: one pair is a per-detector store; several (the
+    # reference takes rows of any visit in one call) a whole-visit store, which may mix visits.
+    frames = [f for f in catalogs if f is not None and len(f) and "visit" in f and "detector" in f]
+    if frames:
+        visits = np.concatenate([np.asarray(f["visit"], dtype=np.int64) for f in frames])
+        detectors = np.concatenate([np.asarray(f["detector"], dtype=np.int64) for f in frames])
+        pairs = np.unique(np.stack([visits, detectors], axis=1), axis=0)
+        if len(pairs) == 1:
+            return key, int(pairs[0, 0]), int(pairs[0, 1])
+        return key, int(np.asarray(frames[0]["visit"], dtype=np.int64).min()), None
     return key, -1 - (int.from_bytes(digest.digest()[:8], "little") >> 2), None
 
 

@@ -6,13 +6,14 @@ the problem and the first offending rows (0-based positions in the caller's cata
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.errors import CatalogError
+from diadb.schema import domain
 from diadb.schema.model import HEALPIX_COLUMN, ColumnSpec, TableSpec
 
 
@@ -26,10 +27,23 @@ def to_arrow(table: str, data: Any) -> pa.Table:
 
     if isinstance(data, pd.DataFrame):
         # from_pandas turns NaN in float columns into nulls, as pandas users mean them.
-        return pa.Table.from_pandas(data, preserve_index=False)
+        try:
+            return pa.Table.from_pandas(data, preserve_index=False)
+        except (pa.ArrowException, UnicodeError, TypeError, ValueError) as e:
+            _raise_conversion_error(table, data, e)
     raise CatalogError(
         table, None, f"expected a pyarrow.Table or pandas.DataFrame, got {type(data).__name__}"
     )
+
+
+def _raise_conversion_error(table: str, data: Any, error: Exception) -> NoReturn:
+    """Name the first column pandas cannot give Arrow (lone surrogates, mixed objects...)."""
+    for name in data.columns:
+        try:
+            pa.Table.from_pandas(data[[name]], preserve_index=False)
+        except (pa.ArrowException, UnicodeError, TypeError, ValueError) as e:
+            raise CatalogError(table, str(name), f"cannot be converted to Arrow: {e}") from e
+    raise CatalogError(table, None, f"cannot be converted to Arrow: {error}") from error
 
 
 def _kind(t: pa.DataType) -> str:
@@ -76,11 +90,16 @@ def _cast_column(table: str, col: ColumnSpec, arr: pa.ChunkedArray) -> pa.Chunke
     if src_kind != "null" and src_kind not in _ALLOWED.get(dst_kind, set()):
         raise CatalogError(table, col.name, f"type {arr.type} cannot be stored as {col.datatype} ({target})")
     if src_kind == "float" and dst_kind == "float":
-        return arr.cast(target, safe=False)
+        narrowed = arr.cast(target, safe=False)
+        domain.check_cast(table, col, arr, narrowed)
+        return narrowed
     try:
-        return arr.cast(target, safe=True)
+        cast = arr.cast(target, safe=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
+    else:
+        domain.check_cast(table, col, arr, cast)
+        return cast
     # Find the values that do not survive the round trip, to name them.
     lossy = arr.cast(target, safe=False).cast(arr.type, safe=False)
     bad = pc.fill_null(pc.invert(pc.equal(lossy, arr)), False)
@@ -127,6 +146,7 @@ def validate_catalog(spec: TableSpec, data: Any, *, defaults: dict[str, pa.Array
         arrays.append(arr)
     result = pa.Table.from_arrays(arrays, schema=spec.arrow_schema(with_healpix=False))
     _check_radec(spec.name, result)
+    domain.check_values(spec, result)
     _check_unique(spec, result)
     return result
 

@@ -29,6 +29,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from diadb.errors import ConfigError
+from diadb.schema.domain import MJD_MAX, MJD_MIN
 from diadb.schema.model import ApdbSchema
 from diadb.sim.fill import BANDS, fill_table
 from diadb.sim.focal_plane import FocalPlane, band_area_deg2, cap_area_deg2, random_in_cap
@@ -93,7 +94,10 @@ class SimConfig:
             (self.false_per_visit >= 0, "false_per_visit must be >= 0"),
             (0 <= self.dither_deg < 45, f"dither_deg must be in [0, 45), got {self.dither_deg}"),
             (self.forced_window_days >= 0, "forced_window_days must be >= 0"),
-            (math.isfinite(self.start_mjd), "start_mjd must be finite"),
+            (
+                MJD_MIN <= self.start_mjd <= MJD_MAX,
+                f"start_mjd must lie in [{MJD_MIN:g}, {MJD_MAX:g}] (MJD TAI), got {self.start_mjd}",
+            ),
             (0 < self.scale <= 1, f"scale must be in (0, 1], got {self.scale}"),
             (self.padding_arcsec >= 0, "padding_arcsec must be >= 0"),
         ]

@@ -1,4 +1,5 @@
-"""The one module that talks to the HEALPix library (cdshealpix, CDS's Rust implementation).
+"""The one module that talks to the HEALPix library (cdshealpix, CDS's Rust implementation),
+for the order-29 pixel of a position; region covers are computed by :mod:`diadb.sky.cover`.
 
 Everything else in diadb sees plain numpy arrays: order-29 nested pixel numbers and
 half-open ranges ``[lo, hi)`` of them.
@@ -12,6 +13,10 @@ import numpy.typing as npt
 ORDER = 29
 #: Number of order-29 pixels on the sphere: 12 * 4**29.
 NPIX_29 = 12 * 4**ORDER
+
+#: Covers are computed as if regions were at least this large (radius, about 3.6 mas): deeper
+#: cells only add ranges, and the exact filter removes the rows a tinier region leaves out.
+MIN_COVER_RADIUS_DEG = 1e-6
 
 Int64Array = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -61,30 +66,14 @@ def merge_ranges(ranges: Int64Array) -> Int64Array:
     return np.stack([lo, hi], axis=1).astype(np.int64)
 
 
-def cone_cells(ra_deg: float, dec_deg: float, radius_deg: float, depth: int) -> Int64Array:
-    import astropy.units as u
-    from cdshealpix import nested
-
-    lon, lat = _lonlat(ra_deg, dec_deg)
-    ipix, d, _ = nested.cone_search(lon, lat, radius_deg * u.deg, depth)
-    return cells_to_ranges(ipix, d)
-
-
-def polygon_cells(ra_deg: FloatArray, dec_deg: FloatArray, depth: int) -> Int64Array:
-    from cdshealpix import nested
-
-    lon, lat = _lonlat(ra_deg, dec_deg)
-    ipix, d, _ = nested.polygon_search(lon, lat, depth)
-    return cells_to_ranges(ipix, d)
-
-
 def depth_for_size(size_deg: float, refinement: int) -> int:
     """A search depth whose cells are about ``size_deg / 2**refinement`` across.
 
     Larger ``refinement`` gives tighter ranges (fewer rows to filter) but more of them.
     """
-    # Order-0 cells are ~58.6 deg across; each order halves that.
-    base = np.log2(58.6 / max(size_deg, 1e-9))
+    # Order-0 cells are ~58.6 deg across; each order halves that. Below the smallest cover
+    # radius, deeper cells would only add ranges.
+    base = np.log2(58.6 / max(size_deg, 2.0 * MIN_COVER_RADIUS_DEG))
     return int(np.clip(np.floor(base) + refinement, 0, ORDER))
 
 

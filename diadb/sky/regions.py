@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from diadb.errors import ConfigError
-from diadb.sky import healpix
+from diadb.sky import cover, healpix
 from diadb.sky.healpix import FloatArray, Int64Array
 
 BoolArray = npt.NDArray[np.bool_]
@@ -60,21 +61,34 @@ class Circle(Region):
     radius_deg: float
 
     def __post_init__(self) -> None:
+        for name in ("ra_deg", "dec_deg", "radius_deg"):
+            object.__setattr__(self, name, _number("Circle", name, getattr(self, name)))
         _check_radec("Circle", self.ra_deg, self.dec_deg)
         if not (0.0 < self.radius_deg <= 180.0):
             raise ConfigError(f"Circle radius_deg must be in (0, 180], got {self.radius_deg}")
 
     def contains(self, ra_deg: npt.ArrayLike, dec_deg: npt.ArrayLike) -> BoolArray:
+        # Chord lengths, not dot products: 1 - cos(r) is below float64's resolution for radii
+        # under ~1e-5 deg (a 2e-6 deg cone accepted points 14% beyond its edge). A cone wider
+        # than 90 deg is tested as the outside of its antipodal cap, for the same reason.
         centre = unit_vectors(self.ra_deg, self.dec_deg)
-        cos_r = math.cos(math.radians(self.radius_deg))
-        result: BoolArray = unit_vectors(ra_deg, dec_deg) @ centre >= cos_r
-        return result
+        points = unit_vectors(ra_deg, dec_deg)
+        if self.radius_deg <= 90.0:
+            chord = 2.0 * math.sin(math.radians(self.radius_deg) / 2.0)
+            inside: BoolArray = np.sum((points - centre) ** 2, axis=-1) <= chord * chord
+            return inside
+        chord = 2.0 * math.sin(math.radians(180.0 - self.radius_deg) / 2.0)
+        outside_cap: BoolArray = np.sum((points + centre) ** 2, axis=-1) >= chord * chord
+        return outside_cap
 
     def size_deg(self) -> float:
         return 2.0 * self.radius_deg
 
     def _cover(self, depth: int) -> Int64Array:
-        return healpix.cone_cells(self.ra_deg, self.dec_deg, self.radius_deg, depth)
+        centre = unit_vectors(self.ra_deg, self.dec_deg)
+        return cover.cover(
+            cover.circle_test(centre, max(self.radius_deg, healpix.MIN_COVER_RADIUS_DEG)), depth
+        )
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,8 @@ class Box(Region):
     dec_max_deg: float
 
     def __post_init__(self) -> None:
+        for name in ("ra_min_deg", "ra_max_deg", "dec_min_deg", "dec_max_deg"):
+            object.__setattr__(self, name, _number("Box", name, getattr(self, name)))
         for v in (self.ra_min_deg, self.ra_max_deg):
             if not (0.0 <= v <= 360.0):
                 raise ConfigError(f"Box ra must be in [0, 360], got {v}")
@@ -117,34 +133,9 @@ class Box(Region):
         return max(dec_width, self._ra_width() * cos_dec)
 
     def _cover(self, depth: int) -> Int64Array:
-        # cdshealpix's zone_search misses cells of some ordinary zones (found by the property
-        # tests: zones starting at ra = 0, or Box(0, 90, 55, 58)), so a box is covered by the
-        # union of the cone covers of small tiles, each cone circumscribing its tile.
-        ra_w = self._ra_width()
-        dec_w = self.dec_max_deg - self.dec_min_deg
-        step = max(self.size_deg() / 4.0, 1e-4)
-        cos_max = max(math.cos(math.radians(self.dec_min_deg)), math.cos(math.radians(self.dec_max_deg)))
-        n_ra = int(np.clip(np.ceil(ra_w * max(cos_max, 0.05) / step), 1, 64))
-        n_dec = int(np.clip(np.ceil(dec_w / step), 1, 16))
-        ra_edges = self.ra_min_deg + np.linspace(0.0, ra_w, n_ra + 1)
-        dec_edges = np.linspace(self.dec_min_deg, self.dec_max_deg, n_dec + 1)
-        t = np.linspace(0.0, 1.0, 9)
-        parts = []
-        for i in range(n_ra):
-            for k in range(n_dec):
-                a, b, c, d = ra_edges[i], ra_edges[i + 1], dec_edges[k], dec_edges[k + 1]
-                ras = np.concatenate([a + (b - a) * t, a + (b - a) * t, np.full(9, a), np.full(9, b)])
-                decs = np.concatenate([np.full(9, c), np.full(9, d), c + (d - c) * t, c + (d - c) * t])
-                v = unit_vectors(ras % 360.0, decs)
-                centre = v.sum(axis=0)
-                centre /= np.linalg.norm(centre)
-                radius = float(np.degrees(np.arccos(np.clip(v @ centre, -1.0, 1.0))).max())
-                # Boundary sampling can miss the farthest point by a little: pad by 2%.
-                radius = min(radius * 1.02 + 1e-9, 180.0)
-                c_ra = float(np.degrees(np.arctan2(centre[1], centre[0])) % 360.0)
-                c_dec = float(np.degrees(np.arcsin(np.clip(centre[2], -1.0, 1.0))))
-                parts.append(healpix.cone_cells(c_ra, c_dec, radius, depth))
-        return healpix.merge_ranges(np.concatenate(parts))
+        return cover.cover(
+            cover.box_test(self.ra_min_deg, self._ra_width(), self.dec_min_deg, self.dec_max_deg), depth
+        )
 
 
 @dataclass(frozen=True)
@@ -154,6 +145,7 @@ class Polygon(Region):
     vertices: tuple[tuple[float, float], ...]
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "vertices", _vertices(self.vertices))
         if len(self.vertices) < 3:
             raise ConfigError(f"Polygon needs at least 3 vertices, got {len(self.vertices)}")
         for ra, dec in self.vertices:
@@ -193,13 +185,36 @@ class Polygon(Region):
         return 2.0 * float(np.degrees(np.arccos(np.clip(v @ centre, -1.0, 1.0)).max()))
 
     def _cover(self, depth: int) -> Int64Array:
-        arr = np.asarray(self.vertices, dtype=np.float64)
-        return healpix.polygon_cells(arr[:, 0], arr[:, 1], depth)
+        return cover.cover(cover.convex_test(self._inward_normals()), depth)
 
 
 @functools.lru_cache(maxsize=512)
 def _cover_cached(region: Region, refinement: int) -> Int64Array:
     return region._cover(healpix.depth_for_size(region.size_deg(), refinement))
+
+
+def _number(kind: str, name: str, value: Any) -> float:
+    """A coordinate or radius as a float; anything else (text, None, bool) is a ConfigError."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{kind} {name} must be a number of degrees, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _vertices(vertices: Any) -> tuple[tuple[float, float], ...]:
+    """Polygon vertices as a tuple of (ra, dec) float pairs (from any sequence or an (n, 2) array)."""
+    if isinstance(vertices, str | bytes) or not hasattr(vertices, "__iter__"):
+        raise ConfigError(f"Polygon vertices must be a sequence of (ra, dec) pairs, got {vertices!r}")
+    result = []
+    for i, vertex in enumerate(vertices):
+        if isinstance(vertex, str | bytes) or not hasattr(vertex, "__len__") or len(vertex) != 2:
+            raise ConfigError(f"Polygon vertex {i} must be an (ra, dec) pair, got {vertex!r}")
+        result.append(
+            (
+                _number("Polygon", f"vertex {i} ra", vertex[0]),
+                _number("Polygon", f"vertex {i} dec", vertex[1]),
+            )
+        )
+    return tuple(result)
 
 
 def _check_radec(kind: str, ra: float, dec: float) -> None:
