@@ -112,8 +112,6 @@ def test_rows_must_belong_to_the_store(apdb, visit):
 
 
 def test_keyed_stores_negative_visits_and_mixed_rows(apdb, visit):
-    if not getattr(apdb._backend, "supports_store_key", False):
-        pytest.skip("keyed stores are not supported by this backend")
     # The lsst.dax.apdb facade records reference stores without source rows this way.
     assert apdb.store(visit.mjd, visit.objects, visit=-12345, key="objects only")
     with pytest.raises(ConfigError, match=r"^visit must be in \[0, "):
