@@ -263,10 +263,12 @@ def write_segment(
     fault: object = None,
     order: tuple[str, ...] | None = None,
     block_size: int | None = None,
+    presorted: bool = False,
 ) -> SegmentInfo:
     """Sort ``data`` (by ``_healpix_29`` then ``order``, default ``time_column``) and write it
     durably: temporary name, fsync, rename, fsync of the directory. ``span`` must be finite.
-    ``block_size``: bytes per checksummed block (default ``BLOCK_SIZE``).
+    ``block_size``: bytes per checksummed block (default ``BLOCK_SIZE``). ``presorted``: the
+    caller has sorted ``data`` already (the sort's copy is skipped).
 
     ``fault`` (tests only) is called with the step name before each step, to crash there.
     """
@@ -275,7 +277,7 @@ def write_segment(
     hook = fault if callable(fault) else (lambda step: None)
     directory.mkdir(parents=True, exist_ok=True)
     keys = [(c, "ascending") for c in (HEALPIX_COLUMN, *(order or (time_column,)))]
-    ordered = data.take(pc.sort_indices(data, keys))
+    ordered = data if presorted else data.take(pc.sort_indices(data, keys))
     ordered = ordered.combine_chunks()
     name = segment_name(table, span)
     final = directory / name
