@@ -1,0 +1,50 @@
+"""Peak memory of one store whose automatic compaction rewrites the DiaObject snapshot.
+
+Usage (from the repository root): python scripts/store_memory.py /tmp/m.db prepare 100000, then
+python scripts/store_memory.py /tmp/m.db measure 100000.
+"""
+import resource, sys, time
+import numpy as np, pyarrow as pa
+sys.path.insert(0, ".")
+import diadb
+from tests.helpers import make_visit
+
+url, step, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ids = np.arange(1, n + 1)
+rng = np.random.default_rng(1)
+ra, dec = rng.uniform(50, 60, n), rng.uniform(-35, -25, n)
+if step == "prepare":
+    db = diadb.Apdb.create(url, history_span_days=1.0, history_compact_lag_days=0.0)
+    for v in (1, 2):
+        x = make_visit(db.schema, v, 60000.0 + v, ids, ra, dec, seed=v)
+        db.store(x.mjd, x.objects, x.sources, x.forced, visit=v)
+    print("segments", len(db.segments()))
+else:
+    db = diadb.Apdb.open(url)
+    x = make_visit(db.schema, 3, 60003.0, ids, ra, dec, seed=3)
+    inputs = x.objects.nbytes + x.sources.nbytes + x.forced.nbytes
+    pool = pa.default_memory_pool()
+    before_pool = pool.bytes_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import threading
+    peak = [0]; stop = [False]
+    def anon():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+    def sample():
+        while not stop[0]:
+            peak[0] = max(peak[0], anon()); time.sleep(0.005)
+    anon0 = anon()
+    th = threading.Thread(target=sample); th.start()
+    t = time.time()
+    db.store(x.mjd, x.objects, x.sources, x.forced, visit=3)
+    stop[0] = True; th.join()
+    print(f"anonymous memory peak grew {(peak[0]-anon0)/1e6:.1f} MB = {(peak[0]-anon0)/inputs:.2f}x input")
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    snap = [s for s in db.segments() if s.table == "DiaObject"][0]
+    print(f"input {inputs/1e6:.1f} MB, snapshot {snap.bytes/1e6:.1f} MB ({snap.rows} rows); "
+          f"arrow pool peak {(pool.max_memory()-before_pool)/1e6:.1f} MB = {(pool.max_memory()-before_pool)/inputs:.2f}x input; "
+          f"RSS peak grew {(rss1-rss0)/1e6:.1f} MB; {time.time()-t:.1f} s")
