@@ -782,8 +782,15 @@ class Apdb:
         return self._backend.latest_visit_mjd()
 
     def contains_visit_detector(self, visit: int, detector: int | None = None) -> bool:
-        """Whether this visit/detector (``None``: any part of the visit) was stored."""
-        return self._backend.contains_visit_detector(int(visit), -1 if detector is None else int(detector))
+        """Whether this visit/detector (``None``: any part of the visit) was stored.
+
+        Raises
+        ------
+        ConfigError
+            ``visit`` or ``detector`` is not an integer of its range (``1.5`` is not visit 1).
+        """
+        visit_id, det = domain.visit_detector(visit, detector, self.schema, keyed=True)
+        return self._backend.contains_visit_detector(visit_id, det)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Rows and bytes of each stored table (with its indexes), and of the history segments."""

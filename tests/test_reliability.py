@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import diadb
 from diadb.cli import app
-from diadb.errors import CatalogError, SchemaVersionError, StorageError
+from diadb.errors import CatalogError, ConfigError, SchemaVersionError, StorageError
 from diadb.history import segment as segment_module
 from tests.helpers import make_visit, random_positions
 
@@ -238,3 +238,15 @@ def test_a_failing_fsync_or_rename_during_compaction_loses_nothing(tiered, monke
     assert tiered.compact(boundary=60100.0), "a later compaction succeeds"
     assert tiered.stats()["DiaSource"]["rows"] == 0
     assert tiered.get_sources(EVERYWHERE, 60010.0).equals(before)
+
+
+def test_contains_visit_detector_refuses_what_is_not_a_visit(tiered):
+    visit = _visit(tiered, 1, np.arange(1, 6))
+    tiered.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=1)
+    assert tiered.contains_visit_detector(1) and tiered.contains_visit_detector(np.int64(1), 0)
+    assert tiered.contains_visit_detector(1.0)
+    for bad in (1.5, True, "1"):
+        with pytest.raises(ConfigError, match="visit"):
+            tiered.contains_visit_detector(bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="detector"):
+        tiered.contains_visit_detector(1, -1)
