@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from diadb.backends.base import CHUNK_SCHEMA, Backend
 from diadb.errors import ConfigError
 from diadb.history.manifest import HistoryEngine
+from diadb.history.reader import empty_ranges
 from diadb.history.tier import HISTORY_TABLES, HistoryTier, gather
 from diadb.schema.domain import check_time
 from diadb.schema.model import ApdbSchema
@@ -100,7 +101,7 @@ class ChangeLog:
             window = TimeWindow(chunk["visit_mjd_tai"] - 1.0, chunk["visit_mjd_tai"] + 1.0)
             pieces = self._tier.candidates(
                 segments,
-                np.zeros((0, 2), np.int64),
+                empty_ranges(),
                 engine_rows.column_names[1:],
                 window=window,
                 object_ids=None,
