@@ -90,7 +90,12 @@ class Apdb:
                     f"the backend of {url} does not support the history tier (history_tier=True)"
                 )
             history = backend
-            self._tier = HistoryTier(backend.history_directory(), config.history_span_days)
+            tiles = config.history_tile_order
+            self._tier = HistoryTier(
+                backend.segment_store(),
+                config.history_span_days,
+                None if tiles is None or tiles < 0 else tiles,
+            )
         self._history = history
         self._reader = Reader(backend, schema, self._tier, history)
         self._daytime = Daytime(backend, schema, self._writable, self._tier, history)
@@ -124,6 +129,9 @@ class Apdb:
         backend = open_backend(url, create=True)
         if cfg.history_tier is None:
             cfg = dataclasses.replace(cfg, history_tier=isinstance(backend, HistoryEngine))
+        if cfg.history_tier and cfg.history_tile_order is None and isinstance(backend, HistoryEngine):
+            preferred = backend.preferred_tile_order()
+            cfg = dataclasses.replace(cfg, history_tile_order=-1 if preferred is None else preferred)
         metadata = {
             "diadb.layout_version": LAYOUT_VERSION,
             "diadb.pixelization": PIXELIZATION,

@@ -42,6 +42,14 @@ class ApdbConfig:
     history_compact_lag_days: float = 1.0
     #: Compact automatically after a store when a span closes (else: ``Apdb.compact``).
     history_auto_compact: bool = True
+    #: Segments are cut by HEALPix tiles of this order as well as by time span, so that one
+    #: detector's read fetches only the few segments its region touches (what a server engine's
+    #: blobs need; files are memory-mapped and gain little). ``None``: the engine's choice when
+    #: the database is created; ``-1``: by time span only.
+    history_tile_order: int | None = None
+    #: Megabytes of fetched segment blobs a reading process keeps between reads (server
+    #: engines; segment files are mapped and cost no anonymous memory, so they are not bounded).
+    history_cache_mb: float = 0.0
     #: Retention keeps ``history_months`` plus this many days; older data may be pruned.
     retention_grace_days: float = 30.0
 
@@ -58,6 +66,12 @@ class ApdbConfig:
             raise ConfigError(f"history_span_days must be in (0, 366], got {self.history_span_days}")
         if self.history_compact_lag_days < 0.0 or self.retention_grace_days < 0.0:
             raise ConfigError("history_compact_lag_days and retention_grace_days must be >= 0")
+        if self.history_tile_order is not None and not (-1 <= self.history_tile_order <= 12):
+            raise ConfigError(
+                f"history_tile_order must be in [-1, 12] or None, got {self.history_tile_order}"
+            )
+        if not (0.0 <= self.history_cache_mb <= 1e6):
+            raise ConfigError(f"history_cache_mb must be in [0, 1e6], got {self.history_cache_mb}")
         if self.sqlite_synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(
                 f"sqlite_synchronous must be 'FULL' or 'NORMAL', got {self.sqlite_synchronous!r}"

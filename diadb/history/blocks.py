@@ -6,12 +6,10 @@ checked when, and what it costs: :mod:`diadb.history.segment`.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,7 +66,7 @@ class _Seal:
     footer_digest: int
 
 
-def _parse_seal(path: Path, checksum: str) -> _Seal | None:
+def _parse_seal(path: str, checksum: str) -> _Seal | None:
     """The seal, or None for a segment with a whole-file blake2b (written before block digests)."""
     if ":" not in checksum:
         if len(checksum) == 32 and all(c in "0123456789abcdef" for c in checksum):
@@ -92,15 +90,11 @@ def _parse_seal(path: Path, checksum: str) -> _Seal | None:
     return seal
 
 
-#: Whole-file checks of old segments already passed in this process: (path, device, inode,
-#: size, mtime, ctime, checksum). Bounded; a file rewritten in place gets new times.
-_LEGACY_VERIFIED: dict[tuple[Any, ...], None] = {}
+#: Whole-file checks of old segments already passed in this process: (the store's identity of
+#: the copy: path, device, inode, size, times; checksum). Bounded; a rewritten file gets new times.
+_LEGACY_VERIFIED: dict[tuple[Hashable, str], None] = {}
 _LEGACY_LIMIT = 4096
 _legacy_lock = threading.Lock()
-
-
-def _legacy_key(path: Path, stat: os.stat_result, checksum: str) -> tuple[Any, ...]:
-    return (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, checksum)
 
 
 #: A string or binary column: (offsets buffer at, bytes per offset, the offsets, data buffer at
@@ -128,7 +122,7 @@ class MappedSegment:
 
     def __init__(
         self,
-        path: Path,
+        path: str,
         buffer: pa.Buffer,
         seal: _Seal | None,
         digests: list[int],
@@ -367,32 +361,20 @@ def _brackets(keys: Int64Array, at: npt.NDArray[np.intp], values: Int64Array) ->
     return bool(np.all(keys[at[before] - 1] < values[before]) and np.all(keys[at[inside]] >= values[inside]))
 
 
-def map_file(path: Path, size_expected: int, rows: int, checksum: str, *, remember: bool) -> MappedSegment:
-    """Memory-map a segment file (zero copy) and check its size (``size_expected``), its
-    structure and its ``rows``: the footer against ``checksum`` (the manifest's text), the
-    schema and batch messages against their blocks. Old segments (``checksum`` a whole-file
-    blake2b) are checked whole here, once per process unless ``remember`` is False."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise CorruptSegmentError(f"history segment {path} is missing") from None
-    size = stat.st_size
-    if size != size_expected:
-        raise CorruptSegmentError(
-            f"history segment {path} has {size} bytes, the manifest says {size_expected}"
-        )
+def map_buffer(
+    path: str, buffer: pa.Buffer, identity: Hashable, rows: int, checksum: str, *, remember: bool
+) -> MappedSegment:
+    """Open a segment from its bytes (a memory map or a fetched blob: zero copy) and check its
+    structure and its ``rows``: the footer against ``checksum`` (the manifest's text), the schema
+    and batch messages against their blocks. ``path`` names it in messages; ``identity`` names
+    this exact copy. Old segments (``checksum`` a whole-file blake2b) are checked whole here,
+    once per process and copy unless ``remember`` is False."""
+    size = buffer.size
     seal = _parse_seal(path, checksum)
-    try:
-        source = pa.memory_map(str(path), "r")
-        buffer = source.read_buffer(size)
-    except OSError as e:
-        raise CorruptSegmentError(f"history segment {path} cannot be mapped: {e}") from e
-    if buffer.size != size:
-        raise CorruptSegmentError(f"history segment {path} changed size while being mapped")
     view = memoryview(buffer)
     digests: list[int] = []
     if seal is None:
-        key = _legacy_key(path, stat, checksum)
+        key = (identity, checksum)
         if not (remember and key in _LEGACY_VERIFIED):
             actual = hashlib.blake2b(view, digest_size=16).hexdigest()
             if actual != checksum:

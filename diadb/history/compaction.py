@@ -62,7 +62,9 @@ class Compactor:
         def write(table: str, rows: pa.Table) -> list[SegmentInfo]:
             return tier.write(table, schema.table(table).cast(rows), fault)
 
-        def write_objects(old: SegmentInfo | None, changed: Int64Array | None, rows: pa.Table) -> SegmentInfo:
+        def write_objects(
+            old: list[SegmentInfo], changed: Int64Array | None, rows: pa.Table
+        ) -> tuple[list[SegmentInfo], list[SegmentInfo]]:
             return tier.write_objects(old, changed, schema.table(OBJECT_TABLE).cast(rows), fault)
 
         created = self._engine.compact_history(

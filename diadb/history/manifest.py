@@ -11,21 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
 from diadb.history.segment import Int64Array, SegmentInfo
+from diadb.history.store import SegmentStore
 from diadb.times import TimeWindow
 
 #: Writes a table's rows as segments (one per time span) and returns their manifest entries.
 SegmentWriter = Callable[[str, pa.Table], list[SegmentInfo]]
 #: Deletes unreferenced files: (live segments, trash entries (name, dropped at)) -> trash names deleted.
 SegmentSweeper = Callable[[list[SegmentInfo], list[tuple[str, float]]], list[str]]
-#: Writes the new DiaObject snapshot: (the current snapshot or None, the ids changed since it
-#: or None for a full rebuild, the engine's latest rows of those ids) -> its manifest entry.
-ObjectSnapshotWriter = Callable[[SegmentInfo | None, Int64Array | None, pa.Table], SegmentInfo]
+#: Writes the new DiaObject snapshot: (the current snapshot's segments, one per sky tile, the
+#: ids changed since it or None for a full rebuild, the engine's latest rows of those ids) ->
+#: (the new segments, the old ones they replace).
+ObjectSnapshotWriter = Callable[
+    [list[SegmentInfo], Int64Array | None, pa.Table], tuple[list[SegmentInfo], list[SegmentInfo]]
+]
 #: Tests only: called with a step's name before each step of a compaction, to crash there.
 FaultHook = Callable[[str], None]
 
@@ -34,8 +37,12 @@ FaultHook = Callable[[str], None]
 class HistoryEngine(Protocol):
     """An engine that keeps the manifest of history segments and their overlays."""
 
-    def history_directory(self) -> Path:
-        """Where this database's segment files live."""
+    def segment_store(self) -> SegmentStore:
+        """Where this database's segments' bytes live (files beside it, or blobs inside it)."""
+
+    def preferred_tile_order(self) -> int | None:
+        """The HEALPix order of the sky tiles segments are cut by on a new database (None: cut
+        by time span only), for this engine's segment store."""
 
     def read_snapshot(self) -> AbstractContextManager[None]:
         """Reads made inside see one consistent state of rows, overlays and manifest."""

@@ -69,10 +69,11 @@ from diadb.history.blocks import (
     Int64Array,
     MappedSegment,
     footer_metadata,
-    map_file,
+    map_buffer,
     rows_of,
     seal_text,
 )
+from diadb.history.store import FileSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "file_checksum",
     "locate",
     "map_segment",
+    "map_segments",
     "open_segment",
     "segment_name",
     "snapshot_span",
@@ -122,14 +124,6 @@ def file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---- names and spans --------------------------------------------------------------------
 
 
@@ -140,10 +134,11 @@ def _label(value: float) -> str:
     return f"{value:.4e}"
 
 
-def segment_name(table: str, span: tuple[float, float]) -> str:
-    """``<table>-<start>-<end>-<random>.arrow``: the bounds are only labels (the manifest holds
-    the values), so the name's length does not depend on their magnitude."""
-    return f"{table}-{_label(span[0])}-{_label(span[1])}-{os.urandom(6).hex()}.arrow"
+def segment_name(table: str, span: tuple[float, float], tile: str = "") -> str:
+    """``<table>-<start>-<end>[-<tile>]-<random>.arrow``: the bounds are only labels (the
+    manifest holds the values), so the name's length does not depend on their magnitude."""
+    tile = f"-{tile}" if tile else ""
+    return f"{table}-{_label(span[0])}-{_label(span[1])}{tile}-{os.urandom(6).hex()}.arrow"
 
 
 def snapshot_span(values: pa.ChunkedArray | pa.Array) -> tuple[float, float]:
@@ -236,25 +231,30 @@ def _stream_digests(table: pa.Table, block_size: int) -> tuple[list[int], int]:
     return digests, end
 
 
-def _check_written(path: Path, digests: Sequence[int], body_end: int, block_size: int) -> int:
-    """Every block of the file just written against the digests computed before writing it;
+def _check_written(
+    where: str, data: pa.Buffer, digests: Sequence[int], body_end: int, block_size: int
+) -> int:
+    """Every block of the segment just written against the digests computed before writing it;
     returns the digest of its footer. A mismatch is a bug (the two serialisations differ)."""
-    source = pa.memory_map(str(path), "r")
-    view = memoryview(source.read_buffer(source.size()))
+    view = memoryview(data)
     try:
         blocks = range(0, body_end, block_size)
         actual = [xxhash.xxh3_64_intdigest(view[a : min(a + block_size, body_end)]) for a in blocks]
         if actual != list(digests):
-            raise StorageError(f"history segment {path}: the written file differs from its block digests")
+            raise StorageError(f"history segment {where}: the written bytes differ from their block digests")
         footer: int = xxhash.xxh3_64_intdigest(view[body_end:])
         return footer
     finally:
         view.release()
-        source.close()
+
+
+def as_store(where: SegmentStore | Path) -> SegmentStore:
+    """A store, or a directory of segment files as one (tests and tools)."""
+    return FileSegmentStore(where) if isinstance(where, Path) else where
 
 
 def write_segment(
-    directory: Path,
+    where: SegmentStore | Path,
     table: str,
     data: pa.Table,
     time_column: str,
@@ -264,37 +264,36 @@ def write_segment(
     order: tuple[str, ...] | None = None,
     block_size: int | None = None,
     presorted: bool = False,
+    tile: str = "",
 ) -> SegmentInfo:
     """Sort ``data`` (by ``_healpix_29`` then ``order``, default ``time_column``) and write it
-    durably: temporary name, fsync, rename, fsync of the directory. ``span`` must be finite.
-    ``block_size``: bytes per checksummed block (default ``BLOCK_SIZE``). ``presorted``: the
-    caller has sorted ``data`` already (the sort's copy is skipped).
+    durably into ``store`` (a file: temporary name, fsync, rename, fsync of the directory; a
+    blob: checked in memory, then uploaded). ``span`` must be finite. ``block_size``: bytes per
+    checksummed block (default ``BLOCK_SIZE``). ``presorted``: the caller has sorted ``data``
+    already (the sort's copy is skipped). ``tile``: the sky tile's label in the name.
 
     ``fault`` (tests only) is called with the step name before each step, to crash there.
     """
     _check_span(table, span)
+    store = as_store(where)
     block_size = block_size or BLOCK_SIZE
     hook = fault if callable(fault) else (lambda step: None)
-    directory.mkdir(parents=True, exist_ok=True)
     keys = [(c, "ascending") for c in (HEALPIX_COLUMN, *(order or (time_column,)))]
     ordered = data if presorted else data.take(pc.sort_indices(data, keys))
     ordered = ordered.combine_chunks()
-    name = segment_name(table, span)
-    final = directory / name
-    tmp = directory / (name + ".tmp")
+    name = segment_name(table, span, tile)
     digests, body_end = _stream_digests(ordered, block_size)
     metadata = footer_metadata(digests, block_size)
-    hook("write_tmp")
-    with open(tmp, "wb") as raw:
-        with pa.ipc.new_file(raw, ordered.schema, metadata=metadata) as writer:
+    footer: list[int] = []
+
+    def produce(sink: Any) -> None:
+        with pa.ipc.new_file(sink, ordered.schema, metadata=metadata) as writer:
             writer.write_table(ordered, max_chunksize=max(ordered.num_rows, 1))
-        raw.flush()
-        os.fsync(raw.fileno())
-    footer_digest = _check_written(tmp, digests, body_end, block_size)
-    hook("rename")
-    os.replace(tmp, final)
-    _fsync_dir(directory)
-    hook("renamed")
+
+    def check(written: pa.Buffer) -> None:
+        footer.append(_check_written(store.location(name), written, digests, body_end, block_size))
+
+    size = store.write(name, produce, check, hook)
     times = ordered.column(time_column)
     pix = ordered.column(HEALPIX_COLUMN)
     return SegmentInfo(
@@ -307,31 +306,44 @@ def write_segment(
         pix_min=int(pix[0].as_py()),
         pix_max=int(pix[-1].as_py()),
         rows=ordered.num_rows,
-        bytes=final.stat().st_size,
-        checksum=seal_text(block_size, body_end, footer_digest),
+        bytes=size,
+        checksum=seal_text(block_size, body_end, footer[0]),
     )
 
 
 # ---- reading ----------------------------------------------------------------------------
 
 
-def map_segment(directory: Path, info: SegmentInfo, *, remember: bool = True) -> MappedSegment:
-    """Memory-map a segment (zero copy), its size, structure and row count checked against
-    the manifest entry (:func:`diadb.history.blocks.map_file`); its rows are read only after
-    its ``check``. Old segments (whole-file blake2b) are checked whole, once per process unless
-    ``remember`` is False."""
-    return map_file(directory / info.name, info.bytes, info.rows, info.checksum, remember=remember)
+def map_segments(
+    where: SegmentStore | Path, infos: Sequence[SegmentInfo], *, remember: bool = True
+) -> list[MappedSegment]:
+    """Open segments (a memory map or fetched blobs, all fetched in one round; zero copy),
+    their size, structure and row count checked against the manifest entries
+    (:func:`diadb.history.blocks.map_buffer`); their rows are read only after their ``check``.
+    Old segments (whole-file blake2b) are checked whole, once per process unless ``remember``
+    is False."""
+    store = as_store(where)
+    opened = []
+    for info, (buffer, identity) in zip(infos, store.read([(i.name, i.bytes) for i in infos]), strict=True):
+        label = store.location(info.name)
+        opened.append(map_buffer(label, buffer, identity, info.rows, info.checksum, remember=remember))
+    return opened
 
 
-def open_segment(directory: Path, info: SegmentInfo) -> pa.Table:
-    """Memory-map a segment (zero copy), its size and structure checked (``map_segment``) but
-    not the blocks of its rows: for measuring (diadb.sim.bench); reads use ``MappedSegment``."""
-    return map_segment(directory, info).table
+def map_segment(where: SegmentStore | Path, info: SegmentInfo, *, remember: bool = True) -> MappedSegment:
+    """One segment of :func:`map_segments`."""
+    return map_segments(where, [info], remember=remember)[0]
 
 
-def verify_segment(directory: Path, info: SegmentInfo) -> None:
-    """Full check of one segment: size, structure and every block (reads the whole file)."""
-    segment = map_segment(directory, info, remember=False)
+def open_segment(where: SegmentStore | Path, info: SegmentInfo) -> pa.Table:
+    """A segment's table, its size and structure checked (``map_segment``) but not the blocks
+    of its rows: for measuring (diadb.sim.bench); reads use ``MappedSegment``."""
+    return map_segment(where, info).table
+
+
+def verify_segment(where: SegmentStore | Path, info: SegmentInfo) -> None:
+    """Full check of one segment: size, structure and every block (reads all of it)."""
+    segment = map_segment(where, info, remember=False)
     if segment.complete:
         return
     bad = segment.bad_blocks()

@@ -8,6 +8,7 @@ engine rows read together) sees each row exactly once, before or after.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -22,17 +23,18 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diadb.errors import StorageError
+from diadb.errors import ConfigError, StorageError
 from diadb.history.manifest import FaultHook
 from diadb.history.segment import (
     Int64Array,
     MappedSegment,
     SegmentInfo,
-    map_segment,
+    map_segments,
     snapshot_span,
     verify_segment,
     write_segment,
 )
+from diadb.history.store import FileSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.times import TimeWindow
 
@@ -89,31 +91,66 @@ def compaction_boundary(latest_mjd: float, span_days: float, lag_days: float) ->
 
 
 class HistoryTier:
-    """Segment files of one database, memory-mapped on first use and cached per process."""
+    """The segments of one database, opened on first use and kept per process.
 
-    def __init__(self, directory: Path, span_days: float) -> None:
-        self.directory = directory
+    ``store`` holds their bytes (:mod:`diadb.history.store`): mapped files are kept open without
+    bound (their pages are the OS's), fetched blobs up to the store's ``cache_bytes``.
+    ``tile_order``: segments are cut by HEALPix tile of this order as well as by time span, so a
+    read fetches only the tiles its region touches (None: by time span only)."""
+
+    def __init__(self, store: SegmentStore, span_days: float, tile_order: int | None = None) -> None:
+        self.store = store
         self.span_days = span_days
-        self._open: dict[str, MappedSegment] = {}
+        self.tile_order = tile_order
+        self._open: collections.OrderedDict[str, tuple[MappedSegment, int]] = collections.OrderedDict()
+        self._open_bytes = 0
         self._bounds: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
 
+    @property
+    def directory(self) -> Path:
+        """The directory of a file store (tests and tools that look at the files)."""
+        if not isinstance(self.store, FileSegmentStore):
+            raise ConfigError(f"history segments of this database are not files: {self.store.location('')}")
+        return self.store.directory
+
     def _segment(self, info: SegmentInfo) -> MappedSegment:
-        """The mapped segment; its rows are read only after its ``check`` (segment.py)."""
-        segment = self._open.get(info.name)
-        if segment is None:
-            segment = map_segment(self.directory, info)
-            self._open[info.name] = segment
-        return segment
+        """The opened segment; its rows are read only after its ``check`` (segment.py)."""
+        return self._segments([info])[0]
+
+    def _segments(self, infos: Sequence[SegmentInfo]) -> list[MappedSegment]:
+        """The opened segments, those not open yet fetched in one round."""
+        missing = [info for info in infos if info.name not in self._open]
+        opened = dict(zip((i.name for i in missing), map_segments(self.store, missing), strict=True))
+        result = [opened.get(info.name) or self._open[info.name][0] for info in infos]
+        for info in infos:
+            if info.name in opened:
+                self._keep(info, opened[info.name])
+            elif info.name in self._open:
+                self._open.move_to_end(info.name)
+        return result
+
+    def _keep(self, info: SegmentInfo, segment: MappedSegment) -> None:
+        """Remember an opened segment, within the store's bound (least recently used go)."""
+        limit = self.store.cache_bytes
+        if limit is not None and info.bytes > limit:
+            return
+        self._open[info.name] = (segment, info.bytes)
+        self._open_bytes += info.bytes
+        if limit is not None:
+            while self._open_bytes > limit and self._open:
+                _, (_, size) = self._open.popitem(last=False)
+                self._open_bytes -= size
 
     def forget(self, table: str, live: Sequence[SegmentInfo]) -> None:
-        """Unmap the segments of ``table`` that left the manifest."""
+        """Drop the opened segments of ``table`` that left the manifest."""
         names = {s.name for s in live}
         for name in [n for n in self._open if n.startswith(table + "-") and n not in names]:
-            del self._open[name]
+            self._open_bytes -= self._open.pop(name)[1]
 
     def release(self) -> None:
         """Unmap every segment (after a bulk scan, so its pages leave this process's RSS)."""
         self._open.clear()
+        self._open_bytes = 0
 
     def candidates(
         self,
@@ -132,12 +169,8 @@ class HistoryTier:
         filters the region exactly on these rows, then gathers (:func:`gather`). The blocks of
         ``columns`` at the rows returned are checked (segment.py), so the reader may use them."""
         pieces: list[tuple[pa.Table, Int64Array]] = []
-        for info in segments:
-            if window is not None and (info.t_max <= window.start or info.t_min > window.end):
-                continue
-            if len(ranges) and (info.pix_max < ranges[0, 0] or info.pix_min >= ranges[-1, 1]):
-                continue
-            segment = self._segment(info)
+        wanted = [info for info in segments if _overlaps(info, ranges, window)]
+        for segment in self._segments(wanted):
             data = segment.table
             idx = segment.locate(ranges) if len(ranges) else np.arange(data.num_rows, dtype=np.int64)
             # Integrity: the filters' columns checked at the rows they filter, then ``columns``.
@@ -226,32 +259,97 @@ class HistoryTier:
             self._bounds[cache_key] = bounds
         return bounds
 
+    def tiles_of(self, pixels: npt.NDArray[Any]) -> Int64Array:
+        """The sky tile of each order-29 pixel (all 0 when segments are not cut by tile)."""
+        if self.tile_order is None:
+            return np.zeros(len(pixels), dtype=np.int64)
+        return np.asarray(pixels, dtype=np.int64) >> (2 * (29 - self.tile_order))
+
+    def _tile_label(self, tile: int) -> str:
+        return "" if self.tile_order is None else f"t{self.tile_order}.{tile}"
+
     def write(self, table: str, rows: pa.Table, fault: FaultHook | None = None) -> list[SegmentInfo]:
-        """Write ``rows`` as one segment per time span they fall in."""
-        times = column_values(rows, TIME_COLUMN)
-        span_index = np.floor(times / self.span_days).astype(np.int64)
+        """Write ``rows`` as one segment per time span (and sky tile) they fall in."""
+        span_index = np.floor(column_values(rows, TIME_COLUMN) / self.span_days).astype(np.int64)
+        tiles = self.tiles_of(column_values(rows, HEALPIX_COLUMN))
+        cells = np.stack([span_index, tiles], axis=1)
         infos = []
-        for k in np.unique(span_index):
-            part = rows.filter(pa.array(span_index == k))
+        for k, tile in np.unique(cells, axis=0):
+            part = rows.filter(pa.array((span_index == k) & (tiles == tile)))
             span = (float(k) * self.span_days, float(k + 1) * self.span_days)
-            with _storage_errors(self.directory):
-                infos.append(write_segment(self.directory, table, part, TIME_COLUMN, span, fault=fault))
+            with _storage_errors(self.store):
+                infos.append(
+                    write_segment(
+                        self.store,
+                        table,
+                        part,
+                        TIME_COLUMN,
+                        span,
+                        fault=fault,
+                        tile=self._tile_label(int(tile)),
+                    )
+                )
         return infos
 
     def write_objects(
         self,
-        old: SegmentInfo | None,
+        old: Sequence[SegmentInfo],
         changed: Int64Array | None,
         rows: pa.Table,
         fault: FaultHook | None = None,
-    ) -> SegmentInfo:
+    ) -> tuple[list[SegmentInfo], list[SegmentInfo]]:
         """The new DiaObject snapshot: ``old``'s rows but those of ``changed`` ids (None: none of
-        them, a full rebuild), plus ``rows``, the engine's current rows of those ids.
+        them, a full rebuild), plus ``rows``, the engine's current rows of those ids. Returns the
+        new segments and the old ones they replace (the others stay in the snapshot).
 
-        Holds one snapshot's worth of rows in memory, once: the old snapshot's kept rows stay in
-        its mapped pages and are only listed by position; one sort of the two key columns, then one
-        gather of each column into the new snapshot (before, a filtered copy of the old snapshot and
-        a sorted copy of everything: twice the snapshot). Run once per compaction span."""
+        The snapshot is one segment per sky tile (one in all when segments are not cut by tile);
+        only the tiles that hold a changed id or a new row are rewritten, one after another, so
+        compaction holds at most one tile's rows in memory. Within a tile the old segment's kept
+        rows stay in its pages and are only listed by position; one sort of the two key columns,
+        then one gather of each column into the new segment. Run once per compaction span."""
+        ids = np.asarray(column_values(rows, "diaObjectId"), dtype=np.int64)
+        new_tiles = self.tiles_of(column_values(rows, HEALPIX_COLUMN)) if rows.num_rows else ids[:0]
+        by_tile: dict[int, SegmentInfo] = {}
+        if changed is not None:
+            for info in old:
+                by_tile[int(self.tiles_of(np.array([info.pix_min]))[0])] = info
+        replaced: list[SegmentInfo] = []
+        created: list[SegmentInfo] = []
+        touched = set(np.unique(new_tiles).tolist())
+        if changed is None:
+            replaced = list(old)
+        else:
+            for tile, info in by_tile.items():
+                if tile not in touched and self._holds_any(info, changed):
+                    touched.add(tile)
+        for tile in sorted(touched):
+            previous = by_tile.get(tile)
+            mine = rows.filter(pa.array(new_tiles == tile)) if self.tile_order is not None else rows
+            written = self._write_object_tile(previous, changed, mine, tile, fault)
+            if previous is not None:
+                replaced.append(previous)
+            if written is not None:
+                created.append(written)
+        return created, replaced
+
+    def _holds_any(self, info: SegmentInfo, ids: Int64Array) -> bool:
+        """Whether segment ``info`` (a snapshot tile) holds one of ``ids`` (its bounds first)."""
+        if not len(ids):
+            return False
+        lo, hi = self._key_bounds(info, ["diaObjectId"])[0]
+        if hi < int(ids.min()) or lo > int(ids.max()):
+            return False
+        return bool(np.isin(self._segment(info).values("diaObjectId"), ids).any())
+
+    def _write_object_tile(
+        self,
+        old: SegmentInfo | None,
+        changed: Int64Array | None,
+        rows: pa.Table,
+        tile: int,
+        fault: FaultHook | None,
+    ) -> SegmentInfo | None:
+        """One tile of the snapshot: ``old``'s rows but ``changed``, plus ``rows``; None if empty."""
         merged = rows
         positions = np.arange(rows.num_rows, dtype=np.int64)
         if old is not None and changed is not None:
@@ -262,15 +360,17 @@ class HistoryTier:
             keep = np.flatnonzero(~np.isin(column_values(data, "diaObjectId"), changed))
             merged = pa.concat_tables([previous, rows])  # no copy: the chunks are referenced
             positions = np.concatenate([keep, positions + previous.num_rows])
+        if not len(positions):
+            return None
         take = pa.array(positions)
         keys = pa.table({c: merged.column(c).take(take) for c in (HEALPIX_COLUMN, "diaObjectId")})
         order = pc.sort_indices(keys, [(HEALPIX_COLUMN, "ascending"), ("diaObjectId", "ascending")])
         snapshot = take_rows(merged, pa.array(positions[np.asarray(order)]))
         del merged, keys
         span = snapshot_span(snapshot.column("validityStartMjdTai"))
-        with _storage_errors(self.directory):
+        with _storage_errors(self.store):
             return write_segment(
-                self.directory,
+                self.store,
                 OBJECT_TABLE,
                 snapshot,
                 "validityStartMjdTai",
@@ -278,50 +378,53 @@ class HistoryTier:
                 fault=fault,
                 order=("diaObjectId",),
                 presorted=True,
+                tile=self._tile_label(tile),
             )
 
     def sweep(self, live: Sequence[SegmentInfo], trash: Sequence[tuple[str, float]]) -> list[str]:
-        """Delete files that no manifest entry names: crash leftovers, and trash past its grace.
+        """Delete segments that no manifest entry names: crash leftovers, and trash past its grace.
 
-        Must run inside the engine's write transaction (no other compaction can be writing).
-        Returns the names of the trash entries deleted.
+        Must run while no other compaction can be writing (inside the engine's write transaction,
+        or holding its compaction lease). Returns the names of the trash entries deleted.
         """
-        if not self.directory.exists():
-            return []
         live_names = {s.name for s in live}
         now = time.time()
         keep_trash = {name for name, dropped in trash if now - dropped < TRASH_GRACE_S}
-        deleted = []
-        for path in self.directory.iterdir():
-            if path.name in live_names or path.name in keep_trash:
-                continue
-            path.unlink(missing_ok=True)
-        for name, dropped in trash:
-            if now - dropped >= TRASH_GRACE_S:
-                deleted.append(name)
-        return deleted
+        self.store.delete([n for n in self.store.names() if n not in live_names and n not in keep_trash])
+        return [name for name, dropped in trash if now - dropped >= TRASH_GRACE_S]
 
     def verify(self, segments: Sequence[SegmentInfo]) -> list[str]:
         """Check every segment fully; return one problem line per bad segment."""
         problems = []
         for info in segments:
             try:
-                verify_segment(self.directory, info)
+                verify_segment(self.store, info)
             except Exception as e:  # every failure is reported, none stops the check
                 text = str(e)
-                path = str(self.directory / info.name)
-                problems.append(text if path in text else f"history segment {path}: {text}")
+                where = self.store.location(info.name)
+                problems.append(text if where in text else f"history segment {where}: {text}")
         return problems
 
 
+def _overlaps(info: SegmentInfo, ranges: Int64Array, window: TimeWindow | None) -> bool:
+    """Whether segment ``info`` may hold rows in the pixel ``ranges`` (all when empty) and the
+    window: its pixel bounds against each range, so a tile beside the region is never fetched."""
+    if window is not None and (info.t_max <= window.start or info.t_min > window.end):
+        return False
+    if not len(ranges):
+        return True
+    i = int(np.searchsorted(ranges[:, 1], info.pix_min, side="right"))
+    return i < len(ranges) and int(ranges[i, 0]) <= info.pix_max
+
+
 @contextlib.contextmanager
-def _storage_errors(directory: Path) -> Iterator[None]:
+def _storage_errors(store: SegmentStore) -> Iterator[None]:
     """A full disk or an I/O error while writing a segment is a :class:`StorageError` (the
-    compaction's transaction rolls back; the orphan file is swept by the next one)."""
+    compaction's transaction rolls back; the orphan is swept by the next one)."""
     try:
         yield
     except OSError as e:
-        raise StorageError(f"writing a history segment in {directory} failed: {e}") from e
+        raise StorageError(f"writing a history segment in {store.location('')} failed: {e}") from e
 
 
 def select_columns(data: pa.Table, columns: Sequence[str]) -> pa.Table:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -36,6 +35,7 @@ from diadb.history.manifest import (
     SegmentWriter,
 )
 from diadb.history.segment import SegmentInfo
+from diadb.history.store import SegmentStore
 from diadb.schema.model import ApdbSchema, ColumnSpec
 
 
@@ -193,8 +193,11 @@ class SqliteBackend:
         return self._daytime.count_unassociated()
 
     # ---- history tier --------------------------------------------------------------
-    def history_directory(self) -> Path:
-        return self._history.history_directory()
+    def segment_store(self) -> SegmentStore:
+        return self._history.segment_store()
+
+    def preferred_tile_order(self) -> int | None:
+        return self._history.preferred_tile_order()
 
     def read_snapshot(self) -> AbstractContextManager[None]:
         return self._history.read_snapshot()

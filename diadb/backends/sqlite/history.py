@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from diadb.backends.sqlite.url import history_directory
 from diadb.errors import StorageError
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
 from diadb.history.segment import SegmentInfo
+from diadb.history.store import FileSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.healpix import in_ranges
 from diadb.updates import MUTABLE_SOURCE_COLUMNS
@@ -73,8 +73,13 @@ class SqliteHistory:
     def __init__(self, conn: SqliteConnection) -> None:
         self._conn = conn
 
-    def history_directory(self) -> Path:
-        return history_directory(self._conn.path)
+    def segment_store(self) -> SegmentStore:
+        """Segment files in a directory beside the database, memory-mapped to read."""
+        return FileSegmentStore(history_directory(self._conn.path))
+
+    def preferred_tile_order(self) -> int | None:
+        """None: mapped files gain little from tiles (a read touches only its rows' pages)."""
+        return None
 
     @contextlib.contextmanager
     def read_snapshot(self) -> Iterator[None]:
@@ -180,16 +185,17 @@ class SqliteHistory:
         if changed is None and rows.num_rows == 0:
             return []
         hook("objects")
-        info = write(old[0] if old else None, changed, rows)
-        record_segment(cur, info)
-        if old:
+        created, replaced = write(old, changed, rows)
+        for info in created:
+            record_segment(cur, info)
+        now = time.time()
+        for info in replaced:
             cur.execute(
-                "INSERT OR IGNORE INTO diadb_segment_trash (name, dropped_at) VALUES (?, ?)",
-                [old[0].name, time.time()],
+                "INSERT OR IGNORE INTO diadb_segment_trash (name, dropped_at) VALUES (?, ?)", [info.name, now]
             )
-            cur.execute("DELETE FROM diadb_segment WHERE segment_id = ?", [old[0].segment_id])
+            cur.execute("DELETE FROM diadb_segment WHERE segment_id = ?", [info.segment_id])
         cur.execute(f"DELETE FROM {CHANGED_TABLE}")
-        return [info]
+        return created
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]
