@@ -11,10 +11,10 @@ from diadb.schema import ApdbSchema, load_schema
 
 # Every backend variant runs the shared suite (test_store_read.py, test_validation.py).
 # The SQLite variants: the default (history tier on, 7-day segments), one where nearly
-# every row lives in 1-day history segments, and one without the history tier.
+# every row lives in 1-day history segments cut by order-5 sky tiles, and one without the tier.
 BACKENDS = ["sqlite", "sqlite-segments", "sqlite-engine-only", "postgresql", "cassandra"]
 CREATE_OPTIONS: dict[str, dict[str, Any]] = {
-    "sqlite-segments": {"history_span_days": 1.0, "history_compact_lag_days": 0.0},
+    "sqlite-segments": {"history_span_days": 1.0, "history_compact_lag_days": 0.0, "history_tile_order": 5},
     "sqlite-engine-only": {"history_tier": False},
 }
 
