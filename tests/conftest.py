@@ -10,12 +10,23 @@ import diadb
 from diadb.schema import ApdbSchema, load_schema
 
 # Every backend variant runs the shared suite (test_store_read.py, test_validation.py).
-# The SQLite variants: the default (history tier on, 7-day segments), one where nearly
-# every row lives in 1-day history segments cut by order-5 sky tiles, and one without the tier.
-BACKENDS = ["sqlite", "sqlite-segments", "sqlite-engine-only", "postgresql", "cassandra"]
+# SQLite: the default (history tier on, 7-day segments), one where nearly every row lives in
+# segments, and one without the tier. PostgreSQL: its default, and nearly every row in segments
+# (blobs in the server).
+BACKENDS = [
+    "sqlite",
+    "sqlite-segments",
+    "sqlite-engine-only",
+    "postgresql",
+    "postgresql-segments",
+    "cassandra",
+]
+#: Nearly every row in 1-day history segments cut by order-5 sky tiles.
+SEGMENTS = {"history_span_days": 1.0, "history_compact_lag_days": 0.0, "history_tile_order": 5}
 CREATE_OPTIONS: dict[str, dict[str, Any]] = {
-    "sqlite-segments": {"history_span_days": 1.0, "history_compact_lag_days": 0.0, "history_tile_order": 5},
+    "sqlite-segments": SEGMENTS,
     "sqlite-engine-only": {"history_tier": False},
+    "postgresql-segments": SEGMENTS,
 }
 
 
@@ -27,7 +38,7 @@ def official_schema() -> ApdbSchema:
 def make_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest | None = None) -> str:
     if backend.startswith("sqlite"):
         return str(tmp_path / "apdb.db")
-    if backend == "postgresql":  # a fresh schema on the session's server (tests/service_postgres.py)
+    if backend.startswith("postgresql"):  # a fresh schema on the session's server (tests/service_postgres.py)
         from tests.service_postgres import fresh_url
 
         assert request is not None, "a PostgreSQL URL needs the test's request"

@@ -9,6 +9,7 @@ protocol method is one delegation; the only state kept here is the attached sche
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pyarrow as pa
@@ -18,12 +19,16 @@ from diadb.backends.common.packing import RowPacker
 from diadb.backends.postgres.changelog import ChangeLog
 from diadb.backends.postgres.connection import Connection
 from diadb.backends.postgres.daytime import Daytime
+from diadb.backends.postgres.history import PostgresHistory, history_ddl
 from diadb.backends.postgres.layout import DEFAULT_PARTITION_DAYS, Layout
 from diadb.backends.postgres.read import Reader
 from diadb.backends.postgres.store import Store
 from diadb.backends.postgres.url import parse
 from diadb.config import ApdbConfig
 from diadb.errors import ConfigError, StorageError
+from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.segment import SegmentInfo
+from diadb.history.store import SegmentStore
 from diadb.schema.model import ApdbSchema, ColumnSpec
 
 
@@ -61,6 +66,7 @@ class PostgresBackend:
         self.reader = Reader(self.conn, self._packer)
         self.writer = Store(self.conn, self.layout, self._packer, self.changelog, lambda: self.schema)
         self.daytime = Daytime(self.conn, self.changelog, self._packer)
+        self.history = PostgresHistory(self.conn, self.reader, self._packer, lambda: self.schema)
         exists = self.conn.exists()
         if create and exists:
             self.close()
@@ -103,7 +109,7 @@ class PostgresBackend:
     # ---- set-up ----------------------------------------------------------------------
     def initialize(self, schema: ApdbSchema, metadata: Mapping[str, str]) -> None:
         self._schema = schema
-        self.layout.initialize(schema, metadata, self._pack_new)
+        self.layout.initialize(schema, metadata, self._pack_new, history_ddl(self.conn))
 
     def read_metadata(self) -> dict[str, str]:
         return self.layout.read_metadata()
@@ -112,7 +118,8 @@ class PostgresBackend:
         self._schema = schema
 
     def configure(self, config: ApdbConfig) -> None:
-        """Nothing in the frozen config concerns this engine (its options are in the URL)."""
+        """The history tier's cache bound (the engine's own options are in the URL)."""
+        self.history.configure(config)
 
     def counters(self) -> dict[str, int]:
         """Event counters since open."""
@@ -247,6 +254,50 @@ class PostgresBackend:
 
     def count_unassociated(self) -> int:
         return self.daytime.count_unassociated()
+
+    # ---- history tier (HistoryEngine) ----------------------------------------------------
+    def segment_store(self) -> SegmentStore:
+        return self.history.segment_store()
+
+    def preferred_tile_order(self) -> int | None:
+        return self.history.preferred_tile_order()
+
+    def read_snapshot(self) -> AbstractContextManager[None]:
+        return self.history.read_snapshot()
+
+    def list_segments(self, table: str | None = None) -> list[SegmentInfo]:
+        return self.history.list_segments(table)
+
+    def compact_history(
+        self,
+        tables: Sequence[str],
+        boundary: float,
+        write: SegmentWriter,
+        sweep: SegmentSweeper,
+        fault: FaultHook | None = None,
+        objects: ObjectSnapshotWriter | None = None,
+    ) -> list[SegmentInfo]:
+        return self.history.compact_history(tables, boundary, write, sweep, fault, objects)
+
+    def select_changed_objects(
+        self, ranges: Int64Array, columns: Sequence[str]
+    ) -> tuple[Int64Array, pa.Table]:
+        return self.history.select_changed_objects(ranges, columns)
+
+    def drop_segments(self, segment_ids: Sequence[int]) -> None:
+        self.history.drop_segments(segment_ids)
+
+    def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        return self.history.select_overlay(ranges, window)
+
+    def select_forced_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        return self.history.select_forced_overlay(ranges, window)
+
+    def contains_store_key(self, key: str) -> bool:
+        return self.history.contains_store_key(key)
+
+    def drop_overlay_before(self, cutoff_mjd: float) -> None:
+        self.history.drop_overlay_before(cutoff_mjd)
 
     def close(self) -> None:
         self.conn.close()

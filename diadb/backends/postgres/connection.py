@@ -253,6 +253,41 @@ class Connection:
         digest = hashlib.blake2b(namespace.encode(), digest_size=4).digest()
         self.lock_space = int.from_bytes(digest, "big", signed=True)
         self._pool = Pool(uri, namespace, pool_size)
+        # The transaction a thread has pinned (a read snapshot, a compaction): every call of
+        # ``run`` from that thread joins it instead of starting its own.
+        self._pinned = threading.local()
+
+    @contextlib.contextmanager
+    def pin(self, cur: Any) -> Iterator[None]:
+        """Inside, this thread's ``run`` calls execute on ``cur``, in its transaction."""
+        previous = getattr(self._pinned, "cur", None)
+        self._pinned.cur = cur
+        try:
+            yield
+        finally:
+            self._pinned.cur = previous
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One REPEATABLE READ, read-only transaction that this thread's reads inside join:
+        they all see the same committed state (a compaction commits wholly before or after)."""
+        if getattr(self._pinned, "cur", None) is not None:
+            yield  # already inside a transaction of this thread
+            return
+        try:
+            with self._pool.connection() as conn:
+                cur = conn.cursor()
+                try:
+                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    with self.pin(cur):
+                        yield
+                finally:
+                    with contextlib.suppress(Exception):
+                        cur.close()
+                    with contextlib.suppress(Exception):
+                        conn.rollback()
+        except self.errors as e:
+            raise StorageError(f"PostgreSQL read snapshot failed on {self.where}: {e}") from e
 
     def t(self, name: str) -> str:
         """The schema-qualified, quoted name of a table."""
@@ -280,6 +315,12 @@ class Connection:
     def run(self, what: str, work: Callable[[Any], T]) -> T:
         """Run ``work(cursor)`` in one transaction, committed at the end; retried as needed.
         A failure that is not retried is a StorageError whose ``__cause__`` is the driver's."""
+        pinned = getattr(self._pinned, "cur", None)
+        if pinned is not None:  # inside a pinned transaction: its owner commits and retries
+            try:
+                return work(pinned)
+            except self.errors as e:
+                raise StorageError(f"PostgreSQL {what} failed on {self.where}: {e}") from e
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.05
         while True:

@@ -2,8 +2,9 @@
 
 What the new values are is computed by :mod:`diadb.updates`, the same for every engine; this
 module only reads the stored values (locking them), checks what must exist, and writes.
-PostgreSQL has no history tier, so there is no overlay: every source a daytime call changes is
-in the engine and is updated in place.
+Rows still in the engine are updated in place; rows the history tier already moved into
+segments (found by the caller's ``segment_lookup``) get their new values in the overlay tables
+(``diadb_source_overlay``, ``diadb_forced_overlay``) that reads apply on top, as on SQLite.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from diadb.backends.common.names import LATEST_TABLE
 from diadb.backends.common.packing import RowPacker
 from diadb.backends.postgres.changelog import ChangeLog
 from diadb.backends.postgres.connection import Connection, ids, params, q
-from diadb.errors import StorageError
 from diadb.updates import (
     CURRENT_COLUMNS,
     FORCED_CURRENT,
     FORCED_KEY,
     MUTABLE_SOURCE_COLUMNS,
+    apply_forced_overlay,
+    apply_source_overlay,
     closing_payload,
     empty_current,
     forced_payload,
@@ -87,10 +89,12 @@ class Daytime:
                 parameters=params(ids(wanted)),
             )
             in_engine = normalise_current(cur.fetch_arrow_table())
-            rest = np.setdiff1d(wanted, np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64))
-            # No history tier here: the lookup normally finds nothing, and what it found could not
-            # be updated (the plan names the ids found nowhere first).
+            engine_ids = np.asarray(in_engine.column(0).to_numpy(), dtype=np.int64)
+            rest = np.setdiff1d(wanted, engine_ids)
+            # Sources already in history segments: their current values are the overlay's.
             in_segments = normalise_current(segment_lookup(rest)) if len(rest) else empty_current()
+            if in_segments.num_rows:
+                in_segments = normalise_current(self._with_source_overlay(cur, in_segments))
             plan = plan_source_update(
                 pa.concat_tables([in_engine, in_segments]),
                 changes,
@@ -99,8 +103,6 @@ class Daytime:
                 decrement=decrement,
                 only_null=only_null,
             )
-            if in_segments.num_rows:
-                raise StorageError("PostgreSQL has no history tier: sources in segments cannot be updated")
             if plan is None:
                 return 0
             if len(plan.targets):
@@ -111,7 +113,10 @@ class Daytime:
                 )
                 require_known("DiaObject", plan.targets, cur.fetch_arrow_table().column(0).to_numpy())
             counts = self._apply_object_deltas(cur, plan.delta, when_mjd, remove_empty)
-            self._write_sources(cur, plan.new)
+            new = plan.new
+            is_engine = np.isin(np.asarray(new.column("diaSourceId").to_numpy(), dtype=np.int64), engine_ids)
+            self._write_sources(cur, new.filter(pa.array(is_engine)))
+            self._write_overlay(cur, new.filter(pa.array(~is_engine)))
             return self.changelog.log_payloads(cur, kind, when_mjd, [plan.payload(when_mjd, counts)])
 
         return self.conn.run(kind, work)
@@ -129,6 +134,29 @@ class Daytime:
         cur.execute(
             f"UPDATE {self.conn.t('DiaSource')} s SET {sets} FROM unnest({arrays}) AS n({aliases}) "
             'WHERE s."diaSourceId" = n.n0 AND s."_healpix_29" = n.n1 AND s."midpointMjdTai" = n.n2',
+            parameters=params(*binds),
+        )
+
+    def _with_source_overlay(self, cur: Any, rows: pa.Table) -> pa.Table:
+        """``rows`` (sources in segments) with the current values the overlay holds."""
+        cur.execute(
+            f"SELECT {', '.join(q(c) for c in ('diaSourceId', *MUTABLE_SOURCE_COLUMNS))} "
+            f'FROM {self.conn.t("diadb_source_overlay")} WHERE "diaSourceId" = ANY($1::bigint[])',
+            parameters=params(ids(rows.column("diaSourceId"))),
+        )
+        return apply_source_overlay(rows, cur.fetch_arrow_table())
+
+    def _write_overlay(self, cur: Any, new: pa.Table) -> None:
+        """The new values of sources in segments, into the overlay reads apply."""
+        if not new.num_rows:
+            return
+        names = ["diaSourceId", "_healpix_29", "midpointMjdTai", *MUTABLE_SOURCE_COLUMNS]
+        arrays = ", ".join(f"${i + 1}::{_WRITE_PG[c]}[]" for i, c in enumerate(names))
+        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in MUTABLE_SOURCE_COLUMNS)
+        binds = [(new.column(c).combine_chunks(), new.schema.field(c).type) for c in names]
+        cur.execute(
+            f"INSERT INTO {self.conn.t('diadb_source_overlay')} ({', '.join(q(c) for c in names)}) "
+            f'SELECT * FROM unnest({arrays}) ON CONFLICT ("diaSourceId") DO UPDATE SET {sets}',
             parameters=params(*binds),
         )
 
@@ -216,10 +244,17 @@ class Daytime:
                 parameters=params(*binds),
             )
             found = normalise_forced(cur.fetch_arrow_table())
-            require_known_forced(missing_keys(keys, found))
+            rest = missing_keys(keys, found)
+            in_segments = normalise_forced(segment_lookup(rest)) if rest.num_rows else found.slice(0, 0)
+            if in_segments.num_rows:
+                in_segments = self._with_forced_overlay(cur, in_segments)
+            require_known_forced(missing_keys(rest, in_segments))
             rows = found.filter(pc.is_null(found.column("timeWithdrawnMjdTai")))
-            if not rows.num_rows:
+            segment = in_segments.filter(pc.is_null(in_segments.column("timeWithdrawnMjdTai")))
+            if not rows.num_rows and not segment.num_rows:
                 return 0
+            if segment.num_rows:
+                self._write_forced_overlay(cur, segment, when_mjd)
             # The whole primary key and the time: one index probe, only these partitions.
             cur.execute(
                 f'UPDATE {table} f SET "timeWithdrawnMjdTai" = $5 FROM unnest($1::bigint[], $2::bigint[], '
@@ -232,10 +267,36 @@ class Daytime:
                 ),
             )
             logged = when_mjd if logged_mjd is None else logged_mjd
-            payload = forced_payload(rows, when_mjd, logged)
+            payload = forced_payload(pa.concat_tables([rows, segment]), when_mjd, logged)
             return self.changelog.log_payloads(cur, "withdraw_forced_sources", logged, [payload])
 
         return self.conn.run("withdraw_forced_sources", work)
+
+    def _with_forced_overlay(self, cur: Any, rows: pa.Table) -> pa.Table:
+        """``rows`` (forced sources in segments) with the withdrawal times the overlay holds."""
+        match = " AND ".join(f"o.{q(c)} = k.{c}" for c in FORCED_KEY)
+        cur.execute(
+            'SELECT o."diaObjectId", o.visit, o.detector, o."timeWithdrawnMjdTai" AS _w '
+            f"FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS k({', '.join(FORCED_KEY)}) "
+            f"JOIN {self.conn.t('diadb_forced_overlay')} o ON {match}",
+            parameters=params(*[(rows.column(c).combine_chunks(), pa.int64()) for c in FORCED_KEY]),
+        )
+        return apply_forced_overlay(rows, cur.fetch_arrow_table())
+
+    def _write_forced_overlay(self, cur: Any, rows: pa.Table, when_mjd: float) -> None:
+        """Withdrawal times of forced sources in segments, into the overlay reads apply."""
+        cur.execute(
+            f'INSERT INTO {self.conn.t("diadb_forced_overlay")} ("diaObjectId", visit, detector, '
+            '"_healpix_29", "midpointMjdTai", "timeWithdrawnMjdTai") SELECT *, $6::float8 FROM '
+            "unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::float8[]) "
+            'ON CONFLICT ("diaObjectId", visit, detector) DO UPDATE SET '
+            '"timeWithdrawnMjdTai" = excluded."timeWithdrawnMjdTai"',
+            parameters=params(
+                *[(rows.column(c).combine_chunks(), pa.int64()) for c in (*FORCED_KEY, "_healpix_29")],
+                (rows.column("midpointMjdTai").combine_chunks(), pa.float64()),
+                float(when_mjd),
+            ),
+        )
 
     def objects_since(self, since_mjd: float) -> pa.Table:
         """Latest versions of objects whose version started at or after ``since_mjd``."""

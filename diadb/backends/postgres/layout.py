@@ -114,7 +114,11 @@ class Layout:
         names |= {n: q(n) for n in _CHANGE_LOG_INDEXES}
         return [stmt.format(**names) for stmt in CHANGE_LOG_DDL]
 
-    def initialize(self, schema: ApdbSchema, metadata: Mapping[str, str], pack: bool) -> None:
+    def initialize(
+        self, schema: ApdbSchema, metadata: Mapping[str, str], pack: bool, extra: Sequence[str] = ()
+    ) -> None:
+        """Create the schema's tables, and ``extra`` statements (the history tier's tables), in one
+        transaction."""
         t = self.conn.t
         if pack:
             self.packer.set(
@@ -151,6 +155,7 @@ class Layout:
             if pk[:1] != ("diaObjectId",):
                 ddl.append(f'CREATE INDEX {q("diadb_" + name + "_object")} ON {t(name)} ("diaObjectId")')
         ddl += self.change_log_ddl()
+        ddl += extra
         meta = dict(metadata)
         meta["postgres.partition_days"] = repr(self.partition_days)
         meta["postgres.packed_columns"] = json.dumps(self.packer.packed)

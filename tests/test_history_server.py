@@ -1,0 +1,167 @@
+"""The history tier on a server engine (segments as blobs in PostgreSQL): the same answers as the
+engine alone, damaged blobs found and named, compaction crash-safe at every step and never run
+by two compactors at once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import diadb
+from diadb.history.segment import CorruptSegmentError
+from tests.service_postgres import fresh_url, postgres_server
+from tests.test_history import EVERYWHERE, TILED, _rows_per_visit, _stream
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sql(request: pytest.FixtureRequest, statement: str) -> None:
+    postgres_server(request).sql(statement)
+
+
+def _schema_of(url: str) -> str:
+    return url.rsplit("schema=", 1)[1].split("&", 1)[0]
+
+
+def test_blob_tier_returns_what_the_engine_alone_returns(request, official_schema):
+    plain = diadb.Apdb.create(fresh_url(request), schema=official_schema, history_tier=False)
+    tiered = diadb.Apdb.create(fresh_url(request), schema=official_schema, **TILED)
+    try:
+        for db in (plain, tiered):
+            _stream(db, 10)
+        segments = tiered.segments()
+        assert len([s for s in segments if s.table == "DiaSource"]) > 5 and plain.segments() == []
+        assert len([s for s in segments if s.table == "DiaObject"]) > 1  # one per sky tile
+        regions = [diadb.Circle(55, -30, 0.4), diadb.Box(54, 55.5, -31, -29.5), EVERYWHERE]
+
+        def same() -> None:
+            for region in regions:
+                for t, months in [(60031.0, 12), (60020.0, 1), (60100.0, 1)]:
+                    for method in ("get_sources", "get_forced_sources"):
+                        a = getattr(plain, method)(region, t, months=months)
+                        b = getattr(tiered, method)(region, t, months=months)
+                        assert a.equals(b), (method, region, t)
+                assert plain.get_objects(region).equals(tiered.get_objects(region)), region
+
+        same()
+        # Daytime changes of rows already in blobs go to the overlays, on this engine too.
+        some = tiered.get_sources(EVERYWHERE, 60100.0, months=1000, columns=["diaSourceId", "visit"])
+        old = some.filter(np.asarray(some.column("visit").to_numpy()) < 4).column("diaSourceId").to_pylist()
+        forced = tiered.get_forced_sources(EVERYWHERE, 60100.0, months=1000)
+        keys = list(
+            zip(
+                forced.column("diaObjectId").to_pylist()[:3],
+                forced.column("visit").to_pylist()[:3],
+                forced.column("detector").to_pylist()[:3],
+                strict=True,
+            )
+        )
+        for db in (plain, tiered):
+            db.reassign_to_ssobjects({old[0]: 777}, time=60040.0)
+            db.reassign_sources({old[1]: 10_001})
+            db.withdraw_forced_sources(keys, time=60050.0)
+            db.set_validity_end([2, 3], 60030.0)
+            _stream(db, 2, first=11)
+        same()
+        assert tiered.verify() == []
+    finally:
+        plain.close()
+        tiered.close()
+
+
+def test_a_damaged_blob_is_named_and_never_read(request, official_schema):
+    url = fresh_url(request)
+    db = diadb.Apdb.create(url, schema=official_schema, **TILED)
+    _stream(db, 6)
+    victim = next(s for s in db.segments() if s.table == "DiaSource")
+    db.close()
+    schema = _schema_of(url)
+    # One flipped byte in the middle of the blob: same size, wrong content.
+    _sql(
+        request,
+        f'UPDATE "{schema}".diadb_segment_blob SET data = overlay(data placing '
+        f"'\\xff'::bytea from {victim.bytes // 2} for 1) WHERE name = '{victim.name}'",
+    )
+    with diadb.Apdb.open(url) as again:
+        problems = again.verify()
+        assert len(problems) == 1 and victim.name in problems[0] and "checksum" in problems[0]
+        with pytest.raises(CorruptSegmentError, match=victim.name):
+            again.get_sources(EVERYWHERE, 60100.0, months=1000)
+    _sql(request, f"DELETE FROM \"{schema}\".diadb_segment_blob WHERE name = '{victim.name}'")
+    with diadb.Apdb.open(url) as again, pytest.raises(CorruptSegmentError, match="is missing"):
+        again.get_sources(EVERYWHERE, 60100.0, months=1000)
+
+
+COMPACT_AND_DIE = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import diadb
+    db = diadb.Apdb.open({url!r})
+
+    def fault(step):
+        if step == {step!r}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    db.compact(boundary=1e9, fault=fault)
+    print("finished", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("step", ["read", "write_tmp", "rename", "renamed", "objects", "commit", "committed"])
+def test_sigkill_at_every_compaction_step_keeps_every_row_once(request, official_schema, step):
+    url = fresh_url(request)
+    db = diadb.Apdb.create(url, schema=official_schema, history_auto_compact=False, history_tile_order=5)
+    _stream(db, 4, n=120)
+    db.close()
+    expected = {v: 120 for v in range(1, 5)}
+    assert _rows_per_visit(url) == (expected, expected)
+    code = COMPACT_AND_DIE.format(root=str(ROOT), url=url, step=step)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert _rows_per_visit(url) == (expected, expected)
+    with diadb.Apdb.open(url) as again:
+        assert again.verify() == []
+        moved = sum(s.rows for s in again.segments() if s.table != "DiaObject")
+        assert moved == (960 if step == "committed" else 0)
+        again.compact(boundary=1e9)
+        live = {s.name for s in again.segments()}
+        store = again.tier.store if again.tier is not None else None
+        assert store is not None and set(store.names()) == live  # no orphan blob is left
+    assert _rows_per_visit(url) == (expected, expected)
+
+
+def test_two_compactors_never_race(request, official_schema):
+    url = fresh_url(request)
+    db = diadb.Apdb.create(url, schema=official_schema, history_auto_compact=False, history_tile_order=5)
+    _stream(db, 6, n=120)
+    db.close()
+    expected = {v: 120 for v in range(1, 7)}
+    errors: list[BaseException] = []
+
+    def compact() -> None:
+        try:
+            with diadb.Apdb.open(url) as mine:
+                mine.compact(boundary=1e9)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=compact) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    assert _rows_per_visit(url) == (expected, expected)
+    with diadb.Apdb.open(url) as again:
+        sources = [s for s in again.segments() if s.table == "DiaSource"]
+        assert sum(s.rows for s in sources) == 720
+        assert again.verify() == []
