@@ -128,7 +128,9 @@ class Apdb:
         url = str(url)
         backend = open_backend(url, create=True)
         if cfg.history_tier is None:
-            cfg = dataclasses.replace(cfg, history_tier=isinstance(backend, HistoryEngine))
+            cfg = dataclasses.replace(
+                cfg, history_tier=isinstance(backend, HistoryEngine) and backend.tier_by_default()
+            )
         if cfg.history_tier and cfg.history_tile_order is None and isinstance(backend, HistoryEngine):
             preferred = backend.preferred_tile_order()
             cfg = dataclasses.replace(cfg, history_tile_order=-1 if preferred is None else preferred)

@@ -22,7 +22,12 @@ BACKENDS = [
     "cassandra",
 ]
 #: Nearly every row in 1-day history segments cut by order-5 sky tiles.
-SEGMENTS = {"history_span_days": 1.0, "history_compact_lag_days": 0.0, "history_tile_order": 5}
+SEGMENTS = {
+    "history_tier": True,
+    "history_span_days": 1.0,
+    "history_compact_lag_days": 0.0,
+    "history_tile_order": 5,
+}
 CREATE_OPTIONS: dict[str, dict[str, Any]] = {
     "sqlite-segments": SEGMENTS,
     "sqlite-engine-only": {"history_tier": False},

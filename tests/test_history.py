@@ -19,7 +19,7 @@ from tests.helpers import make_visit, random_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 EVERYWHERE = diadb.Box(0, 360, -90, 90)
-SEGMENTS = {"history_span_days": 1.0, "history_compact_lag_days": 0.0}
+SEGMENTS = {"history_tier": True, "history_span_days": 1.0, "history_compact_lag_days": 0.0}
 #: The same with segments cut by order-6 sky tiles (~0.9 deg): the test regions span several.
 TILED = {**SEGMENTS, "history_tile_order": 6}
 LAYOUTS = pytest.mark.parametrize("layout", [SEGMENTS, TILED], ids=["spans", "tiles"])

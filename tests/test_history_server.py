@@ -1,6 +1,6 @@
-"""The history tier on a server engine (segments as blobs in PostgreSQL): the same answers as the
-engine alone, damaged blobs found and named, compaction crash-safe at every step and never run
-by two compactors at once."""
+"""The history tier on the server engines (segments as blobs in PostgreSQL and in Cassandra): the
+same answers as the engine alone, damaged blobs found and named, compaction crash-safe at every
+step and never run by two compactors at once."""
 
 from __future__ import annotations
 
@@ -16,29 +16,65 @@ import pytest
 
 import diadb
 from diadb.history.segment import CorruptSegmentError
-from tests.service_postgres import fresh_url, postgres_server
+from tests import service_cassandra, service_postgres
 from tests.test_history import EVERYWHERE, TILED, _rows_per_visit, _stream
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = pytest.mark.parametrize("engine", ["postgresql", "cassandra"])
 
 
-def _sql(request: pytest.FixtureRequest, statement: str) -> None:
-    postgres_server(request).sql(statement)
+def fresh_url(request: pytest.FixtureRequest, engine: str) -> str:
+    if engine == "postgresql":
+        return service_postgres.fresh_url(request)
+    return service_cassandra.fresh_url(request)
 
 
-def _schema_of(url: str) -> str:
-    return url.rsplit("schema=", 1)[1].split("&", 1)[0]
+def _damage(request: pytest.FixtureRequest, url: str, name: str, offset: int) -> None:
+    """Flip one byte of segment ``name``'s blob, keeping its size."""
+    if "schema=" in url:
+        schema = url.rsplit("schema=", 1)[1].split("&", 1)[0]
+        service_postgres.postgres_server(request).sql(
+            f'UPDATE "{schema}".diadb_segment_blob SET data = overlay(data placing '
+            f"'\\xff'::bytea from {offset} for 1) WHERE name = '{name}'"
+        )
+        return
+    keyspace = url.rsplit("/", 1)[1].split("?", 1)[0]
+    session = service_cassandra.cassandra_node(request).session()
+    part, at = divmod(offset, 1 << 20)
+    row = session.execute(
+        f'SELECT data FROM "{keyspace}".diadb_segment_blob WHERE name = %s AND part = %s', [name, part]
+    ).one()
+    data = bytearray(row[0])
+    data[at] ^= 0xFF
+    session.execute(
+        f'INSERT INTO "{keyspace}".diadb_segment_blob (name, part, data) VALUES (%s, %s, %s)',
+        [name, part, bytes(data)],
+    )
 
 
-def test_blob_tier_returns_what_the_engine_alone_returns(request, official_schema):
-    plain = diadb.Apdb.create(fresh_url(request), schema=official_schema, history_tier=False)
-    tiered = diadb.Apdb.create(fresh_url(request), schema=official_schema, **TILED)
+def _remove(request: pytest.FixtureRequest, url: str, name: str) -> None:
+    if "schema=" in url:
+        schema = url.rsplit("schema=", 1)[1].split("&", 1)[0]
+        service_postgres.postgres_server(request).sql(
+            f"DELETE FROM \"{schema}\".diadb_segment_blob WHERE name = '{name}'"
+        )
+        return
+    keyspace = url.rsplit("/", 1)[1].split("?", 1)[0]
+    session = service_cassandra.cassandra_node(request).session()
+    session.execute(f'DELETE FROM "{keyspace}".diadb_segment_blob WHERE name = %s AND part = 0', [name])
+
+
+@ENGINES
+def test_blob_tier_returns_what_the_engine_alone_returns(request, official_schema, engine):
+    plain = diadb.Apdb.create(fresh_url(request, engine), schema=official_schema, history_tier=False)
+    tiered = diadb.Apdb.create(fresh_url(request, engine), schema=official_schema, **TILED)
     try:
         for db in (plain, tiered):
             _stream(db, 10)
         segments = tiered.segments()
         assert len([s for s in segments if s.table == "DiaSource"]) > 5 and plain.segments() == []
-        assert len([s for s in segments if s.table == "DiaObject"]) > 1  # one per sky tile
+        if engine == "postgresql":  # Cassandra has no DiaObject snapshot yet
+            assert len([s for s in segments if s.table == "DiaObject"]) > 1  # one per sky tile
         regions = [diadb.Circle(55, -30, 0.4), diadb.Box(54, 55.5, -31, -29.5), EVERYWHERE]
 
         def same() -> None:
@@ -76,25 +112,21 @@ def test_blob_tier_returns_what_the_engine_alone_returns(request, official_schem
         tiered.close()
 
 
-def test_a_damaged_blob_is_named_and_never_read(request, official_schema):
-    url = fresh_url(request)
+@ENGINES
+def test_a_damaged_blob_is_named_and_never_read(request, official_schema, engine):
+    url = fresh_url(request, engine)
     db = diadb.Apdb.create(url, schema=official_schema, **TILED)
     _stream(db, 6)
     victim = next(s for s in db.segments() if s.table == "DiaSource")
     db.close()
-    schema = _schema_of(url)
     # One flipped byte in the middle of the blob: same size, wrong content.
-    _sql(
-        request,
-        f'UPDATE "{schema}".diadb_segment_blob SET data = overlay(data placing '
-        f"'\\xff'::bytea from {victim.bytes // 2} for 1) WHERE name = '{victim.name}'",
-    )
+    _damage(request, url, victim.name, victim.bytes // 2)
     with diadb.Apdb.open(url) as again:
         problems = again.verify()
         assert len(problems) == 1 and victim.name in problems[0] and "checksum" in problems[0]
         with pytest.raises(CorruptSegmentError, match=victim.name):
             again.get_sources(EVERYWHERE, 60100.0, months=1000)
-    _sql(request, f"DELETE FROM \"{schema}\".diadb_segment_blob WHERE name = '{victim.name}'")
+    _remove(request, url, victim.name)
     with diadb.Apdb.open(url) as again, pytest.raises(CorruptSegmentError, match="is missing"):
         again.get_sources(EVERYWHERE, 60100.0, months=1000)
 
@@ -116,10 +148,15 @@ COMPACT_AND_DIE = textwrap.dedent(
 )
 
 
+@ENGINES
 @pytest.mark.parametrize("step", ["read", "write_tmp", "rename", "renamed", "objects", "commit", "committed"])
-def test_sigkill_at_every_compaction_step_keeps_every_row_once(request, official_schema, step):
-    url = fresh_url(request)
-    db = diadb.Apdb.create(url, schema=official_schema, history_auto_compact=False, history_tile_order=5)
+def test_sigkill_at_every_compaction_step_keeps_every_row_once(request, official_schema, step, engine):
+    if engine == "cassandra" and step == "objects":
+        pytest.skip("Cassandra has no DiaObject snapshot yet: compaction has no 'objects' step there")
+    url = fresh_url(request, engine)
+    db = diadb.Apdb.create(
+        url, schema=official_schema, history_tier=True, history_auto_compact=False, history_tile_order=5
+    )
     _stream(db, 4, n=120)
     db.close()
     expected = {v: 120 for v in range(1, 5)}
@@ -139,9 +176,12 @@ def test_sigkill_at_every_compaction_step_keeps_every_row_once(request, official
     assert _rows_per_visit(url) == (expected, expected)
 
 
-def test_two_compactors_never_race(request, official_schema):
-    url = fresh_url(request)
-    db = diadb.Apdb.create(url, schema=official_schema, history_auto_compact=False, history_tile_order=5)
+@ENGINES
+def test_two_compactors_never_race(request, official_schema, engine):
+    url = fresh_url(request, engine)
+    db = diadb.Apdb.create(
+        url, schema=official_schema, history_tier=True, history_auto_compact=False, history_tile_order=5
+    )
     _stream(db, 6, n=120)
     db.close()
     expected = {v: 120 for v in range(1, 7)}

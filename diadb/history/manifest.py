@@ -40,6 +40,10 @@ class HistoryEngine(Protocol):
     def segment_store(self) -> SegmentStore:
         """Where this database's segments' bytes live (files beside it, or blobs inside it)."""
 
+    def tier_by_default(self) -> bool:
+        """Whether a new database on this engine gets the tier when ``history_tier`` is not set
+        (on where the benchmark shows it wins; see the README)."""
+
     def preferred_tile_order(self) -> int | None:
         """The HEALPix order of the sky tiles segments are cut by on a new database (None: cut
         by time span only), for this engine's segment store."""

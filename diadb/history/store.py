@@ -152,8 +152,9 @@ class BlobEngine(Protocol):
     def put_blob(self, name: str, data: pa.Buffer) -> None:
         """Store ``data`` under ``name`` durably (the engine's strongest write) before returning."""
 
-    def get_blobs(self, names: Sequence[str]) -> list[pa.Buffer | None]:
-        """The blobs of ``names`` (None for a missing one), fetched concurrently."""
+    def get_blobs(self, names: Sequence[tuple[str, int]]) -> list[pa.Buffer | None]:
+        """The blobs of ``(name, size)`` pairs (None for a missing one), fetched concurrently
+        (an engine that cuts a blob into parts knows from the size how many to fetch)."""
 
     def blob_names(self) -> list[str]:
         """Every blob present."""
@@ -194,7 +195,7 @@ class BlobSegmentStore:
         return int(data.size)
 
     def read(self, names: Sequence[tuple[str, int]]) -> list[tuple[pa.Buffer, Hashable]]:
-        fetched = self._engine.get_blobs([name for name, _ in names]) if names else []
+        fetched = self._engine.get_blobs(list(names)) if names else []
         result: list[tuple[pa.Buffer, Hashable]] = []
         for (name, size), data in zip(names, fetched, strict=True):
             if data is None:

@@ -206,7 +206,7 @@ def floor_read(db: Apdb, region: Region, mjd: float, months: int) -> tuple[float
     for info in db.segments():
         if info.table not in ("DiaSource", "DiaForcedSource") or info.t_max <= start or info.t_min > mjd:
             continue
-        data = open_segment(tier.directory, info)
+        data = open_segment(tier.store, info)
         rows = locate(data, ranges)
         if not len(rows):
             continue
@@ -282,7 +282,7 @@ def run_bench(
     if association_view:
         systems.append(DiadbSystem("diadb-association-columns", main.db, "association", owner=False))
     if engine_only:
-        db = Apdb.create(str(out / "diadb-engine.db"), history_tier=False)
+        db = Apdb.create(_sibling_url(url, "engine") or str(out / "diadb-engine.db"), history_tier=False)
         systems.append(DiadbSystem("diadb-engine-only", db, columns))
     if "dax_apdb" in compare:
         systems.append(ReferenceSystem(_reference_location(out, url, reference_url), months))
@@ -347,6 +347,24 @@ def run_bench(
     summary_path = out / "summary.md"
     summary_path.write_text(render_markdown(summary))
     return BenchResult(out, metrics, summary, summary_path, plot_path)
+
+
+def _sibling_url(url: str | None, suffix: str) -> str | None:
+    """A namespace beside ``url``'s on the same server (``<schema>_<suffix>`` on PostgreSQL,
+    ``<keyspace>_<suffix>`` on Cassandra), so that diadb's variants are measured on one engine;
+    None for an embedded database."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if url is None or not url.startswith(("postgresql", "cassandra")):
+        return None
+    parts = urlsplit(url)
+    if url.startswith("cassandra"):
+        keyspace = parts.path.lstrip("/")[: 47 - len(suffix)] + "_" + suffix
+        return urlunsplit(parts._replace(path="/" + keyspace))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = dict(query).get("schema") or "public"
+    query = [(k, v) for k, v in query if k != "schema"] + [("schema", f"{schema}_{suffix}")]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def _reference_location(out: Path, url: str | None, reference_url: str | None) -> Path | str:

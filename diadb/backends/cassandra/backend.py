@@ -17,6 +17,7 @@ without it).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pyarrow as pa
@@ -25,12 +26,16 @@ from diadb.backends.base import Int64Array, ReadTable, TableStats, TimePartition
 from diadb.backends.cassandra.changelog import ChangeLog
 from diadb.backends.cassandra.chunk_rows import ChunkReader
 from diadb.backends.cassandra.daytime import Daytime
+from diadb.backends.cassandra.history import CassandraHistory
 from diadb.backends.cassandra.layout import Layout
 from diadb.backends.cassandra.read import Reader
 from diadb.backends.cassandra.session import CassandraSession
 from diadb.backends.cassandra.store import Registry, Store
 from diadb.backends.cassandra.url import parse_options, parse_url
 from diadb.config import ApdbConfig
+from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.segment import SegmentInfo
+from diadb.history.store import SegmentStore
 from diadb.schema.model import ApdbSchema, ColumnSpec
 
 
@@ -54,7 +59,8 @@ class CassandraBackend:
         self.store = Store(self.session, self.layout, self.registry, self.log)
         self.reader = Reader(self.session, self.layout, self.registry)
         self.chunks = ChunkReader(self.session, self.layout, self.log)
-        self.daytime = Daytime(self.session, self.layout, self.registry, self.log)
+        self.history = CassandraHistory(self.session, self.layout, self.reader)
+        self.daytime = Daytime(self.session, self.layout, self.registry, self.log, self.history)
         # What tests and tools inspect (the frozen layout, the levels in use).
         self.rf = self.layout.rf
         self.pixel_order = self.layout.pixel_order
@@ -70,6 +76,8 @@ class CassandraBackend:
     # ---- set-up --------------------------------------------------------------------
     def initialize(self, schema: ApdbSchema, metadata: Mapping[str, str]) -> None:
         self.layout.initialize(schema, metadata, packed=self._opts.packed)
+        if self.history.enabled:
+            self.history.create_tables()
 
     def read_metadata(self) -> dict[str, str]:
         return self.layout.read_metadata()
@@ -78,7 +86,9 @@ class CassandraBackend:
         self.layout.attach(schema)
 
     def configure(self, config: ApdbConfig) -> None:
-        """Nothing in the frozen config concerns this engine (its options are in the URL)."""
+        """Whether the history tier is on, and its cache bound (the engine's own options are
+        in the URL)."""
+        self.history.configure(config)
 
     def counters(self) -> dict[str, int]:
         """Event counters since open: none (neither the driver's retries nor the re-sends of
@@ -95,6 +105,8 @@ class CassandraBackend:
         window: TimeWindow | None = None,
         object_ids: Int64Array | None = None,
     ) -> pa.Table:
+        if table != "DiaObject":
+            window = self.history.clip(window)  # older rows are read from segments
         return self.reader.select(table, ranges, columns, window=window, object_ids=object_ids)
 
     def known_object_ids(self, ids: Int64Array) -> Int64Array:
@@ -104,6 +116,7 @@ class CassandraBackend:
         return self.store.existing_keys(table, keys)
 
     def store_visit(self, batch: VisitBatch) -> bool:
+        self.history.check_store_time(batch.visit_mjd_tai)
         return self.store.store_visit(batch)
 
     def contains_visit_detector(self, visit: int, detector: int) -> bool:
@@ -201,6 +214,54 @@ class CassandraBackend:
     def drop(self) -> None:
         """Drop this APDB's keyspace (tests and tear-down)."""
         self.layout.drop()
+
+    # ---- history tier (HistoryEngine; see .history) -------------------------------------
+    def segment_store(self) -> SegmentStore:
+        return self.history.segment_store()
+
+    def tier_by_default(self) -> bool:
+        """Off until the benchmark at depth shows the blobs win here (README)."""
+        return False
+
+    def preferred_tile_order(self) -> int | None:
+        return self.history.preferred_tile_order()
+
+    def read_snapshot(self) -> AbstractContextManager[None]:
+        return self.history.read_snapshot()
+
+    def list_segments(self, table: str | None = None) -> list[SegmentInfo]:
+        return self.history.list_segments(table)
+
+    def compact_history(
+        self,
+        tables: Sequence[str],
+        boundary: float,
+        write: SegmentWriter,
+        sweep: SegmentSweeper,
+        fault: FaultHook | None = None,
+        objects: ObjectSnapshotWriter | None = None,
+    ) -> list[SegmentInfo]:
+        return self.history.compact_history(tables, boundary, write, sweep, fault, objects)
+
+    def select_changed_objects(
+        self, ranges: Int64Array, columns: Sequence[str]
+    ) -> tuple[Int64Array, pa.Table]:
+        return self.history.select_changed_objects(ranges, columns)
+
+    def drop_segments(self, segment_ids: Sequence[int]) -> None:
+        self.history.drop_segments(segment_ids)
+
+    def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        return self.history.select_overlay(ranges, window)
+
+    def select_forced_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
+        return self.history.select_forced_overlay(ranges, window)
+
+    def contains_store_key(self, key: str) -> bool:
+        return self.store.contains_store_key(key)
+
+    def drop_overlay_before(self, cutoff_mjd: float) -> None:
+        self.history.drop_overlay_before(cutoff_mjd)
 
     def close(self) -> None:
         self.session.close()

@@ -56,6 +56,12 @@ from diadb.backends.cassandra.layout import (
     keyed_ddl,
     partition_table,
 )
+from diadb.backends.cassandra.segments import (
+    FORCED_OVERLAY,
+    FORCED_OVERLAY_ENTRY,
+    SOURCE_OVERLAY,
+    SOURCE_OVERLAY_ENTRY,
+)
 from diadb.backends.cassandra.session import CassandraSession, Statements
 from diadb.backends.common.members import member_keys
 from diadb.backends.common.names import LATEST_TABLE
@@ -335,6 +341,20 @@ class ChangeLog:
                 f"AND {q(TIME_COLUMN)} = ? AND {q('diaObjectId')} = ? AND visit = ? AND detector = ?"
             )
             statements.append((stmt, (when, part, h29, t, oid, visit, det)))
+        for name, entry, rows in (
+            (
+                SOURCE_OVERLAY,
+                (*SOURCE_OVERLAY_ENTRY, *MUTABLE_SOURCE_COLUMNS),
+                plan.get("overlay_sources", []),
+            ),
+            (FORCED_OVERLAY, FORCED_OVERLAY_ENTRY, plan.get("overlay_forced", [])),
+        ):
+            if rows:  # sources already in history segments: their new values go to the overlay
+                insert = self.session.prepare(
+                    f"INSERT INTO {self.session.t(name)} ({', '.join(q(c) for c in entry)}) "
+                    f"VALUES ({', '.join('?' * len(entry))})"
+                )
+                statements += [(insert, tuple(r)) for r in rows]
         latest_where = f"WHERE {PART} = ? AND {q(HEALPIX_COLUMN)} = ? AND {q('diaObjectId')} = ?"
         history_where = f"WHERE {BUCKET} = ? AND {q('diaObjectId')} = ? AND {q('validityStartMjdTai')} = ?"
         count_latest = self.session.prepare(

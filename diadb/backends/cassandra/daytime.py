@@ -9,7 +9,9 @@ idempotent operations (:meth:`.changelog.ChangeLog.run_update`), so a retried ca
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ import pyarrow.compute as pc
 from diadb.backends.base import Int64Array
 from diadb.backends.cassandra.changelog import ChangeLog, digest
 from diadb.backends.cassandra.codec import q, to_arrow
+from diadb.backends.cassandra.history import CassandraHistory
 from diadb.backends.cassandra.layout import (
     HISTORY_TABLE,
     PART,
@@ -29,7 +32,6 @@ from diadb.backends.cassandra.layout import (
 from diadb.backends.cassandra.session import CassandraSession, Statements
 from diadb.backends.cassandra.store import Registry
 from diadb.backends.common.names import LATEST_TABLE
-from diadb.errors import StorageError
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.updates import (
     CURRENT_COLUMNS,
@@ -37,6 +39,8 @@ from diadb.updates import (
     FORCED_KEY,
     MUTABLE_SOURCE_COLUMNS,
     SourceUpdatePlan,
+    apply_forced_overlay,
+    apply_source_overlay,
     closing_payload,
     empty_current,
     forced_payload,
@@ -51,7 +55,6 @@ from diadb.updates import (
 
 #: Columns of daytime changes that carry the call's time (left out of its idempotency key).
 _TIME_CHANGES = ("ssObjectReassocTimeMjdTai", "timeWithdrawnMjdTai")
-_NO_HISTORY = "Cassandra has no history tier: sources in segments cannot be updated"
 
 
 def _changes_key(kind: str, changes: pa.Table) -> str:
@@ -65,11 +68,42 @@ def _changes_key(kind: str, changes: pa.Table) -> str:
 class Daytime:
     """The daytime calls of the Backend protocol."""
 
-    def __init__(self, session: CassandraSession, layout: Layout, registry: Registry, log: ChangeLog) -> None:
+    def __init__(
+        self,
+        session: CassandraSession,
+        layout: Layout,
+        registry: Registry,
+        log: ChangeLog,
+        history: CassandraHistory,
+    ) -> None:
         self.session = session
         self.layout = layout
         self.registry = registry
         self.log = log
+        self.history = history
+
+    @contextmanager
+    def _no_compaction(self) -> Iterator[float]:
+        """Hold the compaction lease (with the tier on), so that no compaction copies a row while
+        this update changes it; yields the history boundary: rows older than it live in
+        segments (their engine copies, until dropped, are no longer read)."""
+        if not self.history.enabled:
+            yield -math.inf
+            return
+        lease = self.history.lease()
+        lease.acquire(wait_s=300.0)
+        try:
+            yield self.history.boundary()
+        finally:
+            lease.release()
+
+    @staticmethod
+    def _split_moved(rows: pa.Table, boundary: float) -> tuple[pa.Table, pa.Table]:
+        """``rows`` found in the engine: (still the engine's, already in segments)."""
+        if not math.isfinite(boundary) or not rows.num_rows:
+            return rows, rows.slice(0, 0)
+        old = pc.less(rows.column(TIME_COLUMN), boundary)
+        return rows.filter(pc.invert(old)), rows.filter(old)
 
     # ---- reading current values ----------------------------------------------------
     def _current_sources(self, ids: Int64Array) -> pa.Table:
@@ -138,13 +172,40 @@ class Daytime:
         is checked and the whole plan computed before the first write (UnknownIdError naming
         unknown ids: nothing changes); see :mod:`.changelog` for what is atomic and how a retry
         converges."""
+        with self._no_compaction() as boundary:
+            return self._update_sources(
+                changes, kind, when_mjd, segment_lookup, object_deltas, remove_empty, increment, decrement,
+                only_null, boundary,
+            )  # fmt: skip
+
+    def _update_sources(
+        self,
+        changes: pa.Table,
+        kind: str,
+        when_mjd: float,
+        segment_lookup: Callable[[Int64Array], pa.Table],
+        object_deltas: bool,
+        remove_empty: bool,
+        increment: bool,
+        decrement: bool,
+        only_null: str | None,
+        boundary: float,
+    ) -> int:
         ids = np.asarray(changes.column("diaSourceId").to_numpy(), dtype=np.int64)
         op_key = _changes_key(kind, changes)
-        stored = self._current_sources(ids)
-        elsewhere = np.setdiff1d(ids, np.asarray(stored.column("diaSourceId").to_numpy(), dtype=np.int64))
+        stored, moved = self._split_moved(self._current_sources(ids), boundary)
+        found = np.concatenate(
+            [np.asarray(t.column("diaSourceId").to_numpy(), np.int64) for t in (stored, moved)]
+        )
+        elsewhere = np.setdiff1d(ids, found)
+        in_segments = moved
         if len(elsewhere):
-            # Sources found in segments are known (not UnknownIdError) but cannot be updated.
-            stored = pa.concat_tables([stored, normalise_current(segment_lookup(elsewhere))])
+            in_segments = pa.concat_tables([moved, normalise_current(segment_lookup(elsewhere))])
+        if in_segments.num_rows:  # their current values: the overlay's, where it has them
+            overlay = self.history.source_overlay_of(in_segments)
+            in_segments = normalise_current(apply_source_overlay(in_segments, overlay))
+        segment_ids = np.asarray(in_segments.column("diaSourceId").to_numpy(), dtype=np.int64)
+        stored = pa.concat_tables([stored, in_segments])
         plan = plan_source_update(
             stored,
             changes,
@@ -153,20 +214,18 @@ class Daytime:
             decrement=decrement,
             only_null=only_null,
         )
-        if len(elsewhere):
-            raise StorageError(_NO_HISTORY)
         recorded: dict[str, Any] | None = None
         if plan is not None:
             if len(plan.targets):
-                found = self._latest_objects(plan.targets)
-                require_known("DiaObject", plan.targets, found.column("diaObjectId").to_numpy())
-            recorded = self._source_plan(plan, kind, when_mjd, remove_empty)
+                latest = self._latest_objects(plan.targets)
+                require_known("DiaObject", plan.targets, latest.column("diaObjectId").to_numpy())
+            recorded = self._source_plan(plan, kind, when_mjd, remove_empty, segment_ids)
         # Called even without a plan: a pending record of an earlier failed attempt is finished.
         chunk, _ = self.log.run_update(op_key, kind, when_mjd, recorded)
         return chunk
 
     def _source_plan(
-        self, plan: SourceUpdatePlan, kind: str, when_mjd: float, remove_empty: bool
+        self, plan: SourceUpdatePlan, kind: str, when_mjd: float, remove_empty: bool, segment_ids: Int64Array
     ) -> dict[str, Any]:
         """The operation's recorded plan (absolute values, JSON): the sources' new columns where
         they live, and the objects' new ``nDiaSources`` (closed when emptied, with ``remove_empty``)."""
@@ -197,11 +256,25 @@ class Daytime:
         h29 = np.asarray(new.column(HEALPIX_COLUMN).to_numpy(), dtype=np.int64)
         pix = self.layout.pixel(h29)
         cols = [new.column(c).to_pylist() for c in (TIME_COLUMN, "diaSourceId", *MUTABLE_SOURCE_COLUMNS)]
+        in_segments = np.isin(np.asarray(new.column("diaSourceId").to_numpy(), dtype=np.int64), segment_ids)
         sources = [
-            [int(tparts[i]), int(pix[i]), int(h29[i]), *(c[i] for c in cols)] for i in range(new.num_rows)
+            [int(tparts[i]), int(pix[i]), int(h29[i]), *(c[i] for c in cols)]
+            for i in range(new.num_rows)
+            if not in_segments[i]
+        ]
+        # Sources in segments: (part, h29, time, id, *mutable values) into the overlay.
+        overlay = [
+            [int(pix[i]), int(h29[i]), *(c[i] for c in cols)] for i in range(new.num_rows) if in_segments[i]
         ]
         payload = plan.payload(when_mjd, counts)
-        return {"kind": kind, "when": when_mjd, "payloads": [payload], "sources": sources, "objects": objects}
+        return {
+            "kind": kind,
+            "when": when_mjd,
+            "payloads": [payload],
+            "sources": sources,
+            "overlay_sources": overlay,
+            "objects": objects,
+        }
 
     def withdraw_forced_sources(
         self,
@@ -213,6 +286,17 @@ class Daytime:
         """Set ``timeWithdrawnMjdTai`` of these forced sources where it is not set yet; return the
         chunk (logged at ``logged_mjd``, default ``when_mjd``; 0 when none changed). UnknownIdError
         for unknown keys, before any write."""
+        with self._no_compaction() as boundary:
+            return self._withdraw_forced(keys, when_mjd, segment_lookup, logged_mjd, boundary)
+
+    def _withdraw_forced(
+        self,
+        keys: pa.Table,
+        when_mjd: float,
+        segment_lookup: Callable[[pa.Table], pa.Table],
+        logged_mjd: float | None,
+        boundary: float,
+    ) -> int:
         logged = when_mjd if logged_mjd is None else logged_mjd
         keys = pa.table([keys.column(c).cast(pa.int64()) for c in FORCED_KEY], names=list(FORCED_KEY))
         op_key = "withdraw_forced:" + digest([keys.column(c).to_pylist() for c in FORCED_KEY])
@@ -239,15 +323,21 @@ class Daytime:
             )
         rows = [r for rs in self.session.run(statements, write=False) for r in rs]
         types = {c.name: c.datatype for c in spec.columns}
-        in_engine = normalise_forced(to_arrow(types, list(FORCED_CURRENT), rows))
-        rest = missing_keys(keys, in_engine)
+        in_engine, moved = self._split_moved(
+            normalise_forced(to_arrow(types, list(FORCED_CURRENT), rows)), boundary
+        )
+        rest = missing_keys(keys, pa.concat_tables([in_engine, moved]))
+        in_segments = moved
         if rest.num_rows:
-            in_segments = normalise_forced(segment_lookup(rest))
-            require_known_forced(missing_keys(rest, in_segments))
-            raise StorageError(_NO_HISTORY)
+            looked_up = normalise_forced(segment_lookup(rest))
+            require_known_forced(missing_keys(rest, looked_up))
+            in_segments = pa.concat_tables([moved, looked_up])
+        if in_segments.num_rows:  # their withdrawal times: the overlay's, where it has them
+            in_segments = apply_forced_overlay(in_segments, self.history.forced_overlay_of(in_segments))
         todo = in_engine.filter(pc.is_null(in_engine.column("timeWithdrawnMjdTai")))
+        todo_segments = in_segments.filter(pc.is_null(in_segments.column("timeWithdrawnMjdTai")))
         plan: dict[str, Any] | None = None
-        if todo.num_rows:
+        if todo.num_rows or todo_segments.num_rows:
             forced = [
                 [
                     int(self.layout.time_partition(r[TIME_COLUMN])),
@@ -261,12 +351,25 @@ class Daytime:
                 ]
                 for r in todo.to_pylist()
             ]
-            payload = forced_payload(todo, when_mjd, logged)
+            overlay = [
+                [
+                    int(self.layout.pixel(np.array([r[HEALPIX_COLUMN]]))[0]),
+                    r[HEALPIX_COLUMN],
+                    r[TIME_COLUMN],
+                    r["diaObjectId"],
+                    r["visit"],
+                    r["detector"],
+                    when_mjd,
+                ]
+                for r in todo_segments.to_pylist()
+            ]
+            payload = forced_payload(pa.concat_tables([todo, todo_segments]), when_mjd, logged)
             plan = {
                 "kind": "withdraw_forced_sources",
                 "when": logged,
                 "payloads": [payload],
                 "forced": forced,
+                "overlay_forced": overlay,
             }
         chunk, _ = self.log.run_update(op_key, "withdraw_forced_sources", logged, plan)
         return chunk

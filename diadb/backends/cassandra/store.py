@@ -183,6 +183,14 @@ class Store:
         self._storing = None
         return True
 
+    def contains_store_key(self, key: str) -> bool:
+        """Whether a store was made with this idempotency key."""
+        if "diadb_store_key" not in self.session.table_names():
+            return False
+        stmt = self.session.prepare(f"SELECT chunk_id FROM {self.session.t('diadb_store_key')} WHERE key = ?")
+        (rows,) = self.session.run([(stmt, (key,))], write=False)
+        return bool(rows)
+
     def _check_registry(self, batch: VisitBatch) -> None:
         """AlreadyStored when the batch's key, or its visit/detector, is registered."""
         if batch.key is not None:

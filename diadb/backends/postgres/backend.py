@@ -259,6 +259,10 @@ class PostgresBackend:
     def segment_store(self) -> SegmentStore:
         return self.history.segment_store()
 
+    def tier_by_default(self) -> bool:
+        """Off until the benchmark at depth shows the blobs win here (README)."""
+        return False
+
     def preferred_tile_order(self) -> int | None:
         return self.history.preferred_tile_order()
 

@@ -69,10 +69,10 @@ class PostgresBlobs:
 
         self.conn.run("segment upload", work)
 
-    def get_blobs(self, names: Sequence[str]) -> list[pa.Buffer | None]:
+    def get_blobs(self, names: Sequence[tuple[str, int]]) -> list[pa.Buffer | None]:
         if not names:
             return []
-        wanted = _checked(names)
+        wanted = _checked([name for name, _ in names])
         sql = (
             f"SELECT name, data FROM {self.conn.t(BLOB_TABLE)} "
             "WHERE name = ANY(current_setting('diadb.p1')::text[])"
@@ -91,7 +91,7 @@ class PostgresBlobs:
             for i, name in enumerate(batch.column(0).to_pylist()):
                 start, stop = int(offsets[i]), int(offsets[i + 1])
                 found[name] = body.slice(start, stop - start) if body is not None else pa.py_buffer(b"")
-        return [found.get(name) for name in names]
+        return [found.get(name) for name, _ in names]
 
     def blob_names(self) -> list[str]:
         names: list[str] = (
