@@ -55,6 +55,8 @@ MANIFEST = "diadb_segment"
 TRASH = "diadb_segment_trash"
 #: Order-4 sky tiles, as on PostgreSQL: a detector's read fetches one to a few blobs.
 PREFERRED_TILE_ORDER = 4
+#: Above this many coarse pixels an overlay read scans the overlay table instead.
+MAX_OVERLAY_PARTITIONS = 256
 _FIELDS = (
     "table_name", "t_min", "t_max", "span_start", "span_end",
     "pix_min", "pix_max", "rows", "bytes", "checksum",
@@ -309,13 +311,11 @@ class CassandraHistory:
         }  # fmt: skip
         fetch = list(dict.fromkeys([*columns, HEALPIX_COLUMN, TIME_COLUMN]))
         select = ", ".join(q(c) for c in fetch)
-        if len(ranges):
-            lo = self.layout.pixel(np.asarray(ranges[:, 0]))
-            hi = self.layout.pixel(np.asarray(ranges[:, 1]) - 1)
-            pixels = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(lo, hi, strict=True)]))
+        pixels = self._pixels(ranges)
+        if pixels is not None:
             stmt = self.session.prepare(f"SELECT {select} FROM {self.session.t(table)} WHERE {PART} = ?")
             statements: list[tuple[Any, tuple[Any, ...]]] = [(stmt, (int(p),)) for p in pixels]
-        else:
+        else:  # a large region (or none): one scan of the overlay, filtered below
             statements = [(self.session.prepare(f"SELECT {select} FROM {self.session.t(table)}"), ())]
         rows = [r for rs in self.session.run(statements, write=False) for r in rs]
         data = to_arrow(types, fetch, rows)
@@ -330,6 +330,17 @@ class CassandraHistory:
                 keep &= (tm > window.start) & (tm <= window.end)
             data = data.filter(pa.array(keep))
         return data.select(list(columns))
+
+    def _pixels(self, ranges: Int64Array) -> Int64Array | None:
+        """The overlay partitions (coarse pixels) of ``ranges``, or None when they are more than
+        a scan of the (small) overlay costs."""
+        if not len(ranges):
+            return None
+        lo = self.layout.pixel(np.asarray(ranges[:, 0]))
+        hi = self.layout.pixel(np.asarray(ranges[:, 1]) - 1)
+        if int((hi - lo + 1).sum()) > MAX_OVERLAY_PARTITIONS:
+            return None
+        return np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(lo, hi, strict=True)]))
 
     def select_overlay(self, ranges: Int64Array, window: TimeWindow | None) -> pa.Table:
         return self._overlay(SOURCE_OVERLAY, ["diaSourceId", *MUTABLE_SOURCE_COLUMNS], ranges, window)
