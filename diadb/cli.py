@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -84,19 +85,37 @@ def stats(
 
 
 @_command
-def compact(url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")]) -> None:
-    """Move source rows of closed time spans into history segments, refresh the DiaObject snapshot."""
+def compact(
+    url: Annotated[str, typer.Argument(help="SQLite path or URL of the database.")],
+    follow: Annotated[
+        bool, typer.Option(help="Keep running beside the pipeline: compact each span as it closes.")
+    ] = False,
+    every: Annotated[float, typer.Option(help="With --follow: seconds between checks.", min=0.1)] = 60.0,
+) -> None:
+    """Move source rows of closed time spans into history segments, refresh the DiaObject snapshot.
+    With --follow this is the compaction job of a server database (one at a time: it holds the
+    engine's compaction lock or lease while it works); stop it with Ctrl-C."""
     from diadb.apdb import Apdb
 
     with Apdb.open(url) as db:
-        created = db.compact()
-    sources = [s for s in created if s.table != "DiaObject"]
-    snapshot = [s for s in created if s.table == "DiaObject"]
-    rows = sum(s.rows for s in sources)
-    line = f"compacted {rows:,} rows into {len(sources)} segment(s)"
-    if snapshot:
-        line += f"; DiaObject snapshot of {snapshot[0].rows:,} latest versions"
-    typer.echo(line)
+        while True:
+            created = db.compact()
+            if created or not follow:
+                sources = [s for s in created if s.table != "DiaObject"]
+                snapshot = [s for s in created if s.table == "DiaObject"]
+                line = f"compacted {sum(s.rows for s in sources):,} rows into {len(sources)} segment(s)"
+                if snapshot:
+                    line += (
+                        f"; DiaObject snapshot: {sum(s.rows for s in snapshot):,} latest versions "
+                        f"in {len(snapshot)} tile segment(s) rewritten"
+                    )
+                typer.echo(line)
+            if not follow:
+                return
+            try:
+                time.sleep(every)
+            except KeyboardInterrupt:
+                return
 
 
 @_command
