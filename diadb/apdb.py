@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from diadb.backends import Backend, ReadTable, VisitBatch, open_backend
+from diadb.backends import Backend, Location, ReadTable, VisitBatch, locate, open_backend
 from diadb.backends.base import TimePartition, TimePartitioned
 from diadb.changelog import ChangeLog
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
@@ -805,6 +805,37 @@ class Apdb:
     def counters(self) -> dict[str, int]:
         """The engine's event counters since this APDB was opened (e.g. ``retries``)."""
         return self._backend.counters()
+
+    def location(self) -> Location:
+        """Where this database lives: its files, or the server, database and namespace it is
+        connected to (never a password)."""
+        return locate(self.url)
+
+    def frozen_metadata(self) -> dict[str, str]:
+        """diadb's own metadata frozen at creation (layout version, pixelization, config, schema
+        name and version; the schema's YAML text left out)."""
+        meta = self._backend.read_metadata()
+        return {
+            k: v for k, v in meta.items() if k.startswith(("diadb.", "felis.")) and k != "felis.schema_yaml"
+        }
+
+    def compaction_backlog(self) -> dict[str, Any] | None:
+        """What a compaction run now would move: the boundary it would use and, per source
+        table, the engine rows older than it. None when the history tier is off.
+
+        Returns
+        -------
+        dict or None
+            ``boundary_mjd`` (None when nothing is stored) and ``rows`` ``{table: count}``.
+        """
+        if self._compactor is None:
+            return None
+        latest = self._backend.latest_visit_mjd()
+        if latest is None:
+            return {"boundary_mjd": None, "rows": dict.fromkeys(HISTORY_TABLES, 0)}
+        boundary = self._compactor.boundary(latest)
+        rows = {t: self._backend.count_before(t, boundary) for t in HISTORY_TABLES}
+        return {"boundary_mjd": boundary, "rows": rows}
 
     # ---- time partitions (PostgreSQL, Cassandra) -----------------------------------
     def time_partitions(self) -> list[TimePartition]:
