@@ -182,7 +182,7 @@ def test_partitions_show_create_drop(url: str, official_schema: ApdbSchema) -> N
 
 
 # ---- the label index -------------------------------------------------------------------
-def test_labels_stand_for_urls_in_every_command(url: str, tmp_path: Path, official_schema: ApdbSchema) -> None:
+def test_labels_stand_for_urls_in_every_command(url: str, tmp_path: Path) -> None:
     index = tmp_path / "index.yaml"
     index.write_text(f'prod: "{url}"\nother: "/nowhere/x.db"\n')
     env = {"DIADB_INDEX_URI": str(index)}
@@ -205,7 +205,8 @@ def test_a_bad_index_is_one_line(tmp_path: Path) -> None:
     bad.write_text("- just\n- a list\n")
     for env in ({"DIADB_INDEX_URI": str(bad)}, {"DIADB_INDEX_URI": str(tmp_path / "missing.yaml")}):
         result = _invoke(["status", "@prod"], env)
-        assert result.exit_code == 2 and result.stderr.startswith("error: ") and "label index" in result.stderr
+        assert result.exit_code == 2 and result.stderr.startswith("error: ")
+        assert "label index" in result.stderr
 
 
 # ---- create's server options -----------------------------------------------------------
