@@ -121,6 +121,7 @@ def timed(call: str, *, table: str = "", rows: RowCounter = _result_rows) -> Cal
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
+        needs_arguments = rows is not _result_rows  # binding the arguments costs ~10 us
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -135,7 +136,8 @@ def timed(call: str, *, table: str = "", rows: RowCounter = _result_rows) -> Cal
                 raise
             wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
             try:
-                n = rows(signature.bind(*args, **kwargs).arguments, result)
+                bound = signature.bind(*args, **kwargs).arguments if needs_arguments else {}
+                n = rows(bound, result)
             except (TypeError, ValueError):
                 n = 0
             _emit(Measurement(call, table, wall, cpu, n, True))
