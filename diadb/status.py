@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -200,7 +201,13 @@ def render(report: dict[str, Any]) -> str:
         + (" (READ-ONLY)" if v["read_only"] else "")
     )
     cfg = report["config"]
-    lines.append("  config       " + ", ".join(f"{k}={cfg[k]}" for k in sorted(cfg)))
+    lines += textwrap.wrap(
+        ", ".join(f"{k}={cfg[k]}" for k in sorted(cfg)),
+        100,
+        initial_indent="  config       ",
+        subsequent_indent=" " * 15,
+        break_on_hyphens=False,
+    )
     latest = report["latest_visit_mjd"]
     lines.append(f"  newest visit {'none' if latest is None else f'MJD {latest:.5f}'}")
     lines.append("tables")
