@@ -15,7 +15,7 @@ from urllib.parse import quote
 import typer
 
 from diadb.cli_admin import register as register_admin
-from diadb.cli_support import command, fail
+from diadb.cli_support import command, fail, in_terminal, with_status
 
 app = typer.Typer(
     help="diadb: an Alert Production Database for time-domain astronomy.",
@@ -93,7 +93,7 @@ def compact(url: Annotated[str, typer.Argument(help="SQLite path or URL of the d
     from diadb.apdb import Apdb
 
     with Apdb.open(url) as db:
-        created = db.compact()
+        created = with_status("compacting", lambda say: db.compact())
     sources = [s for s in created if s.table != "DiaObject"]
     snapshot = [s for s in created if s.table == "DiaObject"]
     rows = sum(s.rows for s in sources)
@@ -314,11 +314,16 @@ def sizing(
 
 
 def _with_progress(label: str, work: Any) -> Any:
-    """Run ``work(progress)`` under a rich progress bar (plain output when not a terminal)."""
+    """Run ``work(progress)`` under a rich progress bar, shown only when stdout is a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     with Progress(
-        f"[bold]{label}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        f"[bold]{label}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        disable=not in_terminal(),
     ) as bar:
         task = bar.add_task(label, total=None)
 
@@ -404,7 +409,12 @@ def export(
     if max_rows is not None:
         opts = dataclasses.replace(opts, max_rows=dict.fromkeys(TABLES, max_rows))
     with Apdb.open(url) as db:
-        result = export_hats(db, directory, region=region, options=opts, incremental=False if full else None)
+        result = with_status(
+            "exporting",
+            lambda say: export_hats(
+                db, directory, region=region, options=opts, incremental=False if full else None, progress=say
+            ),
+        )
     kind = f"incremental ({result.chunks_applied} chunk(s))" if result.incremental else "full"
     for table, s in result.tables.items():
         typer.echo(f"{table:16s} {s['rows']:>12,d} rows {s['partitions']:>6d} partition(s)")
@@ -420,7 +430,7 @@ def restore(
     from diadb.ppdb.restore import restore_export
 
     try:
-        result = restore_export(directory, url)
+        result = with_status("restoring", lambda say: restore_export(directory, url))
     except OSError as e:  # an unreadable export, no room for the scratch files
         raise _fail(str(e)) from None
     rows = ", ".join(f"{n:,} {t}" for t, n in result.rows.items())

@@ -1,10 +1,15 @@
 """The operators' commands on every engine (SQLite, the session's PostgreSQL and Cassandra):
 ``status`` (text, JSON, exit status), ``metadata``, ``chunks list``, ``partitions``, the label
-index (``@label`` in place of a URL) and ``create``'s server options."""
+index (``@label`` in place of a URL), ``create``'s server options, and the progress of long
+commands (shown in a terminal only)."""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +243,50 @@ def test_create_options_are_refused_where_they_do_not_apply(tmp_path: Path) -> N
     bad = _invoke(["create", "postgresql://h/db?schema=s", "--option", "novalue"])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.stderr
     assert not path.exists()
+
+
+# ---- progress ----------------------------------------------------------------------------
+def _in_pty(args: list[str]) -> tuple[int, str]:
+    """Run ``diadb args`` with a pseudo-terminal as stdout and stderr; its status and output."""
+    master, slave = pty.openpty()
+    script = str(Path(sys.executable).with_name("diadb"))
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "100"}
+    proc = subprocess.Popen([script, *args], stdout=slave, stderr=slave, stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
+def test_long_commands_show_progress_only_in_a_terminal(tmp_path: Path, official_schema: ApdbSchema) -> None:
+    pytest.importorskip("hats")
+    path = str(tmp_path / "p.db")
+    diadb.Apdb.create(path, schema=official_schema, history_auto_compact=False).close()
+    _fill(path, official_schema, 9)
+    status, shown = _in_pty(["compact", path])
+    assert status == 0 and "compacting" in shown and "compacted" in shown, shown
+    status, shown = _in_pty(["export", path, str(tmp_path / "tty")])
+    assert status == 0 and "exporting" in shown and "full export" in shown, shown
+    # In a script (pipes, not a terminal) only the result lines: no spinner, nothing on stderr.
+    script = str(Path(sys.executable).with_name("diadb"))
+    done = subprocess.run(
+        [script, "export", path, str(tmp_path / "pipe")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and "exporting" not in done.stdout and "full export" in done.stdout
+    restored = subprocess.run(
+        [script, "restore", str(tmp_path / "pipe"), str(tmp_path / "r.db")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert restored.returncode == 0 and restored.stderr == "", restored.stderr
+    assert restored.stdout.startswith("restored ") and len(restored.stdout.splitlines()) == 1
