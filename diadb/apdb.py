@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from diadb.backends import Backend, ReadTable, VisitBatch, open_backend
+from diadb.backends import Backend, Location, ReadTable, VisitBatch, locate, open_backend
 from diadb.backends.base import TimePartition, TimePartitioned
 from diadb.changelog import ChangeLog
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
@@ -59,6 +59,7 @@ from diadb.ingest import (
     diagnose_key_conflicts,
     with_healpix,
 )
+from diadb.metrics import argument_rows, report_rows, timed
 from diadb.schema import domain
 from diadb.schema.felis import load_schema, schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
@@ -239,6 +240,7 @@ class Apdb:
     def get_objects(
         self, region: Any, *, columns: Sequence[str] | None = None, as_pandas: Literal[True]
     ) -> pd.DataFrame: ...
+    @timed("get_objects", table="DiaObject")
     def get_objects(
         self, region: Any, *, columns: Sequence[str] | None = None, as_pandas: bool = False
     ) -> pa.Table | pd.DataFrame:
@@ -262,6 +264,7 @@ class Apdb:
         """
         return self._read("DiaObject", as_region(region), columns, None, None, as_pandas)
 
+    @timed("get_sources", table="DiaSource")
     def get_sources(
         self,
         region: Any,
@@ -302,6 +305,7 @@ class Apdb:
         window = self._window(visit_time, months, start, start_inclusive, end)
         return self._read_history("DiaSource", region, window, object_ids, columns, as_pandas)
 
+    @timed("get_forced_sources", table="DiaForcedSource")
     def get_forced_sources(
         self,
         region: Any,
@@ -325,6 +329,7 @@ class Apdb:
         window = self._window(visit_time, months, start, start_inclusive, end)
         return self._read_history("DiaForcedSource", region, window, object_ids, columns, as_pandas)
 
+    @timed("read_pixels")
     def read_pixels(
         self, table: ReadTable, ranges: np.ndarray, *, columns: Sequence[str] | None = None
     ) -> pa.Table:
@@ -407,6 +412,7 @@ class Apdb:
         return list(dict.fromkeys(columns))
 
     # ---- writes --------------------------------------------------------------------
+    @timed("store", rows=argument_rows("objects", "sources", "forced_sources"))
     def store(
         self,
         visit_time: Any,
@@ -497,6 +503,7 @@ class Apdb:
         return validate_catalog(spec, data)
 
     # ---- history tier --------------------------------------------------------------
+    @timed("compact")
     def compact(self, *, boundary: float | None = None, fault: FaultHook | None = None) -> list[SegmentInfo]:
         """Move source rows older than ``boundary`` into history segments and refresh the
         DiaObject snapshot. Safe while other processes read and write.
@@ -544,6 +551,7 @@ class Apdb:
         """The live history segments (empty when the tier is off)."""
         return [] if self._history is None else self._history.list_segments()
 
+    @timed("verify")
     def verify(self) -> list[str]:
         """Check the engine's own files where it can (SQLite: ``PRAGMA integrity_check``) and
         every history segment against its manifest entry (size, structure, every block checksum).
@@ -559,6 +567,7 @@ class Apdb:
             return problems
         return problems + self._tier.verify(self.segments())
 
+    @timed("prune", rows=report_rows)
     def prune(self, now: Any = None, *, dry_run: bool = False) -> dict[str, dict[str, int]]:
         """Drop source history older than ``history_months`` plus ``retention_grace_days``.
 
@@ -597,6 +606,7 @@ class Apdb:
         return report
 
     # ---- daytime -------------------------------------------------------------------
+    @timed("reassign_to_ssobjects", table="DiaSource", rows=argument_rows("mapping"))
     def reassign_to_ssobjects(self, mapping: Mapping[int, int], *, time: Any = None) -> None:
         """Move DiaSources to solar-system objects, atomically.
 
@@ -615,6 +625,7 @@ class Apdb:
         """
         self._daytime.reassign_to_ssobjects(mapping, time)
 
+    @timed("reassign_sources", table="DiaSource", rows=argument_rows("mapping"))
     def reassign_sources(
         self,
         mapping: Mapping[int, int],
@@ -642,6 +653,7 @@ class Apdb:
         """
         self._daytime.reassign_sources(mapping, time, increment, decrement)
 
+    @timed("withdraw_sources", table="DiaSource", rows=argument_rows("source_ids"))
     def withdraw_sources(
         self, source_ids: Iterable[int], *, time: Any = None, update_time: Any = None
     ) -> None:
@@ -663,6 +675,7 @@ class Apdb:
         """
         self._daytime.withdraw_sources(source_ids, time, update_time)
 
+    @timed("withdraw_forced_sources", table="DiaForcedSource", rows=argument_rows("keys"))
     def withdraw_forced_sources(
         self, keys: Iterable[tuple[int, int, int]], *, time: Any = None, update_time: Any = None
     ) -> None:
@@ -680,6 +693,7 @@ class Apdb:
         """
         self._daytime.withdraw_forced_sources(keys, time, update_time)
 
+    @timed("set_validity_end", table="DiaObject")
     def set_validity_end(self, object_ids: Iterable[int], time: Any, *, missing_ok: bool = False) -> int:
         """Close the open version of these DiaObjects at ``time``; they leave :meth:`get_objects`.
 
@@ -704,6 +718,7 @@ class Apdb:
         """
         return self._daytime.set_validity_end(object_ids, time, missing_ok)
 
+    @timed("get_objects_for_dedup", table="DiaObject")
     def get_objects_for_dedup(self, since: Any, *, columns: Sequence[str] | None = None) -> pa.Table:
         """Latest DiaObject versions that started at or after ``since`` (the last deduplication).
 
@@ -716,11 +731,13 @@ class Apdb:
         """
         return self._daytime.objects_for_dedup(since, columns)
 
+    @timed("count_unassociated_objects", table="DiaObject")
     def count_unassociated_objects(self) -> int:
         """How many current DiaObjects have exactly one DiaSource."""
         return self._daytime.count_unassociated_objects()
 
     # ---- the change log ------------------------------------------------------------
+    @timed("replica_chunks")
     def replica_chunks(self, *, published: bool | None = None) -> pa.Table:
         """The change log's chunks in commit order.
 
@@ -737,6 +754,7 @@ class Apdb:
         """
         return self._changelog.replica_chunks(published)
 
+    @timed("read_chunks")
     def read_chunks(self, chunk_ids: Iterable[int]) -> dict[str, pa.Table]:
         """What these chunks wrote, wherever the rows live now (engine or history segments).
 
@@ -748,10 +766,12 @@ class Apdb:
         """
         return self._changelog.read_chunks(chunk_ids)
 
+    @timed("mark_published", rows=argument_rows("chunk_ids"))
     def mark_published(self, chunk_ids: Iterable[int]) -> None:
         """Record that these chunks reached the PPDB."""
         self._changelog.mark_published(chunk_ids)
 
+    @timed("log_updates", rows=argument_rows("payloads"))
     def log_updates(self, kind: str, payloads: list[dict[str, Any]], time: Any) -> int:
         """Record update records made elsewhere as one daytime chunk.
 
@@ -791,6 +811,7 @@ class Apdb:
         """The visit time (MJD TAI) of the newest stored visit, or None when nothing is stored."""
         return self._backend.latest_visit_mjd()
 
+    @timed("contains_visit_detector")
     def contains_visit_detector(self, visit: int, detector: int | None = None) -> bool:
         """Whether this visit/detector (``None``: any part of the visit) was stored.
 
@@ -815,6 +836,37 @@ class Apdb:
     def counters(self) -> dict[str, int]:
         """The engine's event counters since this APDB was opened (e.g. ``retries``)."""
         return self._backend.counters()
+
+    def location(self) -> Location:
+        """Where this database lives: its files, or the server, database and namespace it is
+        connected to (never a password)."""
+        return locate(self.url)
+
+    def frozen_metadata(self) -> dict[str, str]:
+        """diadb's own metadata frozen at creation (layout version, pixelization, config, schema
+        name and version; the schema's YAML text left out)."""
+        meta = self._backend.read_metadata()
+        return {
+            k: v for k, v in meta.items() if k.startswith(("diadb.", "felis.")) and k != "felis.schema_yaml"
+        }
+
+    def compaction_backlog(self) -> dict[str, Any] | None:
+        """What a compaction run now would move: the boundary it would use and, per source
+        table, the engine rows older than it. None when the history tier is off.
+
+        Returns
+        -------
+        dict or None
+            ``boundary_mjd`` (None when nothing is stored) and ``rows`` ``{table: count}``.
+        """
+        if self._compactor is None:
+            return None
+        latest = self._backend.latest_visit_mjd()
+        if latest is None:
+            return {"boundary_mjd": None, "rows": dict.fromkeys(HISTORY_TABLES, 0)}
+        boundary = self._compactor.boundary(latest)
+        rows = {t: self._backend.count_before(t, boundary) for t in HISTORY_TABLES}
+        return {"boundary_mjd": boundary, "rows": rows}
 
     # ---- time partitions (PostgreSQL, Cassandra) -----------------------------------
     def time_partitions(self) -> list[TimePartition]:

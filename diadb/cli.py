@@ -7,20 +7,16 @@ with 1.
 
 from __future__ import annotations
 
-import datetime as _dt
-import functools
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 
-from diadb.errors import Error
-
-if TYPE_CHECKING:
-    from diadb.apdb import Apdb
+from diadb.cli_admin import register as register_admin
+from diadb.cli_support import command, fail, in_terminal, with_status
 
 app = typer.Typer(
     help="diadb: an Alert Production Database for time-domain astronomy.",
@@ -29,27 +25,8 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str) -> typer.Exit:
-    # One line, whatever the driver's message looked like (libpq's span several).
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
-    return typer.Exit(code=2)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _command(fn: F) -> F:
-    """Register ``fn`` as a command; the ``diadb.Error`` it raises is one line and exit 2."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Error as e:
-            raise _fail(str(e)) from None
-
-    app.command()(run)
-    return fn
+_fail = fail
+_command = command(app)
 
 
 @_command
@@ -59,10 +36,37 @@ def create(
         Path | None, typer.Option(help="Felis YAML (default: Rubin's official apdb.yaml).")
     ] = None,
     history_months: Annotated[int, typer.Option(help="Default history window, months of 30 days.")] = 12,
+    replication_factor: Annotated[
+        int | None, typer.Option(help="Cassandra: the keyspace's replication factor (URL option rf).")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An engine option KEY=VALUE added to the URL (repeatable), e.g. partition_days=30 "
+            "(PostgreSQL), compression=lz4 or time_partition_days=30 (Cassandra)."
+        ),
+    ] = None,
 ) -> None:
-    """Create an empty APDB."""
+    """Create an empty APDB, with the server options an operator sets (replication factor, engine
+    and table options; they are frozen into the database)."""
     from diadb.apdb import Apdb
+    from diadb.backends import scheme_of
 
+    extra: list[tuple[str, str]] = []
+    if replication_factor is not None:
+        if scheme_of(url) != "cassandra":
+            raise _fail("--replication-factor is a Cassandra option (the URL is not cassandra://)")
+        extra.append(("rf", str(replication_factor)))
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _fail(f"--option takes KEY=VALUE, got {item!r}")
+        extra.append((key, value))
+    if extra:
+        if "://" not in url:
+            raise _fail("--option is for server URLs (postgresql://, cassandra://)")
+        query = "&".join(f"{quote(k)}={quote(v)}" for k, v in extra)
+        url = f"{url}{'&' if '?' in url else '?'}{query}"
     with Apdb.create(url, schema=schema, history_months=history_months) as db:
         typer.echo(f"created {url}: schema {db.schema.name} {db.schema.version}")
 
@@ -99,7 +103,7 @@ def compact(
 
     with Apdb.open(url) as db:
         while True:
-            created = db.compact()
+            created = with_status("compacting", lambda say: db.compact())
             if created or not follow:
                 sources = [s for s in created if s.table != "DiaObject"]
                 snapshot = [s for s in created if s.table == "DiaObject"]
@@ -329,11 +333,16 @@ def sizing(
 
 
 def _with_progress(label: str, work: Any) -> Any:
-    """Run ``work(progress)`` under a rich progress bar (plain output when not a terminal)."""
+    """Run ``work(progress)`` under a rich progress bar, shown only when stdout is a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     with Progress(
-        f"[bold]{label}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        f"[bold]{label}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        disable=not in_terminal(),
     ) as bar:
         task = bar.add_task(label, total=None)
 
@@ -419,7 +428,12 @@ def export(
     if max_rows is not None:
         opts = dataclasses.replace(opts, max_rows=dict.fromkeys(TABLES, max_rows))
     with Apdb.open(url) as db:
-        result = export_hats(db, directory, region=region, options=opts, incremental=False if full else None)
+        result = with_status(
+            "exporting",
+            lambda say: export_hats(
+                db, directory, region=region, options=opts, incremental=False if full else None, progress=say
+            ),
+        )
     kind = f"incremental ({result.chunks_applied} chunk(s))" if result.incremental else "full"
     for table, s in result.tables.items():
         typer.echo(f"{table:16s} {s['rows']:>12,d} rows {s['partitions']:>6d} partition(s)")
@@ -435,74 +449,14 @@ def restore(
     from diadb.ppdb.restore import restore_export
 
     try:
-        result = restore_export(directory, url)
+        result = with_status("restoring", lambda say: restore_export(directory, url))
     except OSError as e:  # an unreadable export, no room for the scratch files
         raise _fail(str(e)) from None
     rows = ", ".join(f"{n:,} {t}" for t, n in result.rows.items())
     typer.echo(f"restored {rows} in {result.visits} visit(s) into {url}")
 
 
-@_command
-def partitions(
-    url: Annotated[str, typer.Argument(help="URL of a PostgreSQL or Cassandra APDB.")],
-    create_ahead: Annotated[
-        int,
-        typer.Option(
-            help="Create the time partitions from the newest visit's (or now) to N partitions ahead."
-        ),
-    ] = 0,
-    drop_before: Annotated[
-        float | None, typer.Option(help="Drop the partitions that end at or before this MJD (TAI).")
-    ] = None,
-) -> None:
-    """Manage the source tables' time partitions (PostgreSQL, Cassandra): list them, create ahead,
-    drop old ones."""
-    from diadb.apdb import Apdb
-
-    if create_ahead < 0:
-        raise _fail(f"--create-ahead must be >= 0, got {create_ahead}")
-    with Apdb.open(url) as db:
-        if create_ahead:
-            for name in _create_ahead(db, create_ahead):
-                typer.echo(f"created {name}")
-        if drop_before is not None:
-            for name in db.drop_time_partitions(drop_before):
-                typer.echo(f"dropped {name}")
-        shown: dict[str, list[str]] = {"DiaSource": [], "DiaForcedSource": []}
-        for p in db.time_partitions():
-            shown.setdefault(p.table, []).append(f"{p.name} [{p.start_mjd:g}, {p.end_mjd:g})")
-        for table, parts in shown.items():
-            typer.echo(f"{table}: {', '.join(parts) or 'none'}")
-
-
-def _create_ahead(db: Apdb, n: int) -> list[str]:
-    """Create the partitions from the one holding the newest visit (or now) to ``n`` partitions
-    of the current width beyond it; the names created."""
-    start = _newest_visit_mjd(db)
-    created: list[str] = []
-    existing = db.time_partitions()  # ConfigError on an engine without time partitions
-    if not existing:
-        # No partition to read the width from: make the one holding ``start`` first.
-        created += db.create_time_partitions(start, start + _INSTANT_DAYS)
-        existing = db.time_partitions()
-    if not existing:
-        raise _fail(f"{db.url}: no time partition was made at MJD {start:g}; cannot tell their width")
-    newest = max(existing, key=lambda p: p.end_mjd)
-    width = newest.end_mjd - newest.start_mjd
-    created += db.create_time_partitions(start, start + n * width)
-    return created
-
-
-#: A time span shorter than any partition: [t, t + this) lies in the partition holding t.
-_INSTANT_DAYS = 1e-6
-
-
-def _newest_visit_mjd(db: Apdb) -> float:
-    """MJD TAI of the newest stored visit, or now."""
-    from diadb.times import mjd_tai
-
-    newest = db.latest_visit_mjd()
-    return mjd_tai(_dt.datetime.now(_dt.UTC).replace(tzinfo=None)) if newest is None else float(newest)
+register_admin(app)
 
 
 def main() -> None:

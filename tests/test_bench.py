@@ -42,6 +42,11 @@ def test_side_by_side_run_writes_metrics_report_and_plot(ci_run):
     memory = ci_run.summary["reader_memory"]
     assert memory["rows"][1] > 0 and memory["peak_mb"] >= memory["baseline_peak_mb"] > 0
     assert memory["anon_mb"] > 0 and "A reader's memory" in report
+    # The cost of metrics on the same read: every mode measured, and the wrapper's own cost.
+    cost = ci_run.summary["metrics_cost"]
+    assert {"read_off_s", "read_memory_s", "read_prometheus_s"} <= set(cost)
+    assert all(cost[k] > 0 for k in ("read_off_s", "read_memory_s", "read_prometheus_s"))
+    assert "Metrics cost on a read" in report
 
 
 def test_reads_agree_with_the_reference_up_to_its_superset(ci_run):

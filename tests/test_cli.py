@@ -60,23 +60,45 @@ FOREIGN_FILE_CALLS = {
     "simulate --after": lambda f, t: ["simulate", f, "--after", "1", "--visits", "1"],
     "export": lambda f, t: ["export", f, t / "export"],
     "restore": lambda f, t: ["restore", f, t / "new.db"],
-    "partitions": lambda f, t: ["partitions", f],
-    "partitions --create-ahead": lambda f, t: ["partitions", f, "--create-ahead", "2"],
-    "partitions --drop-before": lambda f, t: ["partitions", f, "--drop-before", "60000"],
+    "partitions show": lambda f, t: ["partitions", "show", f],
+    "partitions create": lambda f, t: ["partitions", "create", f, "--ahead", "2"],
+    "partitions drop": lambda f, t: ["partitions", "drop", f, "--before", "60000"],
+    "status": lambda f, t: ["status", f],
+    "status --json": lambda f, t: ["status", "--json", f],
+    "metadata show": lambda f, t: ["metadata", "show", f],
+    "metadata get": lambda f, t: ["metadata", "get", f, "k"],
+    "metadata set": lambda f, t: ["metadata", "set", f, "k", "v"],
+    "metadata delete": lambda f, t: ["metadata", "delete", f, "k"],
+    "chunks list": lambda f, t: ["chunks", "list", f],
+    "index list": lambda f, t: ["index", "list"],
     "sizing": lambda f, t: ["sizing", "--summary", f, "--years", "1"],
     "bench": lambda f, t: ["bench", "--profile", "ci", "--visits", "1", "--url", f, "--out", t / "b"],
     "demo": lambda f, t: ["demo", "--out", t / "d", "--visits", "0"],
 }
 
 
+def _commands() -> dict[str, object]:
+    """Every command by its full name (``partitions show``), with its callback."""
+    found: dict[str, object] = {}
+    for c in app.registered_commands:
+        assert c.callback is not None
+        found[c.name or c.callback.__name__] = c.callback
+    for group in app.registered_groups:
+        assert group.typer_instance is not None
+        for c in group.typer_instance.registered_commands:
+            assert c.callback is not None and c.name
+            found[f"{group.name} {c.name}"] = c.callback
+    return found
+
+
 def test_every_command_is_covered_and_maps_errors() -> None:
     """Every command goes through the CLI's error mapping, and the test below runs each one."""
-    names = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
-    assert len(names) == len(app.registered_commands)
-    assert names == {call.split()[0] for call in FOREIGN_FILE_CALLS}
-    for command in app.registered_commands:
-        # Registered through diadb.cli._command, which maps diadb.Error to one line and exit 2.
-        assert hasattr(command.callback, "__wrapped__"), command.callback
+    commands = _commands()
+    covered = {" ".join(w for w in call.split() if not w.startswith("-")) for call in FOREIGN_FILE_CALLS}
+    assert set(commands) == covered
+    for callback in commands.values():
+        # Registered through diadb.cli_support.command, which maps diadb.Error to one line and exit 2.
+        assert hasattr(callback, "__wrapped__"), callback
 
 
 @pytest.mark.parametrize("call", sorted(FOREIGN_FILE_CALLS))
@@ -99,14 +121,14 @@ def test_the_installed_command_on_a_foreign_file(foreign: Path) -> None:
 def test_partitions_on_sqlite_is_a_clear_error(tmp_path: Path, official_schema: ApdbSchema) -> None:
     url = str(tmp_path / "apdb.db")
     diadb.Apdb.create(url, schema=official_schema).close()
-    for extra in ([], ["--create-ahead", "2"], ["--drop-before", "60000"]):
-        _assert_one_line_error(_invoke(["partitions", url, *extra]), "no time-partition tables")
+    for args in (["show"], ["create", "--ahead", "2"], ["drop", "--before", "60000"]):
+        _assert_one_line_error(_invoke(["partitions", args[0], url, *args[1:]]), "no time-partition tables")
 
 
 def test_partitions_refuses_a_negative_count(tmp_path: Path, official_schema: ApdbSchema) -> None:
     url = str(tmp_path / "apdb.db")
     diadb.Apdb.create(url, schema=official_schema).close()
-    _assert_one_line_error(_invoke(["partitions", url, "--create-ahead", "-1"]), "--create-ahead")
+    _assert_one_line_error(_invoke(["partitions", "create", url, "--ahead", "-1"]), "--ahead")
 
 
 @pytest.fixture(params=["postgresql", "cassandra"])
@@ -134,7 +156,7 @@ def _names(output: str, verb: str) -> set[str]:
 def test_partitions_create_ahead_of_now_list_and_drop(partitioned_url: str) -> None:
     url = partitioned_url
     now = mjd_tai(dt.datetime.now(dt.UTC).replace(tzinfo=None))
-    result = _invoke(["partitions", url, "--create-ahead", "3"])
+    result = _invoke(["partitions", "create", url, "--ahead", "3"])
     assert result.exit_code == 0, result.output
     parts = _partitions(url)
     assert {p.table for p in parts} == set(SOURCE_TABLES)
@@ -151,13 +173,13 @@ def test_partitions_create_ahead_of_now_list_and_drop(partitioned_url: str) -> N
     for p in parts:
         assert f"{p.name} [{p.start_mjd:g}, {p.end_mjd:g})" in result.stdout
     # Again: nothing new to make.
-    again = _invoke(["partitions", url, "--create-ahead", "3"])
+    again = _invoke(["partitions", "create", url, "--ahead", "3"])
     assert again.exit_code == 0, again.output
     assert not _names(again.stdout, "created")
     # Drop those that end at or before the first one's end.
     cutoff = min(p.end_mjd for p in parts)
     gone = {p.name for p in parts if p.end_mjd <= cutoff}
-    dropped = _invoke(["partitions", url, "--drop-before", f"{cutoff!r}"])
+    dropped = _invoke(["partitions", "drop", url, "--before", f"{cutoff!r}"])
     assert dropped.exit_code == 0, dropped.output
     assert _names(dropped.stdout, "dropped") == gone
     assert {p.name for p in _partitions(url)} == {p.name for p in parts} - gone
@@ -174,7 +196,7 @@ def test_partitions_create_ahead_of_the_newest_visit(
         v = make_visit(official_schema, 1, mjd, np.arange(1, 4), ra, dec)
         db.store(v.mjd, v.objects, v.sources, v.forced, visit=1)
     width = _width(_partitions(url))
-    result = _invoke(["partitions", url, "--create-ahead", "2"])
+    result = _invoke(["partitions", "create", url, "--ahead", "2"])
     assert result.exit_code == 0, result.output
     assert _names(result.stdout, "created"), result.output
     parts = _partitions(url)

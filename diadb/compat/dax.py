@@ -44,10 +44,12 @@ from lsst.dax.apdb.apdbAdmin import ApdbAdmin
 from lsst.dax.apdb.apdbMetadata import ApdbMetadata
 from lsst.dax.apdb.apdbSchema import ApdbSchema, ApdbTables
 from lsst.dax.apdb.schema_model import Table
+from lsst.dax.apdb.timer import Timer
 
 import diadb
 from diadb.compat.dax_admin import DiadbApdbAdmin, DiadbApdbMetadata
 from diadb.compat.dax_config import DEFAULT_SCHEMA, DiadbApdbConfig, register
+from diadb.compat.dax_monitor import store_records, timer
 from diadb.compat.dax_replica import DiadbApdbReplica
 from diadb.errors import UnknownIdError
 from diadb.schema.felis import schema_from_yaml
@@ -268,7 +270,10 @@ class DiadbApdb(Apdb):
 
     def getDiaObjects(self, region: Any) -> pd.DataFrame:
         columns = list(self.config.dia_object_columns) or self._columns("DiaObject")
-        return to_pandas(self._db.get_objects(region, columns=columns))
+        with timer("select_time", "DiaObject", "getDiaObjects") as t:
+            frame = to_pandas(self._db.get_objects(region, columns=columns))
+            t.add_values(row_count=len(frame))
+        return frame
 
     def _read_sources(
         self, table: str, region: Any, object_ids: Iterable[int] | None, start: float, inclusive: bool
@@ -278,16 +283,19 @@ class DiadbApdb(Apdb):
         ids = None if object_ids is None else np.fromiter((int(i) for i in object_ids), dtype=np.int64)
         reg = None if ids is not None else as_region(region)
         read = self._db.get_sources if table == "DiaSource" else self._db.get_forced_sources
-        data = read(
-            reg,
-            start,
-            object_ids=ids,
-            start=start,
-            start_inclusive=inclusive,
-            end=np.inf,
-            columns=self._columns(table),
-        )
-        return to_pandas(data)
+        with timer("select_time", table, "_getSources") as t:
+            data = read(
+                reg,
+                start,
+                object_ids=ids,
+                start=start,
+                start_inclusive=inclusive,
+                end=np.inf,
+                columns=self._columns(table),
+            )
+            frame = to_pandas(data)
+            t.add_values(row_count=len(frame))
+        return frame
 
     def getDiaSources(
         self,
@@ -335,7 +343,8 @@ class DiadbApdb(Apdb):
         region: Any = None,
         visit_time: astropy.time.Time | None = None,
     ) -> bool:
-        return self._db.contains_visit_detector(int(visit), int(detector))
+        with timer("contains_visit_detector_time", "diadb_visit"):
+            return self._db.contains_visit_detector(int(visit), int(detector))
 
     def countUnassociatedObjects(self) -> int:
         return self._db.count_unassociated_objects()
@@ -354,9 +363,13 @@ class DiadbApdb(Apdb):
         # The reference sets the validity interval itself: the visit time, and open.
         objects = objects.drop(columns=["validityStartMjdTai", "validityEndMjdTai"], errors="ignore")
         key, visit, detector = _store_key(mjd, objects, (sources, forced_sources))
-        stored = self._db.store(
-            mjd, objects, sources, forced_sources, visit=visit, detector=detector, key=key
-        )
+        with Timer("insert_time") as done:
+            stored = self._db.store(
+                mjd, objects, sources, forced_sources, visit=visit, detector=detector, key=key
+            )
+        tables = ("DiaObject", "DiaSource", "DiaForcedSource")
+        counts = zip(tables, (objects, sources, forced_sources), strict=True)
+        store_records(done, {t: len(f) for t, f in counts if f is not None})
         if not stored:
             _LOG.warning("this store (visit %d, key %s) is already stored: nothing written", visit, key)
 
@@ -370,12 +383,14 @@ class DiadbApdb(Apdb):
         mapping = {int(k.diaSourceId): int(v) for k, v in idMap.items()}
         if not mapping:
             return
-        self._db.reassign_sources(
-            mapping,
-            time=self._current_time(),
-            increment=increment_nDiaSources,
-            decrement=decrement_nDiaSources,
-        )
+        with timer("source_reassign_time") as t:
+            self._db.reassign_sources(
+                mapping,
+                time=self._current_time(),
+                increment=increment_nDiaSources,
+                decrement=decrement_nDiaSources,
+            )
+            t.add_values(source_count=len(mapping))
 
     def setValidityEnd(
         self, objects: list[DiaObjectId], validityEnd: astropy.time.Time, raise_on_missing_id: bool = False
@@ -384,7 +399,10 @@ class DiadbApdb(Apdb):
         if not ids:
             return 0
         # The reference skips unknown ids unless asked to raise.
-        return self._db.set_validity_end(ids, validityEnd, missing_ok=not raise_on_missing_id)
+        with timer("update_time", "DiaObject", "setValidityEnd") as t:
+            closed = self._db.set_validity_end(ids, validityEnd, missing_ok=not raise_on_missing_id)
+            t.add_values(row_count=closed)
+        return closed
 
     def resetDedup(self, dedup_time: astropy.time.Time | None = None) -> None:
         if dedup_time is None:
@@ -397,7 +415,9 @@ class DiadbApdb(Apdb):
         if not mapping:
             return
         try:
-            self._db.reassign_to_ssobjects(mapping, time=self._current_time())
+            with timer("update_time", "DiaSource", "reassignDiaSources") as t:
+                self._db.reassign_to_ssobjects(mapping, time=self._current_time())
+                t.add_values(row_count=len(mapping))
         except UnknownIdError as e:
             # The reference's callers expect ValueError here.
             raise ValueError(f"Following DiaSource IDs do not exist in the database: {e}") from e
@@ -408,7 +428,9 @@ class DiadbApdb(Apdb):
         ids = sorted({int(s.diaSourceId) for s in diaSourceIds})
         when = self._current_time() if timeWithdrawn is None else timeWithdrawn
         if ids:
-            self._db.withdraw_sources(ids, time=when, update_time=self._current_time())
+            with timer("update_time", "DiaSource", "withdrawDiaSources") as t:
+                self._db.withdraw_sources(ids, time=when, update_time=self._current_time())
+                t.add_values(row_count=len(ids))
 
     def withdrawDiaForcedSources(
         self,
@@ -419,7 +441,9 @@ class DiadbApdb(Apdb):
         keys = sorted({(int(s.diaObjectId), int(s.visit), int(s.detector)) for s in diaForcedSourceIds})
         when = self._current_time() if timeWithdrawn is None else timeWithdrawn
         if keys:
-            self._db.withdraw_forced_sources(keys, time=when, update_time=self._current_time())
+            with timer("update_time", "DiaForcedSource", "withdrawDiaForcedSources") as t:
+                self._db.withdraw_forced_sources(keys, time=when, update_time=self._current_time())
+                t.add_values(row_count=len(keys))
 
     def _store_update_records(
         self, records: Sequence[ApdbUpdateRecord], update_time: astropy.time.Time

@@ -23,13 +23,14 @@ from __future__ import annotations
 import datetime as _dt
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from diadb.errors import BackendUnavailable
+from diadb.metrics import timed
 from diadb.ppdb import partition as part
 from diadb.ppdb.incremental import check_same_source, chunk_ids, update_export
 from diadb.ppdb.layout import MANIFEST, SCHEMA_FILE, TABLES, Manifest, PublicationError
@@ -54,6 +55,11 @@ def require_hats() -> None:
         ) from None
 
 
+def _exported_rows(args: Mapping[str, Any], result: ExportResult) -> int:
+    return sum(int(t.get("rows", 0)) for t in result.tables.values())
+
+
+@timed("export", rows=_exported_rows)
 def export_hats(
     apdb: Apdb,
     out_dir: str | Path,

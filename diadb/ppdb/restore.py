@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from diadb.config import ApdbConfig
 from diadb.errors import Error
+from diadb.metrics import timed
 from diadb.ppdb.layout import TABLES, PublicationError, catalog_dir
 from diadb.ppdb.verify import load_export, verify_export
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
@@ -68,6 +69,11 @@ class RestoreResult:
     batches: int = 0
 
 
+def _restored_rows(args: Mapping[str, Any], result: RestoreResult) -> int:
+    return sum(result.rows.values())
+
+
+@timed("restore", rows=_restored_rows)
 def restore_export(
     root: str | Path,
     url: str | Path,

@@ -27,6 +27,7 @@ import pyarrow as pa
 from diadb.apdb import Apdb
 from diadb.errors import ConfigError
 from diadb.history.segment import locate, open_segment
+from diadb.sim.metrics_cost import metrics_cost
 from diadb.sim.model import SimConfig, VisitSimulator
 from diadb.sim.probe import reader_memory
 from diadb.sim.reference import ReadResult, ReferenceApdb, forced_key
@@ -339,6 +340,8 @@ def run_bench(
         sizes,
     )
     summary["reader_memory"] = reader_memory(main.db.url, last.region, last.mjd_tai)
+    with Apdb.open(main.db.url) as reopened:
+        summary["metrics_cost"] = metrics_cost(reopened, last.region, last.mjd_tai)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     import pyarrow.parquet as pq
 

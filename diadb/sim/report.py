@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from diadb.sim.metrics_cost import describe as describe_metrics_cost
 from diadb.sim.probe import describe
 
 TABLES = ("DiaObject", "DiaSource", "DiaForcedSource")
@@ -167,6 +168,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Mean store per visit, compactions included: {means}."]
     if summary.get("reader_memory"):
         lines += ["", describe(summary["reader_memory"])]
+    if summary.get("metrics_cost"):
+        lines += ["", describe_metrics_cost(summary["metrics_cost"])]
     return "\n".join(lines) + "\n"
 
 
