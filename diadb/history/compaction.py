@@ -54,9 +54,10 @@ class Compactor:
             latest_mjd, self._config.history_span_days, self._config.history_compact_lag_days
         )
 
-    def run(self, boundary: float, fault: FaultHook | None = None) -> list[SegmentInfo]:
+    def run(self, boundary: float, fault: FaultHook | None = None, wait: bool = True) -> list[SegmentInfo]:
         """Move every source row older than ``boundary`` into segments and refresh the DiaObject
-        snapshot, in one engine transaction; the new segments' manifest entries."""
+        snapshot, in one engine transaction; the new segments' manifest entries. Without
+        ``wait``, nothing is done while another process compacts (see ``after_store``)."""
         tier, schema = self._tier, self._schema
 
         def write(table: str, rows: pa.Table) -> list[SegmentInfo]:
@@ -68,7 +69,7 @@ class Compactor:
             return tier.write_objects(old, changed, schema.table(OBJECT_TABLE).cast(rows), fault)
 
         created = self._engine.compact_history(
-            HISTORY_TABLES, boundary, write, tier.sweep, fault, objects=write_objects
+            HISTORY_TABLES, boundary, write, tier.sweep, fault, objects=write_objects, wait=wait
         )
         self.compacted_to = max(self.compacted_to, boundary)
         return created
@@ -83,7 +84,9 @@ class Compactor:
         if boundary <= self.compacted_to:
             return []
         try:
-            created = self.run(boundary)
+            # Of many clients of one server, the first to see a span close compacts it; the
+            # others do not queue behind it (their stores would wait) and find it done later.
+            created = self.run(boundary, wait=False)
         except Exception as e:  # reported and retried later: the store stands
             self.last_error = e
             log.warning("automatic compaction to MJD %s failed (the store is committed): %s", boundary, e)

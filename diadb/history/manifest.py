@@ -62,9 +62,12 @@ class HistoryEngine(Protocol):
         sweep: SegmentSweeper,
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
+        wait: bool = True,
     ) -> list[SegmentInfo]:
         """Atomically move rows older than ``boundary`` into segments written by ``write``,
-        and (with ``objects``) replace the DiaObject snapshot by one that is current."""
+        and (with ``objects``) replace the DiaObject snapshot by one that is current. Without
+        ``wait``, return at once (nothing done) if another compaction holds the engine's
+        compaction lock: the automatic compaction of one of many clients."""
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

@@ -212,13 +212,15 @@ class CassandraHistory:
         sweep: SegmentSweeper,
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
+        wait: bool = True,
     ) -> list[SegmentInfo]:
         """Under the compaction lease: drop engine tables a boundary old enough covers, sweep
         orphan blobs, write the segments of rows in ``[B, boundary)`` and commit them with the
         new boundary in one batch. ``objects`` is ignored (no DiaObject snapshot here yet)."""
         hook = fault or (lambda step: None)
         lease = self.lease()
-        lease.acquire(wait_s=60.0)
+        if not lease.acquire(wait_s=60.0 if wait else 0.0, required=wait):
+            return []  # another process is compacting
         try:
             current = self._read_manifest()
             if current.committed_at and time.time() - current.committed_at >= TRASH_GRACE_S:

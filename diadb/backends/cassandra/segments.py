@@ -128,8 +128,9 @@ class Lease:
         self.ttl_s = ttl_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
-    def acquire(self, wait_s: float) -> None:
-        """Take the lease, waiting up to ``wait_s`` seconds for its holder to finish."""
+    def acquire(self, wait_s: float, required: bool = True) -> bool:
+        """Take the lease, waiting up to ``wait_s`` seconds for its holder to finish; False (or,
+        when ``required``, a StorageError) if it is still held then."""
         t = self.session.t(LEASE_TABLE)
         deadline = time.monotonic() + wait_s
         delay = 0.05
@@ -142,12 +143,14 @@ class Lease:
                 )
             )
             if rows and bool(rows[0][0]):
-                return
+                return True
             holder = str(rows[0][2]) if rows and len(rows[0]) > 2 else ""
             if _dead_here(holder):
                 self.session.execute(f"DELETE FROM {t} WHERE name = %s IF owner = %s", [self.name, holder])
                 continue
             if time.monotonic() + delay > deadline:
+                if not required:
+                    return False
                 raise StorageError(
                     f"the {self.name} lease of keyspace {self.session.keyspace} is held by "
                     f"{holder or 'another process'}; it expires {self.ttl_s} s after it was taken "

@@ -280,8 +280,9 @@ class PostgresBackend:
         sweep: SegmentSweeper,
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
+        wait: bool = True,
     ) -> list[SegmentInfo]:
-        return self.history.compact_history(tables, boundary, write, sweep, fault, objects)
+        return self.history.compact_history(tables, boundary, write, sweep, fault, objects, wait)
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

@@ -191,19 +191,22 @@ class PostgresHistory:
         sweep: SegmentSweeper,
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
+        wait: bool = True,
     ) -> list[SegmentInfo]:
         """Move every row older than ``boundary`` into segments, in one transaction holding the
-        compaction lock; with ``objects``, also replace the DiaObject snapshot's changed tiles."""
+        compaction lock; with ``objects``, also replace the DiaObject snapshot's changed tiles.
+        Without ``wait``, nothing is done when another compaction holds the lock."""
         hook = fault or (lambda step: None)
         before = TimeWindow(float("-inf"), float(np.nextafter(boundary, -np.inf)))
 
         def work(cur: Any) -> list[SegmentInfo]:
             created: list[SegmentInfo] = []
             with self.conn.pin(cur):
-                cur.execute(
-                    "SELECT pg_advisory_xact_lock($1::integer, 1)", parameters=params(self.conn.lock_space)
-                )
-                cur.fetchall()
+                lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+                cur.execute(f"SELECT {lock}($1::integer, 1)", parameters=params(self.conn.lock_space))
+                got = cur.fetchall()
+                if not wait and not bool(got[0][0]):
+                    return []  # another process is compacting
                 trash = self.conn.fetch(f"SELECT name, dropped_at FROM {self.conn.t('diadb_segment_trash')}")
                 pairs = list(zip(trash.column(0).to_pylist(), trash.column(1).to_pylist(), strict=True))
                 done = sweep(self.list_segments(), pairs)

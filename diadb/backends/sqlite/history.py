@@ -119,6 +119,7 @@ class SqliteHistory:
         sweep: SegmentSweeper,
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
+        wait: bool = True,
     ) -> list[SegmentInfo]:
         """Move every row older than ``boundary`` into segments, in one write transaction;
         with ``objects``, also replace the DiaObject snapshot (see ``layout.OBJECT_CHANGES_DDL``).
@@ -126,7 +127,8 @@ class SqliteHistory:
         Files are written (and made durable) by ``write`` while the transaction holds the
         write lock; the manifest rows and the deletion of the moved rows commit together.
         A crash before the commit leaves the rows in the engine and an orphan file that the
-        next compaction's ``sweep`` deletes.
+        next compaction's ``sweep`` deletes. ``wait`` is not used: the processes sharing a file
+        are on one host, and SQLite's write lock queues them briefly.
         """
         hook = fault or (lambda step: None)
         created: list[SegmentInfo] = []
