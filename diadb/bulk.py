@@ -71,7 +71,9 @@ def _visits_table(visits: Any) -> tuple[Int64Array, npt.NDArray[np.float64]]:
         columns = {str(k): np.asarray(v) for k, v in dict(visits).items()}
     missing = [c for c in ("visit", "visit_time") if c not in columns]
     if missing:
-        raise ConfigError(f"load_history: visits need the columns 'visit' and 'visit_time'; missing {missing}")
+        raise ConfigError(
+            f"load_history: visits need the columns 'visit' and 'visit_time'; missing {missing}"
+        )
     ids = np.asarray(columns["visit"])
     if not np.issubdtype(ids.dtype, np.integer):
         raise ConfigError(f"load_history: visit ids must be integers, got {ids.dtype}")
@@ -134,7 +136,9 @@ class BulkLoader:
         for name, data in catalogs.items():
             if data.num_rows:
                 pos = np.searchsorted(np.sort(visit_ids), data.column("visit").to_numpy())
-                own = np.sort(visit_ids)[np.clip(pos, 0, len(visit_ids) - 1)] == data.column("visit").to_numpy()
+                own = (
+                    np.sort(visit_ids)[np.clip(pos, 0, len(visit_ids) - 1)] == data.column("visit").to_numpy()
+                )
                 if not own.all():
                     raise CatalogError(name, "visit", "not one of the batch's visits", np.flatnonzero(~own))
         domain.check_object_references(objs, catalogs, self._backend.known_object_ids)
@@ -232,12 +236,17 @@ class BulkLoader:
         bad = times[pos] != start
         if bad.any():
             raise CatalogError(
-                "DiaObject", "validityStartMjdTai", "is not the time of one of the batch's visits", np.flatnonzero(bad)
+                "DiaObject",
+                "validityStartMjdTai",
+                "is not the time of one of the batch's visits",
+                np.flatnonzero(bad),
             )
         ids = np.asarray(objs.column("diaObjectId").to_numpy(), dtype=np.int64)
         key = pa.table({"i": ids, "p": pos})
         if key.group_by(["i", "p"]).aggregate([]).num_rows != objs.num_rows:
-            raise CatalogError("DiaObject", "diaObjectId", "more than one version of an object in one visit", [])
+            raise CatalogError(
+                "DiaObject", "diaObjectId", "more than one version of an object in one visit", []
+            )
         return pos.astype(np.int64)
 
     def _check_segment_keys(self, segment_rows: dict[str, pa.Table]) -> None:

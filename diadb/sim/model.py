@@ -368,8 +368,29 @@ class VisitSimulator:
         self._next_forced_id += n_forced
 
         return _Detections(
-            index, visit_id, rng, mjd, ra0, dec0, band, field, idx, forced_idx, forced_det,
-            ids, ra, dec, det, n_src, first, source_ids, forced_ids, real_x, real_y, f_x, f_y,
+            index,
+            visit_id,
+            rng,
+            mjd,
+            ra0,
+            dec0,
+            band,
+            field,
+            idx,
+            forced_idx,
+            forced_det,
+            ids,
+            ra,
+            dec,
+            det,
+            n_src,
+            first,
+            source_ids,
+            forced_ids,
+            real_x,
+            real_y,
+            f_x,
+            f_y,
         )
 
     def next_visit(self) -> Visit:
@@ -377,7 +398,14 @@ class VisitSimulator:
         d = self._detect()
         pop = self._population
         (index, visit_id, rng, mjd, ra0, dec0, band, field) = (
-            d.index, d.visit_id, d.rng, d.mjd, d.ra0, d.dec0, d.band, d.field
+            d.index,
+            d.visit_id,
+            d.rng,
+            d.mjd,
+            d.ra0,
+            d.dec0,
+            d.band,
+            d.field,
         )
         forced_idx, forced_det, ids, ra, dec, det = d.forced_idx, d.forced_det, d.ids, d.ra, d.dec, d.det
         n_src, first, source_ids, forced_ids = d.n_src, d.first, d.source_ids, d.forced_ids

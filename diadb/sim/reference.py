@@ -143,6 +143,8 @@ class ReferenceApdb:
         self.namespace: str | None = None
         #: (hosts, port, keyspace) when the reference runs on Cassandra.
         self.cassandra: tuple[tuple[str, ...], int, str] | None = None
+        #: The reference's SQL configuration (its ``ApdbSqlConfig``; None on Cassandra).
+        self.config: Any = None
         if isinstance(path, str) and path.startswith("cassandra"):
             self._apdb = _dax_cassandra(path, months, create)
             self.cassandra = reference_cassandra_location(path)
@@ -160,6 +162,7 @@ class ReferenceApdb:
             namespace=self.namespace,
             drop=create,
         )
+        self.config = config
         self._apdb = DaxApdb.from_config(config)
 
     def size_bytes(self) -> int:
