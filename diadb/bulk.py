@@ -140,7 +140,9 @@ class BulkLoader:
                     np.sort(visit_ids)[np.clip(pos, 0, len(visit_ids) - 1)] == data.column("visit").to_numpy()
                 )
                 if not own.all():
-                    raise CatalogError(name, "visit", "not one of the batch's visits", np.flatnonzero(~own))
+                    raise CatalogError(
+                        name, "visit", "not one of the batch's visits", np.flatnonzero(~own).tolist()
+                    )
         domain.check_object_references(objs, catalogs, self._backend.known_object_ids)
         if not isinstance(self._backend, BulkLoading):
             return self._one_by_one(visit_ids, times, objs, object_visit, catalogs)
@@ -224,12 +226,14 @@ class BulkLoader:
         start_col = objs.column("validityStartMjdTai")
         if start_col.null_count:
             rows = np.flatnonzero(np.asarray(start_col.is_null().to_numpy(zero_copy_only=False), bool))
-            raise CatalogError("DiaObject", "validityStartMjdTai", "must be the time of its visit", rows)
+            raise CatalogError(
+                "DiaObject", "validityStartMjdTai", "must be the time of its visit", rows.tolist()
+            )
         ends = objs.column("validityEndMjdTai")
         if ends.null_count != len(ends):
             rows = np.flatnonzero(~np.asarray(ends.is_null().to_numpy(zero_copy_only=False), dtype=bool))
             raise CatalogError(
-                "DiaObject", "validityEndMjdTai", "must be null: diadb closes versions itself", rows
+                "DiaObject", "validityEndMjdTai", "must be null: diadb closes versions itself", rows.tolist()
             )
         start = np.asarray(start_col.to_numpy(), dtype=np.float64)
         pos = np.clip(np.searchsorted(times, start), 0, len(times) - 1)
@@ -239,7 +243,7 @@ class BulkLoader:
                 "DiaObject",
                 "validityStartMjdTai",
                 "is not the time of one of the batch's visits",
-                np.flatnonzero(bad),
+                np.flatnonzero(bad).tolist(),
             )
         ids = np.asarray(objs.column("diaObjectId").to_numpy(), dtype=np.int64)
         key = pa.table({"i": ids, "p": pos})

@@ -180,6 +180,14 @@ def bench(
             "(keyspace <keyspace>_dax), else SQLite in --out."
         ),
     ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option(
+            help="Go on from a database made by `diadb build` (same profile and scale): open it, and "
+            "with --compare dax_apdb the reference database built beside it, and simulate the visits "
+            "that follow (default: the rest of the profile's visits)."
+        ),
+    ] = None,
 ) -> None:
     """Simulate visits into diadb (and the reference) side by side; report medians, ratios, a plot."""
     from diadb.sim.bench import run_bench
@@ -198,12 +206,62 @@ def bench(
             progress=progress,
             url=url,
             reference_url=reference_url,
+            after=after,
         ),
     )
     typer.echo(result.summary_path.read_text())
     typer.echo(f"report: {result.summary_path}")
     if result.plot_path is not None:
         typer.echo(f"plot: {result.plot_path}")
+
+
+@_command
+def build(
+    url: Annotated[str, typer.Argument(help="SQLite path or URL of the database to create.")],
+    profile: Annotated[str, typer.Option(help="Simulation profile: ci, demo or year.")] = "year",
+    months: Annotated[float, typer.Option(help="Months (30 days) of the profile's stream to write.")] = 12.0,
+    scale: Annotated[
+        float | None, typer.Option(help="Override the profile's source density (fraction of full).")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Also build lsst-dax-apdb's SQLite database of the same rows at this path."),
+    ] = None,
+    batch_rows: Annotated[int, typer.Option(help="Rows (all tables) per bulk-load transaction.")] = 1_000_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Write the first MONTHS of a profile's visit stream into a new database in bulk (then
+    `diadb bench --after URL` goes on visit by visit)."""
+    from diadb.sim.build import build_history
+
+    result = _with_progress(
+        "build",
+        lambda progress: build_history(
+            url,
+            profile,
+            months=months,
+            scale=scale,
+            reference=reference,
+            batch_rows=batch_rows,
+            progress=progress,
+        ),
+    )
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    s = result.seconds
+    typer.echo(
+        f"built {url}: {result.visits} visits, {result.total_rows:,} rows "
+        f"({', '.join(f'{k} {v:,}' for k, v in result.rows.items())}), {result.segments} segment(s), "
+        f"{result.batches} batch(es)"
+    )
+    typer.echo(
+        f"seconds: generate {s['generate']:.1f}, diadb load {s['diadb']:.1f}, reference load "
+        f"{s['reference']:.1f}, total {s['total']:.1f} ({result.rows_per_s():,.0f} rows/s overall, "
+        f"{result.rows_per_s('diadb'):,.0f} rows/s into diadb)"
+    )
+    if result.reference:
+        typer.echo(f"reference: {result.reference} ({result.htm_computed:,} HTM positions computed)")
 
 
 @_command
@@ -239,8 +297,8 @@ def simulate(
     import pyarrow.compute as pc
 
     from diadb.apdb import Apdb
-    from diadb.sim.bench import PROFILES
     from diadb.sim.model import VisitSimulator
+    from diadb.sim.profiles import PROFILES
     from diadb.sim.runner import run, save_metrics, summarize
 
     if profile not in PROFILES:
@@ -256,8 +314,7 @@ def simulate(
         before = db.stats() if after else {}
         sim = VisitSimulator(sim_config, db.schema)
         # The model's state (ids, detection history) depends on the visits before: replay them.
-        for _ in sim.visits(after):
-            pass
+        sim.skip(after)
         table = _with_progress(
             "simulate",
             lambda progress: run(

@@ -39,7 +39,9 @@ def _visit_by_visit(tmp_path: Path, *, reference: bool) -> tuple[Path, Path | No
 
             ref = ReferenceApdb(tmp_path / "stored-ref.db", months=12)
         for visit in simulator.visits(visits_in_months(config, MONTHS)):
-            assert db.store(visit.mjd_tai, visit.objects, visit.sources, visit.forced_sources, visit=visit.visit)
+            assert db.store(
+                visit.mjd_tai, visit.objects, visit.sources, visit.forced_sources, visit=visit.visit
+            )
             if ref is not None:
                 ref.store(visit.mjd_tai, visit.objects, visit.sources, visit.forced_sources)
         assert db.compaction_error is None

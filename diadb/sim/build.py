@@ -31,8 +31,8 @@ import pyarrow as pa
 
 from diadb.apdb import Apdb
 from diadb.errors import ConfigError
-from diadb.sim.profiles import PROFILES, Profile
 from diadb.sim.model import SimConfig, VisitSimulator
+from diadb.sim.profiles import PROFILES, Profile
 from diadb.sim.visit import Visit
 
 #: The user-metadata key of a build's record.
@@ -83,7 +83,7 @@ def visits_in_months(sim: SimConfig, months: float) -> int:
     """How many visits the simulator makes in the first ``months`` (30 days each)."""
     if not months > 0:
         raise ConfigError(f"months must be > 0, got {months}")
-    return int(math.ceil(30.0 * months - 1e-9)) * sim.visits_per_night
+    return math.ceil(30.0 * months - 1e-9) * sim.visits_per_night
 
 
 def _batch(visits: list[Visit]) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -235,7 +235,7 @@ class _Population:
 class _Detections(NamedTuple):
     """One visit's draws that change the simulator's state (see ``VisitSimulator._detect``)."""
 
-    index: int
+    visit_index: int
     visit_id: int
     rng: np.random.Generator
     mjd: float
@@ -245,7 +245,7 @@ class _Detections(NamedTuple):
     field: Circle
     idx: Int64Array
     forced_idx: Int64Array
-    forced_det: npt.NDArray[np.int16]
+    forced_det: npt.NDArray[Any]
     ids: Int64Array
     ra: FloatArray
     dec: FloatArray
@@ -394,19 +394,10 @@ class VisitSimulator:
         )
 
     def next_visit(self) -> Visit:
-        cfg = self.config
         d = self._detect()
         pop = self._population
-        (index, visit_id, rng, mjd, ra0, dec0, band, field) = (
-            d.index,
-            d.visit_id,
-            d.rng,
-            d.mjd,
-            d.ra0,
-            d.dec0,
-            d.band,
-            d.field,
-        )
+        rng, mjd, band, visit_id = d.rng, d.mjd, d.band, d.visit_id
+        ra0, dec0, field = d.ra0, d.dec0, d.field
         forced_idx, forced_det, ids, ra, dec, det = d.forced_idx, d.forced_det, d.ids, d.ra, d.dec, d.det
         n_src, first, source_ids, forced_ids = d.n_src, d.first, d.source_ids, d.forced_ids
         real_x, real_y, f_x, f_y = d.real_x, d.real_y, d.f_x, d.f_y

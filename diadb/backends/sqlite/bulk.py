@@ -44,7 +44,8 @@ class SqliteBulk:
                 taken = [int(r[0]) for r in cur.fetchall()]
                 if taken:
                     raise DuplicateVisitError(
-                        f"visits {taken} are already stored in {self._conn.path}: a bulk load takes new visits"
+                        f"visits {taken} are already stored in {self._conn.path}: "
+                        "a bulk load takes new visits only"
                     )
                 cur.execute("SELECT COALESCE(MAX(chunk_id), 0) FROM diadb_chunk")
                 first_chunk = int(cur.fetchall()[0][0]) + 1
