@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from diadb.backends.base import Backend, BulkLoading, HistoryBatch
 from diadb.config import ApdbConfig
@@ -59,6 +60,16 @@ def version_chains(objects: pa.Table) -> tuple[pa.Table, Int64Array, BoolArray, 
     field = sorted_objects.schema.field(position)
     ends = pa.array(end_values, type=field.type, mask=~same_next)
     return sorted_objects.set_column(position, field, ends), order, ~same_next, first
+
+
+def _in_key_order(data: pa.Table, table: str, schema: ApdbSchema) -> pa.Table:
+    """``data`` sorted as the engines cluster ``table``: by ``_healpix_29``, then time (sources),
+    then the primary key (for DiaObject: the latest-object table's key)."""
+    if data.num_rows < 2:
+        return data
+    keys = ["_healpix_29"] + ([TIME_COLUMN] if table in HISTORY_TABLES else [])
+    keys += [k for k in schema.table(table).primary_key if k not in keys and k != "validityStartMjdTai"]
+    return data.take(pc.sort_indices(data, [(k, "ascending") for k in keys]))
 
 
 def _visits_table(visits: Any) -> tuple[Int64Array, npt.NDArray[np.float64]]:
@@ -160,12 +171,16 @@ class BulkLoader:
             boundary = compaction_boundary(
                 float(times[-1]), self._config.history_span_days, self._config.history_compact_lag_days
             )
+        schema = self._schema
         engine_rows: dict[str, pa.Table] = {}
         segment_rows: dict[str, pa.Table] = {}
         for name in HISTORY_TABLES:
             data = with_healpix(catalogs[name])
             old = np.asarray(data.column(TIME_COLUMN).to_numpy(), dtype=np.float64) < boundary
-            engine_rows[name] = data.filter(pa.array(~old)) if old.any() else data
+            # In the engine table's key order, so the inserts append to its B-tree in order.
+            engine_rows[name] = _in_key_order(
+                data.filter(pa.array(~old)) if old.any() else data, name, schema
+            )
             if old.any():
                 segment_rows[name] = data.filter(pa.array(old))
         self._check_segment_keys(segment_rows)
@@ -185,12 +200,12 @@ class BulkLoader:
                     "start": chained.column("validityStartMjdTai").filter(pa.array(is_first)),
                 }
             ),
-            latest=chained.filter(pa.array(is_latest)),
+            latest=_in_key_order(chained.filter(pa.array(is_latest)), "DiaObject", schema),
             sources=engine_rows["DiaSource"],
             forced_sources=engine_rows["DiaForcedSource"],
             segment_rows=segment_rows,
         )
-        tier, schema = self._tier, self._schema
+        tier = self._tier
         write = None
         if tier is not None:
 

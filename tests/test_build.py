@@ -173,3 +173,29 @@ def test_load_history_refuses_bad_batches(tmp_path: Path) -> None:
             db.load_history(listing, objects, sources, forced)
         # One by one afterwards is refused as already stored, like any repeated store.
         assert not db.store(visits[0].mjd_tai, visits[0].objects, visits[0].sources, visit=visits[0].visit)
+
+
+def test_bench_goes_on_after_a_build(tmp_path: Path) -> None:
+    pytest.importorskip("lsst.dax.apdb")
+    from diadb.sim.bench import run_bench
+
+    url = str(tmp_path / "built.db")
+    build_history(url, "ci", months=MONTHS, reference=tmp_path / "built-ref.db", batch_rows=1500)
+    with pytest.raises(diadb.ConfigError, match="was built with"):
+        run_bench("ci", tmp_path / "wrong", after=url, scale=0.02, visits=1)
+    result = run_bench("ci", tmp_path / "bench", after=url, compare=("dax_apdb",), visits=2)
+    visits = sorted(set(result.metrics.column("visit").to_pylist()))
+    assert visits == [22, 23]  # the visits after the 21 built ones
+    check = result.summary["id_checks"]["dax_apdb"]
+    assert check["visits"] == 2 and not any(check["missing"].values())  # the same stream in both
+    # Both sides read history at depth: the built rows are there.
+    depth = result.summary["rows_per_visit_at_depth"]
+    assert depth["DiaSource"] > 300 and depth["DiaForcedSource"] > 100
+    floor = result.summary["floor"]
+    assert set(floor) == {"DiaObject", "DiaSource", "DiaForcedSource"}
+    for f in floor.values():
+        last = f["last"]
+        assert last["ram_s"] > 0 and last["result_bytes"] > 0 and last["diadb_s"] > 0
+        assert 0 < last["mapped_bytes"] and last["mapped_s"] > 0
+        assert f["reads"] == 2
+    assert "Distance to the floor" in result.summary_path.read_text()
