@@ -182,11 +182,7 @@ def bench(
     ] = None,
     after: Annotated[
         str | None,
-        typer.Option(
-            help="Go on from a database made by `diadb build` (same profile and scale): open it, and "
-            "with --compare dax_apdb the reference database built beside it, and simulate the visits "
-            "that follow (default: the rest of the profile's visits)."
-        ),
+        typer.Option(help="Go on after the visits of this `diadb build` database (and its reference)."),
     ] = None,
 ) -> None:
     """Simulate visits into diadb (and the reference) side by side; report medians, ratios, a plot."""
@@ -234,34 +230,16 @@ def build(
     `diadb bench --after URL` goes on visit by visit)."""
     from diadb.sim.build import build_history
 
+    options: dict[str, Any] = {
+        "months": months,
+        "scale": scale,
+        "reference": reference,
+        "batch_rows": batch_rows,
+    }
     result = _with_progress(
-        "build",
-        lambda progress: build_history(
-            url,
-            profile,
-            months=months,
-            scale=scale,
-            reference=reference,
-            batch_rows=batch_rows,
-            progress=progress,
-        ),
+        "build", lambda progress: build_history(url, profile, **options, progress=progress)
     )
-    if as_json:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    s = result.seconds
-    typer.echo(
-        f"built {url}: {result.visits} visits, {result.total_rows:,} rows "
-        f"({', '.join(f'{k} {v:,}' for k, v in result.rows.items())}), {result.segments} segment(s), "
-        f"{result.batches} batch(es)"
-    )
-    typer.echo(
-        f"seconds: generate {s['generate']:.1f}, diadb load {s['diadb']:.1f}, reference load "
-        f"{s['reference']:.1f}, total {s['total']:.1f} ({result.rows_per_s():,.0f} rows/s overall, "
-        f"{result.rows_per_s('diadb'):,.0f} rows/s into diadb)"
-    )
-    if result.reference:
-        typer.echo(f"reference: {result.reference} ({result.htm_computed:,} HTM positions computed)")
+    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else result.describe())
 
 
 @_command
@@ -292,57 +270,26 @@ def simulate(
 ) -> None:
     """Run the visit simulator against a new database (or, with --after, one it filled before),
     as the pipeline would (ap_proto's job)."""
-    import dataclasses
+    from diadb.sim.runner import save_metrics, simulate_url
 
-    import pyarrow.compute as pc
-
-    from diadb.apdb import Apdb
-    from diadb.sim.model import VisitSimulator
-    from diadb.sim.profiles import PROFILES
-    from diadb.sim.runner import run, save_metrics, summarize
-
-    if profile not in PROFILES:
-        raise _fail(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    if mode not in ("field", "detector"):
-        raise _fail(f"mode must be field or detector, got {mode!r}")
-    if after < 0:
-        raise _fail(f"--after must be >= 0, got {after}")
-    prof = PROFILES[profile]
-    n = prof.visits if visits is None else visits
-    sim_config = prof.sim if scale is None else dataclasses.replace(prof.sim, scale=scale)
-    with Apdb.open(url) if after else Apdb.create(url) as db:
-        before = db.stats() if after else {}
-        sim = VisitSimulator(sim_config, db.schema)
-        # The model's state (ids, detection history) depends on the visits before: replay them.
-        sim.skip(after)
-        table = _with_progress(
-            "simulate",
-            lambda progress: run(
-                db,
-                sim,
-                n,
-                mode="field" if mode == "field" else "detector",
-                workers=workers,
-                clients=clients,
-                progress=progress,
-            ),
-        )
-        held = db.stats()
+    table, lines = _with_progress(
+        "simulate",
+        lambda progress: simulate_url(
+            url,
+            profile,
+            visits=visits,
+            mode=mode,
+            workers=workers,
+            clients=clients,
+            scale=scale,
+            after=after,
+            progress=progress,
+        ),
+    )
     if metrics is not None:
         save_metrics(table, metrics)
-    for key, value in summarize(table).items():
-        typer.echo(f"{key:28s} {value:12.4f}")
-    # Rows given to the stores against rows the database holds (every DiaObject version is a row;
-    # sources moved to history segments count too).
-    for name in ("DiaObject", "DiaSource", "DiaForcedSource"):
-        part = table.filter(pc.equal(table.column("table"), name))
-        given = pc.sum(part.column("rows_stored")).as_py() or 0
-        rows = 0
-        for stats, sign in ((held, 1), (before, -1)):
-            rows += sign * stats.get(name, {}).get("rows", 0)
-            if name != "DiaObject":
-                rows += sign * stats.get(f"{name} (history)", {}).get("rows", 0)
-        typer.echo(f"rows {name:23s} stored {given:>12,d}  added to database {rows:>12,d}")
+    for line in lines:
+        typer.echo(line)
     first_error = (table.schema.metadata or {}).get(b"first_error", b"").decode()
     if first_error:
         typer.echo(f"first error: {first_error}", err=True)

@@ -63,6 +63,21 @@ class BuildResult:
         seconds = self.seconds.get(part, float("nan"))
         return self.total_rows / seconds if seconds > 0 else float("nan")
 
+    def describe(self) -> str:
+        """A few lines for the command line."""
+        s = self.seconds
+        lines = [
+            f"built {self.url}: {self.visits} visits, {self.total_rows:,} rows "
+            f"({', '.join(f'{k} {v:,}' for k, v in self.rows.items())}), {self.segments} segment(s) "
+            f"written, {self.batches} batch(es)",
+            f"seconds: generate {s['generate']:.1f}, diadb load {s['diadb']:.1f}, reference load "
+            f"{s['reference']:.1f}, total {s['total']:.1f} ({self.rows_per_s():,.0f} rows/s overall, "
+            f"{self.rows_per_s('diadb'):,.0f} rows/s into diadb)",
+        ]
+        if self.reference:
+            lines.append(f"reference: {self.reference} ({self.htm_computed:,} HTM positions computed)")
+        return "\n".join(lines)
+
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["total_rows"] = self.total_rows
