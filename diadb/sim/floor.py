@@ -52,6 +52,8 @@ class FloorReading:
     ram_s: float
     mapped_s: float
     mapped_bytes: int
+    #: NumPy calls of one mapped pass (one per segment and column; none per pixel range).
+    mapped_calls: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,11 +102,12 @@ def _stretches(data: pa.Table, rows: npt.NDArray[np.int64]) -> list[npt.NDArray[
     return out
 
 
-def mapped_pass(db: Apdb, table: str, region: Region, mjd: float, months: int) -> tuple[float, int]:
-    """(seconds, bytes) of the mapped floor of one read of ``table`` (see the module docstring)."""
+def mapped_pass(db: Apdb, table: str, region: Region, mjd: float, months: int) -> tuple[float, int, int]:
+    """(seconds, bytes, NumPy calls) of the mapped floor of one read of ``table`` (see the module
+    docstring)."""
     tier = db.tier
     if tier is None:
-        return float("nan"), 0
+        return float("nan"), 0, 0
     ranges = region.pixel_ranges(db.config.region_refinement)
     start = mjd - 30.0 * months
     stretches: list[npt.NDArray[Any]] = []
@@ -121,9 +124,9 @@ def mapped_pass(db: Apdb, table: str, region: Region, mjd: float, months: int) -
         if len(rows):
             stretches += _stretches(data, rows)
     if not stretches:
-        return float("nan"), 0
+        return float("nan"), 0, 0
     touched = int(sum(s.nbytes for s in stretches))
-    return _best(lambda: [s.sum() for s in stretches]), touched
+    return _best(lambda: [s.sum() for s in stretches]), touched, len(stretches)
 
 
 def measure(
@@ -140,7 +143,7 @@ def measure(
     """The floors of one visit's reads (diadb's ``seconds``, result ``nbytes`` and ``rows`` per table)."""
     readings = []
     for table in tables:
-        mapped_s, mapped_bytes = mapped_pass(db, table, region, mjd, months)
+        mapped_s, mapped_bytes, calls = mapped_pass(db, table, region, mjd, months)
         readings.append(
             FloorReading(
                 visit=visit,
@@ -151,6 +154,7 @@ def measure(
                 ram_s=ram_pass_seconds(nbytes[table]),
                 mapped_s=mapped_s,
                 mapped_bytes=mapped_bytes,
+                mapped_calls=calls,
             )
         )
     return readings
@@ -182,10 +186,11 @@ def render_floor(floor: dict[str, Any]) -> list[str]:
         "",
         "Distance to the floor: diadb's read time over one vectorised pass over its result's bytes in "
         "RAM, and over as many bytes of the mapped segments the rows live in (best of "
-        f"{REPEATS}; rows still in the engine are in the RAM floor only). Last measured read, and "
-        "the median ratio over every measured read:",
+        f"{REPEATS}; rows still in the engine are in the RAM floor only; the mapped pass makes one "
+        "NumPy call per segment and column, counted in brackets). Last measured read, and the median "
+        "ratio over every measured read:",
         "",
-        "| table | rows | result MB | RAM floor s | mapped floor s (MB) | diadb s | diadb / RAM floor "
+        "| table | rows | result MB | RAM floor s | mapped floor s (MB, calls) | diadb s | diadb / RAM floor "
         "| diadb / mapped floor | medians (reads) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -195,7 +200,8 @@ def render_floor(floor: dict[str, Any]) -> list[str]:
         over_mapped = r["diadb_s"] / r["mapped_s"] if r["mapped_s"] > 0 else float("nan")
         lines.append(
             f"| {table} (visit {r['visit']}) | {r['rows']:,} | {r['result_bytes'] / 1e6:,.1f} | "
-            f"{r['ram_s']:.4f} | {r['mapped_s']:.4f} ({r['mapped_bytes'] / 1e6:,.1f}) | {r['diadb_s']:.4f} | "
+            f"{r['ram_s']:.4f} | {r['mapped_s']:.4f} ({r['mapped_bytes'] / 1e6:,.1f}, {r['mapped_calls']}) | "
+            f"{r['diadb_s']:.4f} | "
             f"{over_ram:.1f}x | {over_mapped:.1f}x | {f['median_over_ram']:.1f}x / "
             f"{f['median_over_mapped']:.1f}x ({f['reads']}) |"
         )
