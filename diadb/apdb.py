@@ -26,8 +26,8 @@ Writes
 This module is the public API and nothing else: one method per call, each with its numpydoc
 docstring, shaping the request and delegating (reads to :mod:`diadb.history.reader`, store
 checks to :mod:`diadb.ingest`, daytime calls to :mod:`diadb.daytime`, the change log to
-:mod:`diadb.changelog`, compaction to :mod:`diadb.history.compaction`). The docstrings are why
-it is over 500 lines.
+:mod:`diadb.changelog`, compaction to :mod:`diadb.history.compaction`, bulk loads to
+:mod:`diadb.bulk`). The docstrings are why it is over 500 lines.
 """
 
 from __future__ import annotations
