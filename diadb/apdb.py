@@ -26,8 +26,8 @@ Writes
 This module is the public API and nothing else: one method per call, each with its numpydoc
 docstring, shaping the request and delegating (reads to :mod:`diadb.history.reader`, store
 checks to :mod:`diadb.ingest`, daytime calls to :mod:`diadb.daytime`, the change log to
-:mod:`diadb.changelog`, compaction to :mod:`diadb.history.compaction`). The docstrings are why
-it is over 500 lines.
+:mod:`diadb.changelog`, compaction to :mod:`diadb.history.compaction`, bulk loads to
+:mod:`diadb.bulk`). The docstrings are why it is over 500 lines.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from diadb.backends import Backend, Location, ReadTable, VisitBatch, locate, open_backend
 from diadb.backends.base import TimePartition, TimePartitioned
+from diadb.bulk import BulkLoader
 from diadb.changelog import ChangeLog
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
 from diadb.daytime import Daytime
@@ -103,6 +104,9 @@ class Apdb:
         self._changelog = ChangeLog(backend, schema, self._writable, self._tier, history)
         self._compactor = (
             Compactor(history, self._tier, schema, config) if history is not None and self._tier else None
+        )
+        self._bulk = BulkLoader(
+            backend, schema, config, self._writable, self._tier, history, self._compactor, self.store
         )
 
     # ---- life cycle ----------------------------------------------------------------
@@ -495,6 +499,37 @@ class Apdb:
             del batch, objs, srcs, forced, obj_in
             self._compactor.after_store(mjd)
         return stored
+
+    def load_history(
+        self, visits: Any, objects: Any, sources: Any = None, forced_sources: Any = None
+    ) -> dict[str, int]:
+        """Load many whole visits at once: what storing them one by one, in time order, with
+        automatic compaction, would leave (see :mod:`diadb.bulk`), in one engine transaction.
+
+        Parameters
+        ----------
+        visits
+            An Arrow table, DataFrame or mapping with ``visit`` (ids) and ``visit_time`` (MJD TAI),
+            one row per visit, times strictly increasing and after the newest stored visit.
+        objects
+            Every DiaObject version the visits write; ``validityStartMjdTai`` is its visit's time
+            (at most one version of an object per visit), ``validityEndMjdTai`` null (versions
+            are closed here, each at the next one's start).
+        sources, forced_sources
+            The visits' DiaSources and DiaForcedSources (their ``visit`` among ``visits``).
+
+        Returns
+        -------
+        dict
+            Rows loaded per table, ``visits``, and ``segments`` written.
+
+        Raises
+        ------
+        CatalogError, ConfigError
+            Bad catalogs or visits (nothing is written). ``DuplicateVisitError``: a visit is
+            already stored (nothing is written).
+        """
+        return self._bulk.load(visits, objects, sources, forced_sources)
 
     def _validate_optional(self, table: str, data: Any) -> pa.Table:
         spec = self.schema.table(table)

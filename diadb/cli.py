@@ -203,6 +203,10 @@ def bench(
             "(keyspace <keyspace>_dax), else SQLite in --out."
         ),
     ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option(help="Go on after the visits of this `diadb build` database (and its reference)."),
+    ] = None,
 ) -> None:
     """Simulate visits into diadb (and the reference) side by side; report medians, ratios, a plot."""
     from diadb.sim.bench import run_bench
@@ -221,12 +225,44 @@ def bench(
             progress=progress,
             url=url,
             reference_url=reference_url,
+            after=after,
         ),
     )
     typer.echo(result.summary_path.read_text())
     typer.echo(f"report: {result.summary_path}")
     if result.plot_path is not None:
         typer.echo(f"plot: {result.plot_path}")
+
+
+@_command
+def build(
+    url: Annotated[str, typer.Argument(help="SQLite path or URL of the database to create.")],
+    profile: Annotated[str, typer.Option(help="Simulation profile: ci, demo or year.")] = "year",
+    months: Annotated[float, typer.Option(help="Months (30 days) of the profile's stream to write.")] = 12.0,
+    scale: Annotated[
+        float | None, typer.Option(help="Override the profile's source density (fraction of full).")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Also build lsst-dax-apdb's SQLite database of the same rows at this path."),
+    ] = None,
+    batch_rows: Annotated[int, typer.Option(help="Rows (all tables) per bulk-load transaction.")] = 1_000_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Write the first MONTHS of a profile's visit stream into a new database in bulk (then
+    `diadb bench --after URL` goes on visit by visit)."""
+    from diadb.sim.build import build_history
+
+    options: dict[str, Any] = {
+        "months": months,
+        "scale": scale,
+        "reference": reference,
+        "batch_rows": batch_rows,
+    }
+    result = _with_progress(
+        "build", lambda progress: build_history(url, profile, **options, progress=progress)
+    )
+    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else result.describe())
 
 
 @_command
@@ -257,58 +293,26 @@ def simulate(
 ) -> None:
     """Run the visit simulator against a new database (or, with --after, one it filled before),
     as the pipeline would (ap_proto's job)."""
-    import dataclasses
+    from diadb.sim.runner import save_metrics, simulate_url
 
-    import pyarrow.compute as pc
-
-    from diadb.apdb import Apdb
-    from diadb.sim.bench import PROFILES
-    from diadb.sim.model import VisitSimulator
-    from diadb.sim.runner import run, save_metrics, summarize
-
-    if profile not in PROFILES:
-        raise _fail(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    if mode not in ("field", "detector"):
-        raise _fail(f"mode must be field or detector, got {mode!r}")
-    if after < 0:
-        raise _fail(f"--after must be >= 0, got {after}")
-    prof = PROFILES[profile]
-    n = prof.visits if visits is None else visits
-    sim_config = prof.sim if scale is None else dataclasses.replace(prof.sim, scale=scale)
-    with Apdb.open(url) if after else Apdb.create(url) as db:
-        before = db.stats() if after else {}
-        sim = VisitSimulator(sim_config, db.schema)
-        # The model's state (ids, detection history) depends on the visits before: replay them.
-        for _ in sim.visits(after):
-            pass
-        table = _with_progress(
-            "simulate",
-            lambda progress: run(
-                db,
-                sim,
-                n,
-                mode="field" if mode == "field" else "detector",
-                workers=workers,
-                clients=clients,
-                progress=progress,
-            ),
-        )
-        held = db.stats()
+    table, lines = _with_progress(
+        "simulate",
+        lambda progress: simulate_url(
+            url,
+            profile,
+            visits=visits,
+            mode=mode,
+            workers=workers,
+            clients=clients,
+            scale=scale,
+            after=after,
+            progress=progress,
+        ),
+    )
     if metrics is not None:
         save_metrics(table, metrics)
-    for key, value in summarize(table).items():
-        typer.echo(f"{key:28s} {value:12.4f}")
-    # Rows given to the stores against rows the database holds (every DiaObject version is a row;
-    # sources moved to history segments count too).
-    for name in ("DiaObject", "DiaSource", "DiaForcedSource"):
-        part = table.filter(pc.equal(table.column("table"), name))
-        given = pc.sum(part.column("rows_stored")).as_py() or 0
-        rows = 0
-        for stats, sign in ((held, 1), (before, -1)):
-            rows += sign * stats.get(name, {}).get("rows", 0)
-            if name != "DiaObject":
-                rows += sign * stats.get(f"{name} (history)", {}).get("rows", 0)
-        typer.echo(f"rows {name:23s} stored {given:>12,d}  added to database {rows:>12,d}")
+    for line in lines:
+        typer.echo(line)
     first_error = (table.schema.metadata or {}).get(b"first_error", b"").decode()
     if first_error:
         typer.echo(f"first error: {first_error}", err=True)

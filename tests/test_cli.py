@@ -74,6 +74,8 @@ FOREIGN_FILE_CALLS = {
     "sizing": lambda f, t: ["sizing", "--summary", f, "--years", "1"],
     "bench": lambda f, t: ["bench", "--profile", "ci", "--visits", "1", "--url", f, "--out", t / "b"],
     "demo": lambda f, t: ["demo", "--out", t / "d", "--visits", "0"],
+    "build": lambda f, t: ["build", f, "--profile", "ci", "--months", "0.1"],
+    "bench --after": lambda f, t: ["bench", "--profile", "ci", "--after", f, "--out", t / "b"],
 }
 
 

@@ -17,6 +17,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from diadb.config import ApdbConfig
+from diadb.history.segment import SegmentInfo
 from diadb.schema.model import ApdbSchema, ColumnSpec
 from diadb.times import TimeWindow as TimeWindow  # re-exported: part of the protocol
 
@@ -52,6 +53,34 @@ class VisitBatch:
     #: When set, the store's idempotency key (instead of visit/detector): a store of a key
     #: already stored writes nothing, and the chunk records its rows by primary key.
     key: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryBatch:
+    """Many visits for one bulk load (``Apdb.load_history``), validated, carrying ``_healpix_29``.
+
+    ``visits``: ``visit``, ``visit_mjd_tai``, ``n_objects``, ``n_sources``, ``n_forced_sources``
+    (one row per visit, in time order). ``objects``: every DiaObject version, sorted by
+    (``diaObjectId``, ``validityStartMjdTai``), each version's ``validityEndMjdTai`` already the
+    next one's start (null for the latest); ``object_visit`` is each version's row in
+    ``visits``. ``first_versions``: (``id``, ``start``) of each object's first version here,
+    which closes its open version in the database. ``latest``: the latest version of each
+    object. ``sources``/``forced_sources``: the rows the engine keeps; ``segment_rows``: rows
+    of closed spans, which go straight into history segments (empty without the tier)."""
+
+    visits: pa.Table
+    objects: pa.Table
+    object_visit: Int64Array
+    first_versions: pa.Table
+    latest: pa.Table
+    sources: pa.Table
+    forced_sources: pa.Table
+    segment_rows: Mapping[str, pa.Table] = field(default_factory=dict)
+
+
+#: Writes one table's rows as history segments and returns their manifest entries
+#: (:class:`diadb.history.segment.SegmentInfo`); the bulk load records them in its transaction.
+BulkSegmentWriter = Callable[[str, pa.Table], list[SegmentInfo]]
 
 
 @dataclass(frozen=True)
@@ -217,3 +246,14 @@ class TimePartitioned(Protocol):
 
     def drop_time_partitions(self, before_mjd: float) -> list[str]:
         """Drop the partitions that end at or before ``before_mjd``; their names."""
+
+
+@runtime_checkable
+class BulkLoading(Protocol):
+    """A backend that loads many visits in one transaction (``Apdb.load_history``)."""
+
+    def load_history(self, batch: HistoryBatch, write: BulkSegmentWriter | None) -> list[SegmentInfo]:
+        """Write the batch in one transaction: its visits (refused with ``DuplicateVisitError``
+        if one is stored), one change-log chunk per visit, the object versions (closing the
+        open ones), the latest-object table, the engine rows, and the segments ``write`` makes of
+        ``segment_rows`` (their manifest entries, returned)."""

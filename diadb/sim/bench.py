@@ -26,10 +26,13 @@ import pyarrow as pa
 
 from diadb.apdb import Apdb
 from diadb.errors import ConfigError
-from diadb.history.segment import locate, open_segment
+from diadb.sim.build import build_record
+from diadb.sim.floor import measure
 from diadb.sim.metrics_cost import metrics_cost
-from diadb.sim.model import SimConfig, VisitSimulator
+from diadb.sim.model import VisitSimulator
 from diadb.sim.probe import reader_memory
+from diadb.sim.profiles import PROFILES as PROFILES
+from diadb.sim.profiles import Profile as Profile
 from diadb.sim.reference import ReadResult, ReferenceApdb, forced_key
 from diadb.sim.report import TABLES, plot_latency, render_markdown, summarize
 from diadb.sim.visit import Visit
@@ -49,40 +52,6 @@ ASSOCIATION_COLUMNS = {
         "band",
     ],
     "DiaForcedSource": ["diaObjectId", "visit", "midpointMjdTai", "psfFlux", "psfFluxErr", "band"],
-}
-# Three fields 15 deg apart, chosen at random per visit: with one visit a night each spot
-# is revisited about 120 times in 12 months (ap_proto's model: ~134).
-_FIELDS = ((40.0, -30.0), (55.0, -30.0), (70.0, -30.0))
-
-
-@dataclass(frozen=True)
-class Profile:
-    """A named benchmark size."""
-
-    name: str
-    visits: int
-    sim: SimConfig
-    #: Reads of the systems beside diadb are slow at depth: they read every this many visits
-    #: (and on the last); they store every visit.
-    reference_read_every: int
-    description: str
-
-
-def _patch(scale: float, seed: int = 1) -> SimConfig:
-    return SimConfig(
-        seed=seed,
-        scale=scale,
-        field_centres_deg=_FIELDS,
-        dither_deg=0.3,
-        night_hours=1.0,
-        visit_interval_s=3600.0,  # one visit per night: 12 months of revisits in a few hundred visits
-    )
-
-
-PROFILES = {
-    "ci": Profile("ci", 8, _patch(0.01), 1, "seconds; used by the tests"),
-    "demo": Profile("demo", 90, _patch(0.05), 3, "a minute or two; run by make demo"),
-    "year": Profile("year", 420, _patch(1.0), 20, "12-month revisit depth at full density; up to an hour"),
 }
 
 
@@ -125,6 +94,11 @@ class DiadbSystem:
             _ids(sources, "diaSourceId"),
             forced_key(_ids(forced, "diaObjectId"), _ids(forced, "visit")),
             seconds,
+            nbytes={
+                "DiaObject": objects.nbytes,
+                "DiaSource": sources.nbytes,
+                "DiaForcedSource": forced.nbytes,
+            },
         )
 
     def store(self, visit: Visit) -> float:
@@ -143,8 +117,8 @@ class ReferenceSystem:
 
     name = "dax_apdb"
 
-    def __init__(self, path: Path | str, months: int) -> None:
-        self.ref = ReferenceApdb(path, months=months)
+    def __init__(self, path: Path | str, months: int, *, create: bool = True) -> None:
+        self.ref = ReferenceApdb(path, months=months, create=create)
 
     def read(self, region: Region, mjd: float) -> ReadResult:
         return self.ref.read(region, mjd)
@@ -193,39 +167,6 @@ def _compare(check: IdCheck, mine: ReadResult, theirs: ReadResult, region: Regio
     check.identical += int(same)
 
 
-def floor_read(db: Apdb, region: Region, mjd: float, months: int) -> tuple[float, int]:
-    """The hardware floor of one source + forced-source read: the same rows' bytes, every
-    column, summed straight from the memory-mapped segments (no filtering, merging or copy).
-    Returns (seconds, bytes touched)."""
-    tier = db.tier
-    if tier is None:
-        return float("nan"), 0
-    ranges = region.pixel_ranges(db.config.region_refinement)
-    start = mjd - 30.0 * months
-    t0 = time.perf_counter()
-    touched = 0
-    for info in db.segments():
-        if info.table not in ("DiaSource", "DiaForcedSource") or info.t_max <= start or info.t_min > mjd:
-            continue
-        data = open_segment(tier.store, info)
-        rows = locate(data, ranges)
-        if not len(rows):
-            continue
-        # Contiguous row runs: slices of the mapped arrays, summed column by column.
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        starts = rows[np.concatenate([[0], breaks])]
-        stops = rows[np.concatenate([breaks - 1, [len(rows) - 1]])] + 1
-        for column in data.columns:
-            array = column.chunk(0)
-            if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
-                continue
-            values = array.to_numpy(zero_copy_only=False)
-            for a, b in zip(starts, stops, strict=True):
-                values[a:b].sum()
-            touched += int(len(rows) * array.type.bit_width // 8)
-    return time.perf_counter() - t0, touched
-
-
 @dataclass
 class BenchResult:
     out: Path
@@ -248,8 +189,14 @@ def run_bench(
     url: str | None = None,
     scale: float | None = None,
     reference_url: str | None = None,
+    after: str | None = None,
 ) -> BenchResult:
     """Run one benchmark profile; see the module docstring.
+
+    ``after``: the URL of a database made by ``diadb build`` (:mod:`diadb.sim.build`) with this
+    profile and scale: the run opens it (and the reference database built beside it, for
+    ``compare=("dax_apdb",)``) and goes on visit by visit from the visit after the built ones;
+    ``visits`` defaults to the rest of the profile's visits (at least one).
 
     ``reference_url`` puts lsst-dax-apdb on PostgreSQL (a ``postgresql://`` URL, ``schema=``
     naming its namespace) or Cassandra (a ``cassandra://`` URL); by default it shares diadb's
@@ -267,25 +214,41 @@ def run_bench(
     if scale is not None:
         # Same revisit depth, a fraction of the source density (SimConfig checks the range).
         profile = dataclasses.replace(profile, sim=dataclasses.replace(profile.sim, scale=scale))
-    n_visits = profile.visits if visits is None else visits
+    months = 12
+    built: dict[str, Any] = {}
+    if after is not None:
+        if engine_only or "facade" in compare or url is not None or reference_url is not None:
+            raise ConfigError("--after runs on the built databases only: no --engine-only, facade, --url")
+        main_db = Apdb.open(after)
+        try:
+            built = _check_build(main_db, profile)
+        except BaseException:
+            main_db.close()
+            raise
+    n_visits = max(1, profile.visits - built.get("visits", 0)) if visits is None else visits
     if n_visits < 1:
         raise ConfigError(f"visits must be >= 1, got {n_visits}")
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.db*"):
-        old.unlink()
-    for old in out.glob("*.history"):
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    months = 12
-    main = DiadbSystem("diadb", Apdb.create(url or str(out / "diadb.db")), columns)
+    if after is None:
+        for old in out.glob("*.db*"):
+            old.unlink()
+        for old in out.glob("*.history"):
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        main_db = Apdb.create(url or str(out / "diadb.db"))
+    main = DiadbSystem("diadb", main_db, columns)
     systems: list[System] = [main]
     if association_view:
         systems.append(DiadbSystem("diadb-association-columns", main.db, "association", owner=False))
     if engine_only:
         db = Apdb.create(_sibling_url(url, "engine") or str(out / "diadb-engine.db"), history_tier=False)
         systems.append(DiadbSystem("diadb-engine-only", db, columns))
-    if "dax_apdb" in compare:
+    if "dax_apdb" in compare and after is not None:
+        if not built.get("reference"):
+            raise ConfigError(f"{after} was built without a reference database (diadb build --reference)")
+        systems.append(ReferenceSystem(built["reference"], months, create=False))
+    elif "dax_apdb" in compare:
         systems.append(ReferenceSystem(_reference_location(out, url, reference_url), months))
     if "facade" in compare:
         # diadb driven through its lsst.dax.apdb drop-in: what a pipeline sees after the switch.
@@ -293,9 +256,11 @@ def run_bench(
 
         systems.append(FacadeSystem(out / "facade.db", months))
     simulator = VisitSimulator(profile.sim, main.db.schema)
+    simulator.skip(int(built.get("visits", 0)))  # the built visits' state, without their tables
     rows: list[dict[str, Any]] = []
     checks = {s.name: IdCheck() for s in systems[1:] if s.name != "diadb-association-columns"}
-    floor: list[tuple[int, float, int, float]] = []
+    floor: list[dict[str, Any]] = []
+    compared = len(systems) > 1 and any(s.name != "diadb-association-columns" for s in systems[1:])
     try:
         for done, visit in enumerate(simulator.visits(n_visits), start=1):
             order = systems[done % len(systems) :] + systems[: done % len(systems)]
@@ -317,10 +282,26 @@ def run_bench(
             for name, check in checks.items():
                 if name in results:
                     _compare(check, results["diadb"], results[name], visit.region)
-            if done % max(1, n_visits // 10) == 0 and main.db.tier is not None:
-                seconds, touched = floor_read(main.db, visit.region, visit.mjd_tai, months)
-                mine = results["diadb"].seconds
-                floor.append((visit.visit, seconds, touched, mine["DiaSource"] + mine["DiaForcedSource"]))
+            # The floor of each compared read (every read with no system to compare to: a tenth).
+            every = profile.reference_read_every if compared else max(1, n_visits // 10)
+            if done % every == 0 or done == n_visits:
+                mine = results["diadb"]
+                counts = {
+                    "DiaObject": len(mine.object_ids),
+                    "DiaSource": len(mine.source_ids),
+                    "DiaForcedSource": len(mine.forced_keys),
+                }
+                readings = measure(
+                    main.db,
+                    visit.visit,
+                    visit.region,
+                    visit.mjd_tai,
+                    months,
+                    mine.seconds,
+                    mine.nbytes,
+                    counts,
+                )
+                floor += [r.as_dict() for r in readings]
             if progress is not None:
                 progress(done, n_visits)
             last = visit
@@ -368,6 +349,16 @@ def _sibling_url(url: str | None, suffix: str) -> str | None:
     schema = dict(query).get("schema") or "public"
     query = [(k, v) for k, v in query if k != "schema"] + [("schema", f"{schema}_{suffix}")]
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _check_build(db: Apdb, profile: Profile) -> dict[str, Any]:
+    """The build record of ``db``, checked against the profile the run continues."""
+    record = build_record(db)
+    mine = {"profile": profile.name, "scale": profile.sim.scale, "seed": profile.sim.seed}
+    theirs = {k: record.get(k) for k in mine}
+    if theirs != mine:
+        raise ConfigError(f"{db.url} was built with {theirs}, not {mine}: the streams would differ")
+    return record
 
 
 def _reference_location(out: Path, url: str | None, reference_url: str | None) -> Path | str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -231,6 +232,34 @@ class _Population:
         return found
 
 
+class _Detections(NamedTuple):
+    """One visit's draws that change the simulator's state (see ``VisitSimulator._detect``)."""
+
+    visit_index: int
+    visit_id: int
+    rng: np.random.Generator
+    mjd: float
+    ra0: float
+    dec0: float
+    band: str
+    field: Circle
+    idx: Int64Array
+    forced_idx: Int64Array
+    forced_det: npt.NDArray[Any]
+    ids: Int64Array
+    ra: FloatArray
+    dec: FloatArray
+    det: npt.NDArray[np.int16]
+    n_src: Int32Array
+    first: FloatArray
+    source_ids: Int64Array
+    forced_ids: Int64Array
+    real_x: FloatArray
+    real_y: FloatArray
+    f_x: FloatArray
+    f_y: FloatArray
+
+
 class VisitSimulator:
     """Produces the visits of :class:`SimConfig`'s model in order; see the module docstring."""
 
@@ -273,7 +302,17 @@ class VisitSimulator:
         dithered_ra, dithered_dec = random_in_cap(rng, 1, ra0, dec0, cfg.dither_deg)
         return float(dithered_ra[0]), float(dithered_dec[0])
 
-    def next_visit(self) -> Visit:
+    def skip(self, n: int) -> None:
+        """Advance past the next ``n`` visits without making their tables: the state (what each
+        object has had detected, the next ids) ends as if they had been produced (a benchmark
+        continuing on a database built with :mod:`diadb.sim.build`)."""
+        for _ in range(n):
+            self._detect()
+            self._next_index += 1
+
+    def _detect(self) -> _Detections:
+        """The next visit's detections and forced photometry; updates the population's state and
+        the id counters (not the visit index). The rest of its random stream fills the tables."""
         cfg = self.config
         index = self._next_index
         visit_id = index + 1
@@ -328,6 +367,42 @@ class VisitSimulator:
         forced_ids = np.arange(self._next_forced_id, self._next_forced_id + n_forced, dtype=np.int64)
         self._next_forced_id += n_forced
 
+        return _Detections(
+            index,
+            visit_id,
+            rng,
+            mjd,
+            ra0,
+            dec0,
+            band,
+            field,
+            idx,
+            forced_idx,
+            forced_det,
+            ids,
+            ra,
+            dec,
+            det,
+            n_src,
+            first,
+            source_ids,
+            forced_ids,
+            real_x,
+            real_y,
+            f_x,
+            f_y,
+        )
+
+    def next_visit(self) -> Visit:
+        d = self._detect()
+        pop = self._population
+        rng, mjd, band, visit_id = d.rng, d.mjd, d.band, d.visit_id
+        ra0, dec0, field = d.ra0, d.dec0, d.field
+        forced_idx, forced_det, ids, ra, dec, det = d.forced_idx, d.forced_det, d.ids, d.ra, d.dec, d.det
+        n_src, first, source_ids, forced_ids = d.n_src, d.first, d.source_ids, d.forced_ids
+        real_x, real_y, f_x, f_y = d.real_x, d.real_y, d.f_x, d.f_y
+        n = len(ids)
+        n_forced = len(forced_idx)
         processed = mjd + PROCESSING_DELAY_S / SECONDS_PER_DAY
         objects = fill_table(
             self.schema.table("DiaObject"),

@@ -5,7 +5,7 @@ same visits as diadb, the way the Alert Production pipeline calls it, for side-b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class ReadResult:
     #: (ra, dec) of the objects and sources read, to check where rows differ.
     object_radec: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
     source_radec: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    #: Bytes of each table's result (``pyarrow.Table.nbytes``; diadb's reads only).
+    nbytes: dict[str, int] = field(default_factory=dict)
 
 
 def forced_key(object_ids: npt.ArrayLike, visits: npt.ArrayLike) -> npt.NDArray[np.int64]:
@@ -143,6 +145,8 @@ class ReferenceApdb:
         self.namespace: str | None = None
         #: (hosts, port, keyspace) when the reference runs on Cassandra.
         self.cassandra: tuple[tuple[str, ...], int, str] | None = None
+        #: The reference's SQL configuration (its ``ApdbSqlConfig``; None on Cassandra).
+        self.config: Any = None
         if isinstance(path, str) and path.startswith("cassandra"):
             self._apdb = _dax_cassandra(path, months, create)
             self.cassandra = reference_cassandra_location(path)
@@ -160,6 +164,7 @@ class ReferenceApdb:
             namespace=self.namespace,
             drop=create,
         )
+        self.config = config
         self._apdb = DaxApdb.from_config(config)
 
     def size_bytes(self) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from diadb.sim.floor import render_floor, summarize_floor
 from diadb.sim.metrics_cost import describe as describe_metrics_cost
 from diadb.sim.probe import describe
 
@@ -39,13 +40,13 @@ def summarize(
     columns: str,
     metrics: pa.Table,
     checks: dict[str, dict[str, Any]],
-    floor: list[tuple[int, float, int, float]],
+    floor: list[dict[str, Any]],
     sizes: dict[str, Any],
 ) -> dict[str, Any]:
     """The benchmark's summary (``summary.json``): per system the median read and store seconds
     (overall and at depth, the last 20% of visits), the reference's ratios, the rows read at
     depth, the ID checks (``checks``: each system's as a dict), the distance to the floor
-    (``floor``: (visit, floor seconds, bytes, diadb seconds) per measured visit) and ``sizes``."""
+    (``floor``: :class:`diadb.sim.floor.FloorReading` dicts, per measured read) and ``sizes``."""
     systems = list(dict.fromkeys(metrics.column("system").to_pylist()))
     # "at depth": the last 20% of visits, where the history window is fullest.
     tail = max(1, n_visits // 5)
@@ -56,6 +57,7 @@ def summarize(
         entry["select_total_at_depth"] = _median(metrics, s, "select", None, last=tail)
         entry["store"] = _median(metrics, s, "store", None)
         medians[s] = entry
+    last_visit = int(pc.max(metrics.column("visit")).as_py() or n_visits)
     rows_at_depth = {
         t: float(
             np.median(
@@ -64,7 +66,7 @@ def summarize(
                         pc.and_(
                             pc.equal(metrics.column("system"), "diadb"), pc.equal(metrics.column("table"), t)
                         ),
-                        pc.greater(metrics.column("visit"), n_visits - tail),
+                        pc.greater(metrics.column("visit"), last_visit - tail),
                     )
                 )
                 .column("rows")
@@ -79,16 +81,7 @@ def summarize(
         for s in systems:
             if s != "dax_apdb":
                 ratios[s] = {k: ref[k] / v if v else float("nan") for k, v in medians[s].items()}
-    floor_summary = None
-    if floor:
-        last_visit, seconds, touched, diadb_seconds = floor[-1]
-        floor_summary = {
-            "visit": last_visit,
-            "floor_s": seconds,
-            "bytes": touched,
-            "diadb_sources_plus_forced_s": diadb_seconds,
-            "ratio": diadb_seconds / seconds if seconds else float("nan"),
-        }
+    floor_summary = summarize_floor(floor)
     return {
         "profile": profile,
         "visits": n_visits,
@@ -155,14 +148,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                     f"{c['missing'][t]:,} rows only in diadb"
                 )
     if summary["floor"]:
-        f = summary["floor"]
-        lines += [
-            "",
-            f"Distance to the floor (visit {f['visit']}): summing the same rows' numeric columns "
-            f"straight from the mapped segments takes {f['floor_s']:.3f} s ({f['bytes'] / 1e6:,.0f} MB); "
-            f"diadb's source + forced-source reads took {f['diadb_sources_plus_forced_s']:.3f} s: "
-            f"{f['ratio']:.1f}x the floor.",
-        ]
+        lines += render_floor(summary["floor"])
     if summary.get("store_mean_s"):
         means = ", ".join(f"{k} {v:.3f} s" for k, v in summary["store_mean_s"].items())
         lines += ["", f"Mean store per visit, compactions included: {means}."]

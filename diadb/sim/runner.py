@@ -417,3 +417,61 @@ def summarize(table: pa.Table) -> dict[str, float]:
         if key.encode() in meta:
             out[key] = float(meta[key.encode()])
     return out
+
+
+def simulate_url(
+    url: str,
+    profile_name: str,
+    *,
+    visits: int | None = None,
+    mode: str = "field",
+    workers: int = 1,
+    clients: int | None = None,
+    scale: float | None = None,
+    after: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pa.Table, list[str]]:
+    """``diadb simulate``: :func:`run` on a new database at ``url`` (or, with ``after``, one that
+    holds the profile's first ``after`` visits); the metrics and the report's lines (medians, and
+    the rows given to the stores against the rows the database gained)."""
+    import dataclasses
+
+    from diadb.sim.profiles import PROFILES
+
+    if profile_name not in PROFILES:
+        raise ConfigError(f"unknown profile {profile_name!r}; known: {', '.join(PROFILES)}")
+    if mode not in ("field", "detector"):
+        raise ConfigError(f"mode must be field or detector, got {mode!r}")
+    if after < 0:
+        raise ConfigError(f"--after must be >= 0, got {after}")
+    prof = PROFILES[profile_name]
+    n = prof.visits if visits is None else visits
+    sim_config = prof.sim if scale is None else dataclasses.replace(prof.sim, scale=scale)
+    with Apdb.open(url) if after else Apdb.create(url) as db:
+        before = db.stats() if after else {}
+        sim = VisitSimulator(sim_config, db.schema)
+        # The model's state (ids, detection history) depends on the visits before.
+        sim.skip(after)
+        table = run(
+            db,
+            sim,
+            n,
+            mode="field" if mode == "field" else "detector",
+            workers=workers,
+            clients=clients,
+            progress=progress,
+        )
+        held = db.stats()
+    lines = [f"{key:28s} {value:12.4f}" for key, value in summarize(table).items()]
+    # Rows given to the stores against rows the database holds (every DiaObject version is a row;
+    # sources moved to history segments count too).
+    for name in TABLES:
+        part = table.filter(pc.equal(table.column("table"), name))
+        given = pc.sum(part.column("rows_stored")).as_py() or 0
+        rows = 0
+        for stats, sign in ((held, 1), (before, -1)):
+            rows += sign * stats.get(name, {}).get("rows", 0)
+            if name != "DiaObject":
+                rows += sign * stats.get(f"{name} (history)", {}).get("rows", 0)
+        lines.append(f"rows {name:23s} stored {given:>12,d}  added to database {rows:>12,d}")
+    return table, lines

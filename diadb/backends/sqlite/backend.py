@@ -16,7 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from diadb.backends.base import Backend, Int64Array, ReadTable, TableStats, TimeWindow, VisitBatch
+from diadb.backends.base import (
+    Backend,
+    BulkLoading,
+    BulkSegmentWriter,
+    HistoryBatch,
+    Int64Array,
+    ReadTable,
+    TableStats,
+    TimeWindow,
+    VisitBatch,
+)
+from diadb.backends.sqlite.bulk import SqliteBulk
 from diadb.backends.sqlite.changelog import SqliteChangeLog
 from diadb.backends.sqlite.connection import SqliteConnection
 from diadb.backends.sqlite.daytime import SegmentSourceLookup, SqliteDaytime
@@ -51,6 +62,7 @@ class SqliteBackend:
         self._store = SqliteStore(self.connection, self._layout, self._changelog)
         self._daytime = SqliteDaytime(self.connection, self._changelog)
         self._history = SqliteHistory(self.connection)
+        self._bulk = SqliteBulk(self.connection)
 
     # ---- set-up (layout) -----------------------------------------------------------
     def configure(self, config: ApdbConfig) -> None:
@@ -134,6 +146,9 @@ class SqliteBackend:
     # ---- writes --------------------------------------------------------------------
     def store_visit(self, batch: VisitBatch) -> bool:
         return self._store.store_visit(batch)
+
+    def load_history(self, batch: HistoryBatch, write: BulkSegmentWriter | None) -> list[SegmentInfo]:
+        return self._bulk.load_history(batch, write)
 
     # ---- the change log ------------------------------------------------------------
     def list_chunks(self, published: bool | None = None) -> pa.Table:
@@ -241,5 +256,5 @@ class SqliteBackend:
 
 if TYPE_CHECKING:
     # mypy checks here that the composition root has every protocol method, signatures included.
-    def _implements(backend: SqliteBackend) -> tuple[Backend, HistoryEngine]:
-        return backend, backend
+    def _implements(backend: SqliteBackend) -> tuple[Backend, HistoryEngine, BulkLoading]:
+        return backend, backend, backend
