@@ -102,24 +102,30 @@ def compact(
     from diadb.apdb import Apdb
 
     with Apdb.open(url) as db:
-        while True:
-            created = with_status("compacting", lambda say: db.compact())
-            if created or not follow:
-                sources = [s for s in created if s.table != "DiaObject"]
-                snapshot = [s for s in created if s.table == "DiaObject"]
-                line = f"compacted {sum(s.rows for s in sources):,} rows into {len(sources)} segment(s)"
-                if snapshot:
-                    line += (
-                        f"; DiaObject snapshot: {sum(s.rows for s in snapshot):,} latest versions "
-                        f"in {len(snapshot)} tile segment(s) rewritten"
-                    )
-                typer.echo(line)
+        try:
+            _compact_loop(db, follow, every)
+        except KeyboardInterrupt:  # Ctrl-C stops the job; an interrupted compaction rolled back
             if not follow:
-                return
-            try:
-                time.sleep(every)
-            except KeyboardInterrupt:
-                return
+                raise
+
+
+def _compact_loop(db: Any, follow: bool, every: float) -> None:
+    """One compaction, or (``follow``) one every ``every`` seconds, each reported when it did work."""
+    while True:
+        created = with_status("compacting", lambda say: db.compact())
+        if created or not follow:
+            sources = [s for s in created if s.table != "DiaObject"]
+            snapshot = [s for s in created if s.table == "DiaObject"]
+            line = f"compacted {sum(s.rows for s in sources):,} rows into {len(sources)} segment(s)"
+            if snapshot:
+                line += (
+                    f"; DiaObject snapshot: {sum(s.rows for s in snapshot):,} latest versions "
+                    f"in {len(snapshot)} tile segment(s) rewritten"
+                )
+            typer.echo(line, nl=True)
+        if not follow:
+            return
+        time.sleep(every)
 
 
 @_command

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,32 @@ def test_two_compactors_never_race(request, official_schema, engine):
         sources = [s for s in again.segments() if s.table == "DiaSource"]
         assert sum(s.rows for s in sources) == 720
         assert again.verify() == []
+
+
+@ENGINES
+def test_compact_follow_is_the_compaction_job(request, official_schema, engine):
+    """``diadb compact URL --follow`` beside the writers: each span is compacted once it closes,
+    the writers never compact, and Ctrl-C stops the job cleanly."""
+    url = fresh_url(request, engine)
+    db = diadb.Apdb.create(url, schema=official_schema, history_auto_compact=False, **TILED)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "diadb.cli", "compact", url, "--follow", "--every", "0.5"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _stream(db, 5, n=60)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not [s for s in db.segments() if s.table == "DiaSource"]:
+            time.sleep(0.5)
+        moved = sum(s.rows for s in db.segments() if s.table == "DiaSource")
+        assert moved > 0
+        assert _rows_per_visit(url)[0] == {v: 60 for v in range(1, 6)}
+    finally:
+        job.send_signal(signal.SIGINT)
+        out, err = job.communicate(timeout=120)
+        db.close()
+    assert job.returncode == 0, err
+    assert "compacted" in out
