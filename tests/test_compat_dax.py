@@ -1,4 +1,5 @@
-"""The reference's own test suite, ``lsst.dax.apdb.tests.ApdbTest``, run against diadb's facade.
+"""The reference's own test suites, ``lsst.dax.apdb.tests.ApdbTest`` and ``ApdbSchemaUpdateTest``,
+run against diadb's facade on SQLite, PostgreSQL and Cassandra.
 
 ``ApdbTest`` ships inside the lsst-dax-apdb wheel; it was written for the reference's private test
 schema (not shipped). This module gives it a small Felis schema of its own (below) with the
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 from lsst.dax.apdb import Apdb, ApdbConfig, ReplicaChunk
 from lsst.dax.apdb.apdbSchema import ApdbTables
-from lsst.dax.apdb.tests import ApdbTest
+from lsst.dax.apdb.tests import ApdbSchemaUpdateTest, ApdbTest
 from lsst.sphgeom import LonLat, UnitVector3d
 
 from diadb.compat.dax import DiadbApdb
@@ -363,3 +364,64 @@ class DiadbDaxApdbPostgresTest(DiadbDaxApdbTest):
         kwargs.setdefault("schema_file", str(self.schema_path))
         kwargs.setdefault("enable_replica", self.enable_replica)
         return DiadbApdb.init_database(self._server.fresh_url("dax"), **kwargs)
+
+
+class DiadbDaxApdbCassandraTest(DiadbDaxApdbTest):
+    """The same ``ApdbTest`` on the facade over diadb's Cassandra backend (the suite's node, a
+    keyspace per instance)."""
+
+    @pytest.fixture(autouse=True)
+    def _cassandra(self, request: pytest.FixtureRequest) -> None:
+        from tests.service_cassandra import fresh_url
+
+        self._request = request
+        self._fresh = fresh_url
+
+    def make_instance(self, **kwargs: Any) -> ApdbConfig:
+        kwargs.setdefault("schema_file", str(self.schema_path))
+        kwargs.setdefault("enable_replica", self.enable_replica)
+        return DiadbApdb.init_database(self._fresh(self._request), **kwargs)
+
+
+class DiadbDaxSchemaUpdateTest(ApdbSchemaUpdateTest, unittest.TestCase):
+    """The reference's ``ApdbSchemaUpdateTest`` on the facade over SQLite: a database made
+    without replication stays without it; a schema file of another major version is refused."""
+
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self._tmp.cleanup)
+        self.schema_path = Path(self._tmp.name, "schema.yaml")
+        self.schema_path.write_text(TEST_SCHEMA)
+
+    def _url(self) -> str:
+        return f"sqlite:///{self._tmp.name}/apdb.db"
+
+    def make_instance(self, **kwargs: Any) -> ApdbConfig:
+        kwargs.setdefault("schema_file", str(self.schema_path))
+        return DiadbApdb.init_database(self._url(), **kwargs)
+
+
+class DiadbDaxSchemaUpdatePostgresTest(DiadbDaxSchemaUpdateTest):
+    """``ApdbSchemaUpdateTest`` on the facade over PostgreSQL (a fresh schema per test)."""
+
+    @pytest.fixture(autouse=True)
+    def _postgres(self, request: pytest.FixtureRequest) -> None:
+        from tests.service_postgres import postgres_server
+
+        self._db_url = postgres_server(request).fresh_url("dax")
+
+    def _url(self) -> str:
+        return self._db_url
+
+
+class DiadbDaxSchemaUpdateCassandraTest(DiadbDaxSchemaUpdateTest):
+    """``ApdbSchemaUpdateTest`` on the facade over Cassandra (a fresh keyspace per test)."""
+
+    @pytest.fixture(autouse=True)
+    def _cassandra(self, request: pytest.FixtureRequest) -> None:
+        from tests.service_cassandra import fresh_url
+
+        self._db_url = fresh_url(request)
+
+    def _url(self) -> str:
+        return self._db_url
