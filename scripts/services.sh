@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs what the server-backed tests need. Each engine has its own script
+# Installs what the server-backed tests need (and Rubin's PPDB tools, scripts/dax_ppdb.sh). Each engine has its own script
 # (scripts/<engine>.sh install|up|down|status); the tests start and stop the servers.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-for engine in postgres cassandra; do
+for engine in postgres cassandra dax_ppdb; do
     if [[ -x "$here/$engine.sh" ]]; then
         "$here/$engine.sh" install
     fi
