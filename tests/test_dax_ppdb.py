@@ -48,6 +48,7 @@ except ImportError as _missing:
 import astropy.time
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy
 import yaml
 from lsst.dax.apdb import (
@@ -329,7 +330,18 @@ class _NightPostgres(_PostgresInstances):
     pass
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+class _NightCassandra(_Instances):
+    """The APDB on the suite's Cassandra node (a fresh keyspace), the PPDB a SQLite file."""
+
+    request: pytest.FixtureRequest
+
+    def apdb_url(self) -> str:
+        from tests.service_cassandra import fresh_url
+
+        return fresh_url(self.request)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "cassandra-apdb"])
 def instances(request: pytest.FixtureRequest) -> Iterator[_Instances]:
     inst: _Instances
     if request.param == "postgresql":
@@ -337,6 +349,9 @@ def instances(request: pytest.FixtureRequest) -> Iterator[_Instances]:
 
         inst = _NightPostgres()
         inst._server = postgres_server(request)
+    elif request.param == "cassandra-apdb":
+        inst = _NightCassandra()
+        inst.request = request
     else:
         inst = _NightSqlite()
     inst._setup_tmp()
@@ -414,9 +429,63 @@ def test_night_replicated_by_ppdb_replication_is_exact(instances: _Instances) ->
     assert truth["DiaSource"].num_rows == 240 and truth["DiaForcedSource"].num_rows == 240
     assert truth["DiaObject"].num_rows == 240  # 80 objects, three versions each
 
+    # The open versions are diadb's current DiaObjects, value for value (not through the replica).
+    objects = before["DiaObject"]
+    open_rows = objects.filter(pc.is_null(objects.column("validityEndMjdTai")))
+    current = apdb.native.get_objects(SKY).drop(["_healpix_29"]).sort_by("diaObjectId")
+    current = current.filter(pc.invert(pc.is_in(current.column("diaObjectId"), pa.array(night["closed"]))))
+    _same(current, open_rows.sort_by("diaObjectId"), "open DiaObject versions")
+    assert open_rows.num_rows == 77
+
     run()  # again: nothing to copy, nothing changes
     again = ppdb.get_replica_chunks()
     assert again is not None
     assert [(c.id, c.replica_time) for c in again] == [(c.id, c.replica_time) for c in ppdb_chunks]
     for table in TABLES:
         assert _ppdb_rows(ppdb_config, table, KEYS[table]).equals(before[table])
+
+
+def test_diadb_ppdb_replication_command(tmp_path: Path) -> None:
+    """``diadb-ppdb-replication`` (the reference's command, facade registered) lists the APDB's
+    chunks and replicates them all into a PPDB made by ``PpdbSql``."""
+    import subprocess
+    import sys
+
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(TEST_SCHEMA)
+    config = DiadbApdb.init_database(
+        f"sqlite:///{tmp_path}/apdb.db", schema_file=str(schema), enable_replica=True
+    )
+    config.save(str(tmp_path / "apdb.yaml"))
+    fill_apdb(Apdb.from_config(config))
+    ppdb_config = PpdbSql.init_database(db_url=f"sqlite:///{tmp_path}/ppdb.db", schema_file=str(schema))
+    ppdb_dict = ppdb_config.model_dump(exclude_unset=True, exclude_defaults=True)
+    (tmp_path / "ppdb.yaml").write_text(yaml.dump({**ppdb_dict, "implementation_type": "sql"}))
+    command = [sys.executable, "-m", "diadb.compat.ppdb_replication"]
+    listed = subprocess.run(
+        [*command, "list-chunks-apdb", str(tmp_path / "apdb.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    chunks = ApdbReplica.from_config(config).getReplicaChunks()
+    assert chunks is not None and len(chunks) == 4
+    assert all(str(c.id) in listed.stdout for c in chunks)
+    waits = ["--min-wait-time", "0", "--max-wait-time", "0", "--check-interval", "0"]
+    subprocess.run(
+        [
+            *command,
+            "run",
+            str(tmp_path / "apdb.yaml"),
+            str(tmp_path / "ppdb.yaml"),
+            "--exit-on-empty",
+            *waits,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    copied = Ppdb.from_config(ppdb_config).get_replica_chunks()
+    assert copied is not None and [c.id for c in copied] == [c.id for c in chunks]
