@@ -425,3 +425,36 @@ class DiadbDaxSchemaUpdateCassandraTest(DiadbDaxSchemaUpdateTest):
 
     def _url(self) -> str:
         return self._db_url
+
+
+def test_cassandra_replica_refuses_a_partial_chunk(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """On Cassandra, a store whose DiaSources span two visits cannot have all its rows found by
+    the change log (their key has no visit): reading its chunk raises, never returns fewer rows.
+    Its forced sources of other visits are found (their key has the visit)."""
+    from lsst.dax.apdb import ApdbReplica
+    from lsst.dax.apdb.tests.data_factory import makeForcedSourceCatalog, makeObjectCatalog, makeSourceCatalog
+    from lsst.sphgeom import Angle, Circle
+
+    import diadb
+    from tests.service_cassandra import fresh_url
+
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(TEST_SCHEMA)
+    config = DiadbApdb.init_database(fresh_url(request), schema_file=str(schema), enable_replica=True)
+    apdb = Apdb.from_config(config)
+    replica = ApdbReplica.from_config(config)
+    region = Circle(UnitVector3d(LonLat.fromDegrees(60.0, 10.0)), Angle.fromDegrees(0.05))
+    when = astropy.time.Time("2025-04-01T00:00:00", format="isot", scale="tai")
+    objects = makeObjectCatalog(region, 10)
+    forced = makeForcedSourceCatalog(objects, when, visit=9, detector=5)
+    apdb.store(when, objects, makeSourceCatalog(objects, when, visit=3, detector=5), forced)
+    (chunk,) = replica.getReplicaChunks() or []
+    assert len(replica.getTableDataChunks(ApdbTables.DiaForcedSource, [chunk.id]).rows()) == 10
+    later = when + astropy.time.TimeDelta(3600.0, format="sec")
+    sources = makeSourceCatalog(objects, later, start_id=100, visit=4, detector=5)
+    sources.loc[5:, "visit"] = 5
+    apdb.store(later, objects, sources)
+    chunks = replica.getReplicaChunks()
+    assert chunks is not None and len(chunks) == 2
+    with pytest.raises(diadb.StorageError, match="several visits"):
+        replica.getTableDataChunks(ApdbTables.DiaSource, [chunks[1].id])
