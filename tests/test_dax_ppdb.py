@@ -4,8 +4,9 @@
 and ``PpdbSql`` on SQLite and on PostgreSQL as the PPDB. The mixin's ``include_update_records``
 variant fills the APDB through ``ApdbSql._storeUpdateRecords`` (a private method of the
 reference's SQL backend, behind ``assert isinstance(apdb, ApdbSql)``), so it runs as a strict
-expected failure (``DiadbPpdbReferenceUpdateRecordsTest``); the equivalent test written here, ``test_replication_with_update_records``, makes the same three
-kinds of update records through the facade's public daytime calls.
+expected failure (``DiadbPpdbReferenceUpdateRecordsTest``); the equivalent test written here,
+``test_replication_with_update_records``, makes the same three kinds of update records through
+the facade's public daytime calls.
 
 Beyond the mixin: a simulated night with every kind of daytime change, replicated by the code
 path of ``ppdb-replication run`` (``lsst.dax.ppdb.scripts.replication_run``, its ``Replicator``)
