@@ -458,3 +458,49 @@ def test_cassandra_replica_refuses_a_partial_chunk(request: pytest.FixtureReques
     assert chunks is not None and len(chunks) == 2
     with pytest.raises(diadb.StorageError, match="several visits"):
         replica.getTableDataChunks(ApdbTables.DiaSource, [chunks[1].id])
+
+
+def test_replica_gives_sources_as_stored(tmp_path: Path) -> None:
+    """A DiaSource moved twice in the day (to another DiaObject, then to an SSObject) and one
+    withdrawn: the store's chunk gives them back as stored; the update records say what changed."""
+    from lsst.dax.apdb import ApdbReplica, DiaSourceId
+    from lsst.dax.apdb.tests.data_factory import makeObjectCatalog, makeSourceCatalog
+    from lsst.sphgeom import Angle, Circle
+
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(TEST_SCHEMA)
+    config = DiadbApdb.init_database(
+        f"sqlite:///{tmp_path}/apdb.db", schema_file=str(schema), enable_replica=True
+    )
+    apdb = Apdb.from_config(config)
+    replica = ApdbReplica.from_config(config)
+    region = Circle(UnitVector3d(LonLat.fromDegrees(80.0, 20.0)), Angle.fromDegrees(0.05))
+    when = astropy.time.Time("2025-05-01T00:00:00", format="isot", scale="tai")
+    objects = makeObjectCatalog(region, 5)
+    objects["nDiaSources"] = 3
+    sources = makeSourceCatalog(objects, when, visit=2, detector=4)
+    apdb.store(when, objects, sources)
+    (stored_chunk,) = replica.getReplicaChunks() or []
+    stored = sorted(replica.getTableDataChunks(ApdbTables.DiaSource, [stored_chunk.id]).rows())
+    first, second = int(sources["diaSourceId"].iloc[0]), int(sources["diaSourceId"].iloc[1])
+    other = int(objects["diaObjectId"].iloc[-1])
+
+    def source_id(i: int) -> DiaSourceId:
+        return DiaSourceId(diaSourceId=i, ra=0.0, dec=0.0, midpointMjdTai=0.0)
+
+    apdb.reassignDiaSourcesToDiaObjects({source_id(first): other})
+    apdb.reassignDiaSources({first: 42})
+    apdb.withdrawDiaSources(
+        [source_id(second)], timeWithdrawn=when + astropy.time.TimeDelta(60, format="sec")
+    )
+    now = apdb.getDiaSources(region, None, when)
+    assert now is not None
+    row = now.set_index("diaSourceId").loc[first]
+    assert pd.isna(row["diaObjectId"]) and row["ssObjectId"] == 42
+    again = sorted(replica.getTableDataChunks(ApdbTables.DiaSource, [stored_chunk.id]).rows())
+    assert again == stored
+    chunks = replica.getReplicaChunks()
+    assert chunks is not None
+    kinds = {type(r).__name__ for r in replica.getUpdateRecordChunks([c.id for c in chunks])}
+    assert {"ApdbReassignDiaSourceToDiaObjectRecord", "ApdbReassignDiaSourceToSSObjectRecord"} <= kinds
+    assert "ApdbWithdrawDiaSourceRecord" in kinds
