@@ -22,7 +22,7 @@ install: $(STAMP)  ## create .venv and install diadb with its dev tools
 demo: $(STAMP)  ## store and read synthetic visits in an embedded SQLite APDB
 	$(BIN)/diadb demo --out build/demo
 
-services:  ## install what the server-backed tests need (PostgreSQL, Cassandra jars)
+services:  ## install what the server-backed tests need (PostgreSQL, Cassandra jars, lsst-dax-ppdb)
 	bash scripts/services.sh install
 
 test: $(STAMP) lint services  ## lint, type-check, install servers and run the whole test suite

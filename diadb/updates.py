@@ -118,11 +118,21 @@ def object_counts(rows: pa.Table) -> list[dict[str, Any]]:
 
 
 def update_payload(
-    new: pa.Table, changes: pa.Table, when_mjd: float, counts: list[dict[str, Any]]
+    new: pa.Table,
+    changes: pa.Table,
+    when_mjd: float,
+    counts: list[dict[str, Any]],
+    current: pa.Table | None = None,
 ) -> dict[str, Any]:
-    """The change-log record of a source update: each row's new values and its position."""
+    """The change-log record of a source update: each row's new values and its position, and
+    (``before``) the values it replaces, from which a replica gives rows back as stored."""
     changed = [c for c in changes.column_names if c != "diaSourceId"]
     rows = new.select(["diaSourceId", "ra", "dec", "midpointMjdTai", *changed]).to_pylist()
+    if current is not None:
+        ids = current.column("diaSourceId").to_pylist()
+        before = dict(zip(ids, current.select(changed).to_pylist(), strict=True))
+        for row in rows:
+            row["before"] = before[row["diaSourceId"]]
     payload: dict[str, Any] = {"when_mjd_tai": when_mjd, "rows": rows}
     if counts:
         payload["objects"] = counts
@@ -169,7 +179,7 @@ class SourceUpdatePlan:
 
     def payload(self, when_mjd: float, counts: list[dict[str, Any]]) -> dict[str, Any]:
         """The change-log record, given the objects' new counts (see :func:`object_counts`)."""
-        return update_payload(self.new, self.changes, when_mjd, counts)
+        return update_payload(self.new, self.changes, when_mjd, counts, self.current)
 
 
 def plan_source_update(

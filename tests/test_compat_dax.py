@@ -1,4 +1,5 @@
-"""The reference's own test suite, ``lsst.dax.apdb.tests.ApdbTest``, run against diadb's facade.
+"""The reference's own test suites, ``lsst.dax.apdb.tests.ApdbTest`` and ``ApdbSchemaUpdateTest``,
+run against diadb's facade on SQLite, PostgreSQL and Cassandra.
 
 ``ApdbTest`` ships inside the lsst-dax-apdb wheel; it was written for the reference's private test
 schema (not shipped). This module gives it a small Felis schema of its own (below) with the
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 from lsst.dax.apdb import Apdb, ApdbConfig, ReplicaChunk
 from lsst.dax.apdb.apdbSchema import ApdbTables
-from lsst.dax.apdb.tests import ApdbTest
+from lsst.dax.apdb.tests import ApdbSchemaUpdateTest, ApdbTest
 from lsst.sphgeom import LonLat, UnitVector3d
 
 from diadb.compat.dax import DiadbApdb
@@ -363,3 +364,143 @@ class DiadbDaxApdbPostgresTest(DiadbDaxApdbTest):
         kwargs.setdefault("schema_file", str(self.schema_path))
         kwargs.setdefault("enable_replica", self.enable_replica)
         return DiadbApdb.init_database(self._server.fresh_url("dax"), **kwargs)
+
+
+class DiadbDaxApdbCassandraTest(DiadbDaxApdbTest):
+    """The same ``ApdbTest`` on the facade over diadb's Cassandra backend (the suite's node, a
+    keyspace per instance)."""
+
+    @pytest.fixture(autouse=True)
+    def _cassandra(self, request: pytest.FixtureRequest) -> None:
+        from tests.service_cassandra import fresh_url
+
+        self._request = request
+        self._fresh = fresh_url
+
+    def make_instance(self, **kwargs: Any) -> ApdbConfig:
+        kwargs.setdefault("schema_file", str(self.schema_path))
+        kwargs.setdefault("enable_replica", self.enable_replica)
+        return DiadbApdb.init_database(self._fresh(self._request), **kwargs)
+
+
+class DiadbDaxSchemaUpdateTest(ApdbSchemaUpdateTest, unittest.TestCase):
+    """The reference's ``ApdbSchemaUpdateTest`` on the facade over SQLite: a database made
+    without replication stays without it; a schema file of another major version is refused."""
+
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self._tmp.cleanup)
+        self.schema_path = Path(self._tmp.name, "schema.yaml")
+        self.schema_path.write_text(TEST_SCHEMA)
+
+    def _url(self) -> str:
+        return f"sqlite:///{self._tmp.name}/apdb.db"
+
+    def make_instance(self, **kwargs: Any) -> ApdbConfig:
+        kwargs.setdefault("schema_file", str(self.schema_path))
+        return DiadbApdb.init_database(self._url(), **kwargs)
+
+
+class DiadbDaxSchemaUpdatePostgresTest(DiadbDaxSchemaUpdateTest):
+    """``ApdbSchemaUpdateTest`` on the facade over PostgreSQL (a fresh schema per test)."""
+
+    @pytest.fixture(autouse=True)
+    def _postgres(self, request: pytest.FixtureRequest) -> None:
+        from tests.service_postgres import postgres_server
+
+        self._db_url = postgres_server(request).fresh_url("dax")
+
+    def _url(self) -> str:
+        return self._db_url
+
+
+class DiadbDaxSchemaUpdateCassandraTest(DiadbDaxSchemaUpdateTest):
+    """``ApdbSchemaUpdateTest`` on the facade over Cassandra (a fresh keyspace per test)."""
+
+    @pytest.fixture(autouse=True)
+    def _cassandra(self, request: pytest.FixtureRequest) -> None:
+        from tests.service_cassandra import fresh_url
+
+        self._db_url = fresh_url(request)
+
+    def _url(self) -> str:
+        return self._db_url
+
+
+def test_cassandra_replica_refuses_a_partial_chunk(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """On Cassandra, a store whose DiaSources span two visits cannot have all its rows found by
+    the change log (their key has no visit): reading its chunk raises, never returns fewer rows.
+    Its forced sources of other visits are found (their key has the visit)."""
+    from lsst.dax.apdb import ApdbReplica
+    from lsst.dax.apdb.tests.data_factory import makeForcedSourceCatalog, makeObjectCatalog, makeSourceCatalog
+    from lsst.sphgeom import Angle, Circle
+
+    import diadb
+    from tests.service_cassandra import fresh_url
+
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(TEST_SCHEMA)
+    config = DiadbApdb.init_database(fresh_url(request), schema_file=str(schema), enable_replica=True)
+    apdb = Apdb.from_config(config)
+    replica = ApdbReplica.from_config(config)
+    region = Circle(UnitVector3d(LonLat.fromDegrees(60.0, 10.0)), Angle.fromDegrees(0.05))
+    when = astropy.time.Time("2025-04-01T00:00:00", format="isot", scale="tai")
+    objects = makeObjectCatalog(region, 10)
+    forced = makeForcedSourceCatalog(objects, when, visit=9, detector=5)
+    apdb.store(when, objects, makeSourceCatalog(objects, when, visit=3, detector=5), forced)
+    (chunk,) = replica.getReplicaChunks() or []
+    assert len(replica.getTableDataChunks(ApdbTables.DiaForcedSource, [chunk.id]).rows()) == 10
+    later = when + astropy.time.TimeDelta(3600.0, format="sec")
+    sources = makeSourceCatalog(objects, later, start_id=100, visit=4, detector=5)
+    sources.loc[5:, "visit"] = 5
+    apdb.store(later, objects, sources)
+    chunks = replica.getReplicaChunks()
+    assert chunks is not None and len(chunks) == 2
+    with pytest.raises(diadb.StorageError, match="several visits"):
+        replica.getTableDataChunks(ApdbTables.DiaSource, [chunks[1].id])
+
+
+def test_replica_gives_sources_as_stored(tmp_path: Path) -> None:
+    """A DiaSource moved twice in the day (to another DiaObject, then to an SSObject) and one
+    withdrawn: the store's chunk gives them back as stored; the update records say what changed."""
+    from lsst.dax.apdb import ApdbReplica, DiaSourceId
+    from lsst.dax.apdb.tests.data_factory import makeObjectCatalog, makeSourceCatalog
+    from lsst.sphgeom import Angle, Circle
+
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(TEST_SCHEMA)
+    config = DiadbApdb.init_database(
+        f"sqlite:///{tmp_path}/apdb.db", schema_file=str(schema), enable_replica=True
+    )
+    apdb = Apdb.from_config(config)
+    replica = ApdbReplica.from_config(config)
+    region = Circle(UnitVector3d(LonLat.fromDegrees(80.0, 20.0)), Angle.fromDegrees(0.05))
+    when = astropy.time.Time("2025-05-01T00:00:00", format="isot", scale="tai")
+    objects = makeObjectCatalog(region, 5)
+    objects["nDiaSources"] = 3
+    sources = makeSourceCatalog(objects, when, visit=2, detector=4)
+    apdb.store(when, objects, sources)
+    (stored_chunk,) = replica.getReplicaChunks() or []
+    stored = sorted(replica.getTableDataChunks(ApdbTables.DiaSource, [stored_chunk.id]).rows())
+    first, second = int(sources["diaSourceId"].iloc[0]), int(sources["diaSourceId"].iloc[1])
+    other = int(objects["diaObjectId"].iloc[-1])
+
+    def source_id(i: int) -> DiaSourceId:
+        return DiaSourceId(diaSourceId=i, ra=0.0, dec=0.0, midpointMjdTai=0.0)
+
+    apdb.reassignDiaSourcesToDiaObjects({source_id(first): other})
+    apdb.reassignDiaSources({first: 42})
+    apdb.withdrawDiaSources(
+        [source_id(second)], timeWithdrawn=when + astropy.time.TimeDelta(60, format="sec")
+    )
+    now = apdb.getDiaSources(region, None, when)
+    assert now is not None
+    row = now.set_index("diaSourceId").loc[first]
+    assert pd.isna(row["diaObjectId"]) and row["ssObjectId"] == 42
+    again = sorted(replica.getTableDataChunks(ApdbTables.DiaSource, [stored_chunk.id]).rows())
+    assert again == stored
+    chunks = replica.getReplicaChunks()
+    assert chunks is not None
+    kinds = {type(r).__name__ for r in replica.getUpdateRecordChunks([c.id for c in chunks])}
+    assert {"ApdbReassignDiaSourceToDiaObjectRecord", "ApdbReassignDiaSourceToSSObjectRecord"} <= kinds
+    assert "ApdbWithdrawDiaSourceRecord" in kinds

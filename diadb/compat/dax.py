@@ -50,7 +50,7 @@ import diadb
 from diadb.compat.dax_admin import DiadbApdbAdmin, DiadbApdbMetadata
 from diadb.compat.dax_config import DEFAULT_SCHEMA, DiadbApdbConfig, register
 from diadb.compat.dax_monitor import store_records, timer
-from diadb.compat.dax_replica import DiadbApdbReplica
+from diadb.compat.dax_replica import DiadbApdbReplica, whole_microseconds
 from diadb.errors import UnknownIdError
 from diadb.schema.felis import schema_from_yaml
 from diadb.sky.regions import as_region
@@ -444,6 +444,11 @@ class DiadbApdb(Apdb):
             with timer("update_time", "DiaForcedSource", "withdrawDiaForcedSources") as t:
                 self._db.withdraw_forced_sources(keys, time=when, update_time=self._current_time())
                 t.add_values(row_count=len(keys))
+
+    def _current_time(self) -> astropy.time.Time:
+        """Now, to the whole microsecond: the time of a daytime update, which diadb records as a
+        float MJD and its replica reports exactly (``update_time_ns``, chunk times)."""
+        return whole_microseconds(astropy.time.Time.now())
 
     def _store_update_records(
         self, records: Sequence[ApdbUpdateRecord], update_time: astropy.time.Time

@@ -12,6 +12,7 @@ longer listed or read here).
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 from collections.abc import Collection, Iterable, Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import astropy.time
 import felis.datamodel
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 from lsst.dax.apdb import (
@@ -74,8 +76,37 @@ class ArrowTableData(ApdbTableData):
         return self._table
 
 
-def _unix_tai(mjd_tai: np.ndarray) -> np.ndarray:
-    return np.asarray(astropy.time.Time(mjd_tai, format="mjd", scale="tai").unix_tai, dtype=np.float64)
+def unix_tai_us(mjd_tai: npt.ArrayLike) -> np.ndarray:
+    """Whole microseconds (TAI, Unix epoch) nearest to float MJD TAI values.
+
+    diadb records times as float MJD TAI, whose spacing near MJD 60000 is 0.63 us: the nearest
+    whole microsecond is the time the caller gave whenever that was a whole microsecond (what the
+    reference's timestamps and PPDB's ``datetime`` columns hold). The conversion runs in
+    astropy's two-double form and extended precision, not through one float of seconds (whose
+    spacing near 1.6e9 s, 0.24 us, would add to the MJD's error).
+    """
+    times = astropy.time.Time(np.asarray(mjd_tai, dtype=np.float64), format="mjd", scale="tai")
+    seconds = np.asarray(times.to_value("unix_tai", "long"), dtype=np.longdouble)
+    return np.asarray(np.rint(seconds * np.longdouble(1_000_000)), dtype=np.int64)
+
+
+_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+def exact_time(microseconds: int) -> astropy.time.Time:
+    """The TAI time of a whole number of microseconds since the Unix epoch (``unix_tai``).
+
+    Made from a ``datetime`` read as TAI, as PPDB's SQL tables give their timestamps back, so
+    that a chunk's time compares equal (``==``, exact) on both sides of a replication.
+    """
+    when = _EPOCH + datetime.timedelta(microseconds=int(microseconds))
+    return astropy.time.Time(when, format="datetime", scale="tai")
+
+
+def whole_microseconds(when: astropy.time.Time) -> astropy.time.Time:
+    """``when`` rounded to the whole microsecond (TAI): a time diadb's float MJD gives back exactly."""
+    seconds = np.longdouble(when.tai.to_value("unix_tai", "long"))
+    return exact_time(int(np.rint(seconds * np.longdouble(1_000_000))))
 
 
 class DiadbApdbReplica(ApdbReplica):
@@ -105,9 +136,14 @@ class DiadbApdbReplica(ApdbReplica):
             stored = chunks.column("stored_at").to_pylist()
             for i in np.flatnonzero(missing):
                 times[i] = astropy.time.Time(str(stored[i]).replace("+00:00", ""), scale="utc").tai.mjd
-        seconds = _unix_tai(times) if len(times) else np.zeros(0)
-        window = (np.floor(seconds / self._window) * self._window).astype(np.int64)
-        return chunks.append_column("window", pa.array(window)).append_column("time", pa.array(times))
+        micros = unix_tai_us(times) if len(times) else np.zeros(0, dtype=np.int64)
+        span = self._window * 1_000_000
+        window = (micros // span) * self._window
+        return (
+            chunks.append_column("window", pa.array(window, pa.int64()))
+            .append_column("time", pa.array(times))
+            .append_column("time_us", pa.array(micros, pa.int64()))
+        )
 
     def getReplicaChunks(self) -> list[ReplicaChunk] | None:
         if not self._apdb.config.enable_replica:
@@ -118,11 +154,11 @@ class DiadbApdbReplica(ApdbReplica):
         for window in np.unique(windows):
             mine = chunks.filter(pc.equal(chunks.column("window"), pa.scalar(int(window))))
             ids = ",".join(str(i) for i in mine.column("chunk_id").to_pylist())
-            last = float(pc.max(mine.column("time")).as_py())
+            last = int(pc.max(mine.column("time_us")).as_py())
             result.append(
                 ReplicaChunk(
                     id=int(window),
-                    last_update_time=astropy.time.Time(last, format="mjd", scale="tai"),
+                    last_update_time=exact_time(last),
                     unique_id=uuid.uuid5(_UUID_NAMESPACE, ids),
                 )
             )
@@ -161,8 +197,55 @@ class DiadbApdbReplica(ApdbReplica):
         chunk_ids = rows.column("_chunk_id").to_pylist()
         windows = pa.array([window_of[int(c)] for c in chunk_ids], pa.int64())
         columns = [rows.column(c.name).cast(empty.schema.field(c.name).type) for c in spec.columns]
+        if name == "DiaObject" and "validityEndMjdTai" in spec.column_names:
+            # As stored: a store writes open versions. diadb's rows show today's end (set by the
+            # next version or by setValidityEnd), which the PPDB derives itself from the next
+            # version and the update records; given here it would leave PpdbSql no open version
+            # to close.
+            at = spec.column_names.index("validityEndMjdTai")
+            columns[at] = pa.nulls(rows.num_rows, columns[at].type)
         data = pa.Table.from_arrays([windows, *columns], names=[_CHUNK_COLUMN, *spec.column_names])
+        if name == "DiaSource":
+            data = self._as_stored(data, rows.column("_chunk_id"))
         return ArrowTableData(data, types)
+
+    def _as_stored(self, data: pa.Table, chunk_ids: pa.ChunkedArray) -> pa.Table:
+        """DiaSource rows with the values their store wrote, as the reference's replica keeps
+        them: diadb's rows show today's values, so every later daytime change recorded with
+        the values it replaced (``before``) is undone, newest first. The PPDB applies those
+        changes itself from the update records (and checks the rows they name)."""
+        if not data.num_rows:
+            return data
+        first = int(pc.min(chunk_ids).as_py())
+        chunks: pa.Table = self._db.replica_chunks()
+        later = chunks.filter(
+            pc.and_(pc.equal(chunks.column("kind"), "update"), pc.greater(chunks.column("chunk_id"), first))
+        )
+        if not later.num_rows:
+            return data
+        updates = self._db.read_chunks(later.column("chunk_id").to_pylist())["updates"]
+        undo: list[tuple[int, int, int, dict[str, Any]]] = []  # (chunk, seq, diaSourceId, before)
+        for chunk, seq, payload in zip(
+            updates.column("chunk_id").to_pylist(),
+            updates.column("seq").to_pylist(),
+            updates.column("payload").to_pylist(),
+            strict=True,
+        ):
+            for row in json.loads(payload).get("rows", []):
+                if "before" in row and "diaSourceId" in row:
+                    undo.append((int(chunk), int(seq), int(row["diaSourceId"]), row["before"]))
+        if not undo:
+            return data
+        position = {int(s): i for i, s in enumerate(data.column("diaSourceId").to_pylist())}
+        stored_in = chunk_ids.to_pylist()
+        values = {name: data.column(name).to_pylist() for name in data.column_names}
+        for chunk, _, source, before in sorted(undo, reverse=True):
+            i = position.get(source)
+            if i is None or int(stored_in[i]) >= chunk:
+                continue
+            for column, value in before.items():
+                values[column][i] = value
+        return pa.table([pa.array(values[f.name], f.type) for f in data.schema], schema=data.schema)
 
     def getUpdateRecordChunks(self, chunks: Iterable[int]) -> Sequence[ApdbUpdateRecord]:
         ids, _ = self._diadb_chunks(chunks)
@@ -178,7 +261,8 @@ class DiadbApdbReplica(ApdbReplica):
 
 
 def _time_ns(mjd_tai: float) -> int:
-    return round(float(astropy.time.Time(mjd_tai, format="mjd", scale="tai").unix_tai) * 1e9)
+    """An update record's ``update_time_ns``: the whole microsecond diadb's MJD records, in ns."""
+    return int(unix_tai_us(np.array([mjd_tai]))[0]) * 1000
 
 
 def update_records(kind: str, payload: dict[str, Any]) -> list[ApdbUpdateRecord]:

@@ -22,6 +22,7 @@ from diadb.backends.cassandra.changelog import ChangeLog
 from diadb.backends.cassandra.codec import q, to_arrow
 from diadb.backends.cassandra.layout import BUCKET, HISTORY_TABLE, Layout, partition_table
 from diadb.backends.cassandra.session import CassandraSession, Statements
+from diadb.errors import StorageError
 from diadb.schema.model import HEALPIX_COLUMN
 
 
@@ -50,26 +51,68 @@ class ChunkReader:
             sel = ", ".join(q(c) for c in physical)
             statements: Statements = []
             owners: list[tuple[int, int]] = []
+            visits = {int(c["chunk_id"]): self._visits(table, c, members) for c in stores}
             for p in parts[table]:
                 stmt = self.session.prepare(
                     f"SELECT {sel} FROM {self.session.t(partition_table(table, p))} WHERE visit = ?"
                 )
                 for c in stores:
-                    statements.append((stmt, (int(c["visit"]),)))
-                    owners.append((int(c["chunk_id"]), int(c["detector"])))
+                    for visit in visits[int(c["chunk_id"])]:
+                        statements.append((stmt, (visit,)))
+                        owners.append((int(c["chunk_id"]), int(c["detector"])))
             pieces = []
+            found: dict[int, int] = {}
             det_at = physical.index("detector")
             for (chunk, det), rows in zip(owners, self.session.run(statements, write=False), strict=True):
                 mine = [r for r in rows if det == -1 or r[det_at] == det]
                 if mine:
                     t = self._only_members(table, self.layout.decode(table, cols, mine), members, chunk)
+                    found[chunk] = found.get(chunk, 0) + t.num_rows
                     pieces.append(
                         t.add_column(0, "_chunk_id", pa.array(np.full(t.num_rows, chunk), pa.int64()))
                     )
+            self._check_complete(table, stores, members, found)
             out[table] = self._concat(pieces, types, cols)
         out[HISTORY_TABLE] = self._chunk_objects(stores, members)
         out["updates"] = self._update_records(updates)
         return out
+
+    def _visits(
+        self, table: str, chunk: Mapping[str, Any], members: Mapping[int, pa.Table | None]
+    ) -> list[int]:
+        """The visits whose rows hold ``table``'s rows of this store chunk: its recorded visit and,
+        for a keyed store whose rows' primary key names their visit (DiaForcedSource), every visit
+        its members name (a whole-visit store may carry rows of several visits)."""
+        out = {int(chunk["visit"])}
+        own = members.get(int(chunk["chunk_id"]))
+        pk = list(self.layout.schema.table(table).primary_key)
+        if own is not None and "visit" in pk[:3]:
+            column = ("k1", "k2", "k3")[pk.index("visit")]
+            listed = own.filter(pc.equal(own.column("tbl"), table))
+            out.update(int(v) for v in pc.unique(listed.column(column)).to_pylist())
+        return sorted(out)
+
+    def _check_complete(
+        self,
+        table: str,
+        stores: Sequence[Mapping[str, Any]],
+        members: Mapping[int, pa.Table | None],
+        found: Mapping[int, int],
+    ) -> None:
+        """StorageError when a keyed store's rows of ``table`` were not all found (its rows of a
+        visit other than the one its chunk records, found by no index): never fewer rows."""
+        for c in stores:
+            chunk = int(c["chunk_id"])
+            own = members.get(chunk)
+            if own is None:
+                continue
+            expected = pc.sum(pc.equal(own.column("tbl"), table).cast(pa.int64())).as_py() or 0
+            if found.get(chunk, 0) != expected:
+                raise StorageError(
+                    f"change log: store chunk {chunk} wrote {expected} {table} rows but "
+                    f"{found.get(chunk, 0)} were found by visit {int(c['visit'])} (rows of one keyed "
+                    f"store in several visits cannot all be found on Cassandra)"
+                )
 
     def _concat(self, pieces: list[pa.Table], types: Mapping[str, str], cols: Sequence[str]) -> pa.Table:
         if pieces:
