@@ -176,8 +176,18 @@ class CassandraHistory:
             self._local.snapshot = None
 
     def boundary(self) -> float:
-        """Every source row older than this lives in segments (-inf before the first compaction)."""
-        return self._manifest().boundary if self.enabled else -math.inf
+        """Every source row older than this lives in segments (-inf before the first compaction):
+        the snapshot's, or one read of the manifest's static column (not its entries)."""
+        if not self.enabled:
+            return -math.inf
+        snap: _Manifest | None = getattr(self._local, "snapshot", None)
+        if snap is not None:
+            return snap.boundary
+        stmt = self.session.prepare(
+            f"SELECT boundary FROM {self.session.t(MANIFEST)} WHERE bucket = 0 LIMIT 1"
+        )
+        (rows,) = self.session.run([(stmt, ())], write=False)
+        return -math.inf if not rows or rows[0][0] is None else float(rows[0][0])
 
     def clip(self, window: TimeWindow | None) -> TimeWindow | None:
         """``window`` without the times below the boundary (those rows are read from segments)."""
