@@ -213,6 +213,10 @@ def bench(
         str | None,
         typer.Option(help="Go on after the visits of this `diadb build` database (and its reference)."),
     ] = None,
+    history_tier: Annotated[
+        bool | None,
+        typer.Option(help="diadb with (or without) its history tier; default: the engine's default."),
+    ] = None,
 ) -> None:
     """Simulate visits into diadb (and the reference) side by side; report medians, ratios, a plot."""
     from diadb.sim.bench import run_bench
@@ -232,6 +236,7 @@ def bench(
             url=url,
             reference_url=reference_url,
             after=after,
+            history_tier=history_tier,
         ),
     )
     typer.echo(result.summary_path.read_text())

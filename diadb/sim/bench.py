@@ -190,6 +190,7 @@ def run_bench(
     scale: float | None = None,
     reference_url: str | None = None,
     after: str | None = None,
+    history_tier: bool | None = None,
 ) -> BenchResult:
     """Run one benchmark profile; see the module docstring.
 
@@ -236,7 +237,9 @@ def run_bench(
             for f in old.iterdir():
                 f.unlink()
             old.rmdir()
-        main_db = Apdb.create(url or str(out / "diadb.db"))
+        # The tier as asked, else the engine's default (on for SQLite).
+        tier: dict[str, Any] = {} if history_tier is None else {"history_tier": history_tier}
+        main_db = Apdb.create(url or str(out / "diadb.db"), **tier)
     main = DiadbSystem("diadb", main_db, columns)
     systems: list[System] = [main]
     if association_view:
