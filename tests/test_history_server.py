@@ -108,6 +108,15 @@ def test_blob_tier_returns_what_the_engine_alone_returns(request, official_schem
             _stream(db, 2, first=11)
         same()
         assert tiered.verify() == []
+        # The replica's chunks hold each stored row once, wherever it lives now.
+        for db in (plain, tiered):
+            ids = db.replica_chunks().column("chunk_id").to_pylist()
+            rows = db.read_chunks(ids)
+            sources = np.sort(rows["DiaSource"].column("diaSourceId").to_numpy())
+            if db is plain:
+                expected = sources
+            else:
+                assert np.array_equal(sources, expected)
     finally:
         plain.close()
         tiered.close()

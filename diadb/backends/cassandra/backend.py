@@ -16,11 +16,13 @@ without it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, ReadTable, TableStats, TimePartition, TimeWindow, VisitBatch
 from diadb.backends.cassandra.changelog import ChangeLog
@@ -149,7 +151,16 @@ class CassandraBackend:
         return self.log.list_chunks(published)
 
     def chunk_rows(self, chunk_ids: Sequence[int]) -> dict[str, pa.Table]:
-        return self.chunks.chunk_rows(chunk_ids)
+        rows = self.chunks.chunk_rows(chunk_ids)
+        boundary = self.history.boundary()
+        if math.isfinite(boundary):
+            # Source rows older than the boundary are read from segments (the facade adds them);
+            # their engine copies, until dropped, are not read twice.
+            for table in ("DiaSource", "DiaForcedSource"):
+                data = rows.get(table)
+                if data is not None and data.num_rows:
+                    rows[table] = data.filter(pc.greater_equal(data.column("midpointMjdTai"), boundary))
+        return rows
 
     def mark_published(self, chunk_ids: Sequence[int]) -> None:
         self.log.mark_published(chunk_ids)
