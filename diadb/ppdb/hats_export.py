@@ -15,11 +15,14 @@ A later export into the same directory is incremental (:mod:`diadb.ppdb.incremen
 partitions that the new change-log chunks touch are read again and rewritten (new rows outside
 every partition get new partitions), so the export then holds exactly the rows a full re-export
 would hold. Partition boundaries stay as they were (a full re-export may balance them
-differently).
+differently). Every export writes a new version of the directory and publishes it with one
+atomic rename (:func:`diadb.ppdb.layout.publish`): a failed update leaves the previous
+version published and valid; with no new chunk nothing is written at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import shutil
 import time
@@ -31,8 +34,24 @@ import numpy as np
 
 from diadb.errors import BackendUnavailable
 from diadb.ppdb import partition as part
-from diadb.ppdb.incremental import check_same_source, chunk_ids, update_export
-from diadb.ppdb.layout import MANIFEST, SCHEMA_FILE, TABLES, Manifest, PublicationError
+from diadb.ppdb.incremental import (
+    check_same_source,
+    chunk_ids,
+    new_chunks,
+    unchanged_result,
+    update_export,
+)
+from diadb.ppdb.layout import (
+    MANIFEST,
+    SCHEMA_FILE,
+    TABLES,
+    Manifest,
+    PublicationError,
+    first_version,
+    is_versioned,
+    publish,
+    stage,
+)
 from diadb.ppdb.options import DEFAULT_MAX_ROWS, ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, is_parallel, run_jobs
 from diadb.ppdb.writer import TableWriter, public_url, read_inside, scan_cover
@@ -84,7 +103,26 @@ def export_hats(
             raise PublicationError(f"{root} already holds an export; choose an empty directory")
         manifest = Manifest.read(root)
         check_same_source(manifest, apdb, region_text)
-        return update_export(apdb, root, manifest, reg, opts, mark_published, say, t0)
+        if not is_versioned(root):
+            raise PublicationError(
+                f"{root} is an export of format 1 (updated in place); re-export it into an empty "
+                "directory to update it incrementally"
+            )
+        pending = new_chunks(apdb, manifest)
+        if not len(pending):
+            # Nothing new: the export stays exactly as it is (no new version).
+            return unchanged_result(root, manifest, t0)
+        version = stage(root)
+        try:
+            result = update_export(apdb, version, manifest, reg, opts, pending, say, t0)
+            publish(root, version)
+        except BaseException:
+            # The published version is untouched: drop the unfinished one.
+            shutil.rmtree(version, ignore_errors=True)
+            raise
+        if mark_published and manifest.region is None:
+            apdb.mark_published(pending.tolist())
+        return dataclasses.replace(result, root=root)
     if incremental:
         raise PublicationError(f"{root} holds no export to update (no {MANIFEST})")
     if root.exists() and any(root.iterdir()):
@@ -92,7 +130,9 @@ def export_hats(
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     try:
-        return _full_export(apdb, root, reg, region_text, opts, mark_published, say, t0)
+        version = first_version(root)
+        result, chunks = _full_export(apdb, version, reg, region_text, opts, say, t0)
+        publish(root, version)
     except BaseException:
         # Everything in the directory is this export's (it was empty or absent): a failed export
         # leaves nothing that would block the next attempt.
@@ -100,6 +140,9 @@ def export_hats(
         if not created:
             root.mkdir(parents=True, exist_ok=True)
         raise
+    if mark_published and reg is None and len(chunks):
+        apdb.mark_published(chunks.tolist())
+    return dataclasses.replace(result, root=root)
 
 
 def _full_export(
@@ -108,10 +151,9 @@ def _full_export(
     reg: Region | None,
     region_text: str | None,
     opts: ExportOptions,
-    mark_published: bool,
     say: Progress,
     t0: float,
-) -> ExportResult:
+) -> tuple[ExportResult, np.ndarray]:
     chunks = chunk_ids(apdb)
     manifest = Manifest(
         source_url=public_url(apdb.url),
@@ -150,9 +192,7 @@ def _full_export(
         manifest.tables[table] = writers[table].summary(plans[table])
     manifest.record(root, written)
     manifest.write(root)
-    if mark_published and reg is None and len(chunks):
-        apdb.mark_published(chunks.tolist())
-    return ExportResult(
+    result = ExportResult(
         root=root,
         incremental=False,
         tables={
@@ -163,6 +203,7 @@ def _full_export(
         last_chunk_id=manifest.last_chunk_id,
         seconds=time.perf_counter() - t0,
     )
+    return result, chunks
 
 
 # ---- the counting pass ------------------------------------------------------------

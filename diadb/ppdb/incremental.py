@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.ppdb import partition as part
-from diadb.ppdb.layout import TABLES, Manifest, PublicationError, catalog_dir
+from diadb.ppdb.layout import FORMAT_VERSION, TABLES, Manifest, PublicationError, catalog_dir
 from diadb.ppdb.options import ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, run_jobs
 from diadb.ppdb.writer import TableWriter, public_url, scan_cover
@@ -48,22 +48,43 @@ def check_same_source(manifest: Manifest, apdb: Apdb, region_text: str | None) -
         )
 
 
+def new_chunks(apdb: Apdb, manifest: Manifest) -> np.ndarray:
+    """The change-log chunks newer than the export, in commit order.
+
+    An export made before the first chunk (of an empty database) takes every chunk: the
+    partitions they touch are read again whole, so rows already exported are not doubled."""
+    ids = chunk_ids(apdb)
+    return ids if manifest.last_chunk_id is None else ids[ids > manifest.last_chunk_id]
+
+
+def unchanged_result(root: Path, manifest: Manifest, t0: float) -> ExportResult:
+    """The result of an update that found no new chunk (nothing written)."""
+    return ExportResult(
+        root=root,
+        incremental=True,
+        tables={
+            t: {"rows": int(s["rows"]), "partitions": int(s["partitions"])}
+            for t, s in manifest.tables.items()
+        },
+        chunks_applied=0,
+        last_chunk_id=manifest.last_chunk_id,
+        seconds=time.perf_counter() - t0,
+    )
+
+
 def update_export(
     apdb: Apdb,
     root: Path,
     manifest: Manifest,
     region: Region | None,
     opts: ExportOptions,
-    mark_published: bool,
+    new_ids: np.ndarray,
     say: Progress,
     t0: float,
 ) -> ExportResult:
+    """Apply the chunks ``new_ids`` to the export version at ``root`` (a staged copy)."""
     if manifest.region is not None and region is None:
         region = as_region(manifest.region)
-    ids = chunk_ids(apdb)
-    # An export made before the first chunk (of an empty database) takes every chunk: the
-    # partitions they touch are read again whole, so rows already exported are not doubled.
-    new_ids = ids if manifest.last_chunk_id is None else ids[ids > manifest.last_chunk_id]
     result_tables: dict[str, dict[str, int]] = {}
     rewritten = 0
     if len(new_ids):
@@ -117,11 +138,10 @@ def update_export(
             manifest.tables[table] = writer.summary(plans[table])
         manifest.forget_missing(root)
         manifest.record(root, written)
-    manifest.last_chunk_id = int(ids.max()) if len(ids) else manifest.last_chunk_id
+    manifest.last_chunk_id = int(new_ids.max()) if len(new_ids) else manifest.last_chunk_id
     manifest.created_at = _dt.datetime.now(_dt.UTC).isoformat()
+    manifest.format_version = FORMAT_VERSION
     manifest.write(root)
-    if mark_published and manifest.region is None and len(new_ids):
-        apdb.mark_published(new_ids.tolist())
     for table, s in manifest.tables.items():
         result_tables[table] = {"rows": int(s["rows"]), "partitions": int(s["partitions"])}
     return ExportResult(

@@ -28,6 +28,7 @@ from diadb.ppdb.layout import (
     PublicationError,
     catalog_dir,
     checksum,
+    current_version,
     index_dir,
     margin_dir,
 )
@@ -79,10 +80,13 @@ def load_export(root: Path) -> tuple[Manifest, ApdbSchema]:
 
 def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> VerifyReport:
     """Verify the export at ``root`` (against ``schema``, default: the Felis schema it carries)."""
-    base = Path(root)
+    top = Path(root)
+    Manifest.read(top)  # a one-line error for a directory that is not an export
+    # One version throughout, even if an update publishes the next one meanwhile.
+    base = current_version(top)
     manifest, own = load_export(base)
     felis = schema or own
-    report = VerifyReport(base)
+    report = VerifyReport(top)
     bad = report.problems
     # 1. Every listed file: present, same size, same checksum.
     for rel, entry in sorted(manifest.files.items()):
