@@ -104,15 +104,22 @@ def verify(
     url: Annotated[
         str, typer.Argument(help="SQLite path or URL of the database, or a PPDB export directory.")
     ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="A PPDB export's report as JSON (counts per check) on stdout.")
+    ] = False,
 ) -> None:
     """Check a database (SQLite's integrity check, and every history segment's size, structure
     and block checksums), or a published PPDB export (a directory: checksums, types,
-    nullability and row counts against the Felis schema)."""
+    nullability and row counts against the Felis schema, then the rows: every source's object
+    exists, nDiaSources equals the sources, unique ids, rows in their _healpix_29's partition,
+    ra/dec and times in range)."""
     from diadb.apdb import Apdb
 
     if Path(url).is_dir():
-        _verify_export(url)
+        _verify_export(url, as_json)
         return
+    if as_json:
+        raise _fail("--json is for a PPDB export directory")
     with Apdb.open(url) as db:
         problems = db.verify()
         n = len(db.segments())
@@ -354,15 +361,18 @@ def demo(
         typer.echo(f"plot: {result.plot_path}")
 
 
-def _verify_export(directory: str) -> None:
+def _verify_export(directory: str, as_json: bool) -> None:
     from diadb.ppdb.verify import verify_export
 
     try:
         report = verify_export(directory)
     except OSError as e:  # an unreadable directory or manifest
         raise _fail(str(e)) from None
-    for line in report.lines():
-        typer.echo(line, err=line.startswith("BAD"))
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        for line in report.lines():
+            typer.echo(line, err=line.startswith("BAD"))
     if not report.ok:
         raise typer.Exit(code=1)
 

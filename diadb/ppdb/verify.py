@@ -5,14 +5,18 @@ unlisted data file is present; the HATS metadata loads; the ``_common_metadata``
 partition file's schema match the Felis table (names, order, types, nullability, unit/UCD/description);
 non-nullable columns hold no nulls (from the Parquet statistics); each file's ``_healpix_29`` lies
 inside its pixel and is sorted; row counts agree between the files, ``_metadata``,
-``hats.properties`` and the manifest.
+``hats.properties`` and the manifest. Then the rows themselves (:mod:`diadb.ppdb.qc`): references,
+counts, unique keys, partitions and physical ranges, each with its counts in the report (text, or
+JSON from :meth:`VerifyReport.to_json`).
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +36,7 @@ from diadb.ppdb.layout import (
     index_dir,
     margin_dir,
 )
+from diadb.ppdb.qc import CHECKS, Check, content_checks
 from diadb.schema.felis import schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
 
@@ -44,13 +49,34 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     files_checked: int = 0
     rows: dict[str, int] = field(default_factory=dict)
+    #: The content checks (:mod:`diadb.ppdb.qc`) by name, with their counts.
+    checks: dict[str, Check] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data: ``ok``, ``rows``, ``files_checked``, ``checks``
+        (name -> checked, failed, examples) and ``problems``."""
+        return {
+            "root": str(self.root),
+            "ok": self.ok,
+            "files_checked": self.files_checked,
+            "rows": dict(self.rows),
+            "checks": {name: c.as_dict() for name, c in self.checks.items()},
+            "problems": list(self.problems),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=1)
+
     def lines(self) -> list[str]:
         head = [f"{t}: {n:,} rows" for t, n in self.rows.items()]
+        head += [
+            f"check {c.name:18s} {c.checked:>12,d} checked {c.failed:>8,d} failed  ({CHECKS[c.name]})"
+            for c in self.checks.values()
+        ]
         if self.ok:
             return [*head, f"ok: {self.files_checked} file(s) verified in {self.root}"]
         return [
@@ -116,6 +142,15 @@ def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> Veri
         except (KeyError, TypeError, ValueError, Error) as e:
             # A manifest entry of the wrong shape (hand-edited or foreign): a problem, not a crash.
             bad.append(f"{table}: the manifest's entry is malformed ({type(e).__name__}: {e})")
+    # 3. The rows: what the schema cannot say.
+    try:
+        report.checks = content_checks(base, felis, full_sky=manifest.region is None)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        bad.append(f"content checks: the files do not read: {' '.join(str(e).split())[:200]}")
+    for c in report.checks.values():
+        bad += [f"check {c.name}: {x}" for x in c.examples]
+        if c.failed > len(c.examples):
+            bad.append(f"check {c.name}: {c.failed} failure(s) in all")
     return report
 
 
