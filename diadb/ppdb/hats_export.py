@@ -52,9 +52,10 @@ from diadb.ppdb.layout import (
     publish,
     stage,
 )
+from diadb.ppdb.nested import LIGHT_CURVES, writer_for
 from diadb.ppdb.options import DEFAULT_MAX_ROWS, ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, is_parallel, run_jobs
-from diadb.ppdb.writer import TableWriter, public_url, read_inside, scan_cover
+from diadb.ppdb.writer import public_url, read_inside, scan_cover
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.healpix import ORDER
 from diadb.sky.regions import Region, as_region
@@ -176,17 +177,20 @@ def _full_export(
         plans[table] = [
             p for p, _ in part.plan_partitions(pixels, counts, max_rows=opts.rows_per_partition(table))
         ]
-    writers = {t: TableWriter(apdb, root, t, reg, opts) for t in TABLES}
-    # Every table's partitions and margins are one batch of independent jobs (one Dask pool).
-    jobs = [Job(t, kind, tuple(plans[t])) for t in TABLES for kind in ("data", "margin")]
+    catalogs = [*TABLES, *([LIGHT_CURVES] if opts.light_curves else [])]
+    if opts.light_curves:
+        plans[LIGHT_CURVES] = plans["DiaObject"]
+    writers = {t: writer_for(apdb, root, t, reg, opts) for t in catalogs}
+    # Every catalog's partitions and margins are one batch of independent jobs (one Dask pool).
+    jobs = [Job(t, kind, tuple(plans[t])) for t in catalogs for kind in ("data", "margin")]
     say(
         "writing "
-        + ", ".join(f"{len(plans[t])} {t}" for t in TABLES)
+        + ", ".join(f"{len(plans[t])} {t}" for t in catalogs)
         + " partition(s)"
         + (f" on Dask ({opts.scheduler or f'{opts.workers} processes'})" if is_parallel(opts) else "")
     )
     run_jobs(apdb, root, reg, opts, jobs, writers)
-    for table in TABLES:
+    for table in catalogs:
         say(f"{table}: metadata")
         written += writers[table].finish(plans[table])
         manifest.tables[table] = writers[table].summary(plans[table])

@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 
 from diadb.ppdb import partition as part
 from diadb.ppdb.layout import FORMAT_VERSION, TABLES, Manifest, PublicationError, catalog_dir
+from diadb.ppdb.nested import LIGHT_CURVES, writer_for
 from diadb.ppdb.options import ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, run_jobs
-from diadb.ppdb.writer import TableWriter, public_url, scan_cover
+from diadb.ppdb.writer import public_url, scan_cover
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.regions import Region, as_region
 
@@ -92,14 +93,16 @@ def update_export(
         changes = apdb.read_chunks(new_ids.tolist())
         touched = _touched(root, manifest, changes)
         written: list[Path] = []
-        writers = {t: TableWriter(apdb, root, t, region, opts) for t in TABLES}
+        catalogs = [t for t in (*TABLES, LIGHT_CURVES) if t in manifest.tables]
+        writers = {t: writer_for(apdb, root, t, region, opts) for t in catalogs}
         plans: dict[str, list[part.Pixel]] = {}
         stale: dict[str, set[part.Pixel]] = {}
         jobs: list[Job] = []
         changed = np.unique(touched["all"])
-        for table in TABLES:
+        for table in catalogs:
             old = [part.Pixel(int(o), int(n)) for o, n in manifest.tables[table]["pixels"]]
-            hp29 = touched[table]
+            # A light curve changes with its object and with its sources (their objects' pixels).
+            hp29 = touched["DiaObject" if table == LIGHT_CURVES else table]
             where = part.partition_of(hp29, old)
             affected = sorted(
                 {old[i] for i in np.unique(where[where >= 0]).tolist()}, key=lambda p: p.range29()
@@ -130,7 +133,7 @@ def update_export(
             ]
             rewritten += len(affected) + len(fresh)
         run_jobs(apdb, root, region, opts, jobs, writers)
-        for table in TABLES:
+        for table in catalogs:
             writer = writers[table]
             for gone in stale[table] - {p for p in plans[table] if writer.data_path(p).exists()}:
                 writer.margin_path(gone).unlink(missing_ok=True)
@@ -178,6 +181,7 @@ def _touched(root: Path, manifest: Manifest, changes: dict[str, pa.Table]) -> di
             object_ids,
             _column_ids(changes.get("DiaObject"), "diaObjectId"),
             _column_ids(changes.get("DiaSource"), "diaObjectId"),
+            _column_ids(changes.get("DiaForcedSource"), "diaObjectId"),
         ]
     )
     if len(source_ids):
