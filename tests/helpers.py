@@ -104,7 +104,8 @@ def with_nulls(t: pa.Table, spec: TableSpec, every: int) -> pa.Table:
 
 def sliding_visits(schema: ApdbSchema, visits: range) -> list[Visit]:
     """Objects 1..300 around (55, -30), each visit re-observing a sliding subset (new versions);
-    each version's ``nDiaSources`` counts the object's sources up to and including its visit."""
+    each version's ``nDiaSources`` counts the object's sources up to and including its visit;
+    no source is withdrawn yet."""
     ra, dec = random_positions(300, seed=7, half=1.2)
     ids = np.arange(1, 301, dtype=np.int64)
     out = []
@@ -113,5 +114,11 @@ def sliding_visits(schema: ApdbSchema, visits: range) -> list[Visit]:
         for w in range(1, v + 1):
             counts[(w * 40) % 200 : (w * 40) % 200 + 120] += 1
         sel = slice((v * 40) % 200, (v * 40) % 200 + 120)
-        out.append(make_visit(schema, v, 60000.0 + v, ids[sel], ra[sel], dec[sel], n_dia_sources=counts[sel]))
+        visit = make_visit(schema, v, 60000.0 + v, ids[sel], ra[sel], dec[sel], n_dia_sources=counts[sel])
+        out.append(Visit(v, visit.mjd, visit.objects, unwithdrawn(visit.sources), unwithdrawn(visit.forced)))
     return out
+
+
+def unwithdrawn(t: pa.Table) -> pa.Table:
+    i = t.schema.get_field_index("timeWithdrawnMjdTai")
+    return t.set_column(i, t.schema.field(i), pa.nulls(t.num_rows, t.schema.field(i).type))

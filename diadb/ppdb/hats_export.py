@@ -55,6 +55,7 @@ from diadb.ppdb.layout import (
 from diadb.ppdb.nested import LIGHT_CURVES, writer_for
 from diadb.ppdb.options import DEFAULT_MAX_ROWS, ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, is_parallel, run_jobs
+from diadb.ppdb.versions import VERSIONS, VersionsWriter, all_versions
 from diadb.ppdb.writer import public_url, read_inside, scan_cover
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.healpix import ORDER
@@ -183,6 +184,25 @@ def _full_export(
     writers = {t: writer_for(apdb, root, t, reg, opts) for t in catalogs}
     # Every catalog's partitions and margins are one batch of independent jobs (one Dask pool).
     jobs = [Job(t, kind, tuple(plans[t])) for t in catalogs for kind in ("data", "margin")]
+    if opts.object_versions:
+        say(f"{VERSIONS}: reading the versions from {len(chunks)} chunk(s)")
+        versions = all_versions(apdb, chunks, reg)
+        pixels, counts = part.histogram(versions.column(HEALPIX_COLUMN).to_numpy())
+        plans[VERSIONS] = [
+            p for p, _ in part.plan_partitions(pixels, counts, max_rows=opts.rows_per_partition(VERSIONS))
+        ]
+        writers[VERSIONS] = VersionsWriter(apdb, root, reg, opts, versions)
+        # From memory, in this process.
+        serial = dataclasses.replace(opts, workers=1, scheduler=None)
+        run_jobs(
+            apdb,
+            root,
+            reg,
+            serial,
+            [Job(VERSIONS, k, tuple(plans[VERSIONS])) for k in ("data", "margin")],
+            writers,
+        )
+        catalogs.append(VERSIONS)
     say(
         "writing "
         + ", ".join(f"{len(plans[t])} {t}" for t in catalogs)

@@ -8,6 +8,7 @@ new partitions. Margins whose pixels hold a changed row are rewritten, then meta
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import time
@@ -23,6 +24,7 @@ from diadb.ppdb.layout import FORMAT_VERSION, TABLES, Manifest, PublicationError
 from diadb.ppdb.nested import LIGHT_CURVES, writer_for
 from diadb.ppdb.options import ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, run_jobs
+from diadb.ppdb.versions import VERSIONS, VersionsWriter, apply_chunks, read_exported
 from diadb.ppdb.writer import public_url, scan_cover
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.regions import Region, as_region
@@ -93,16 +95,24 @@ def update_export(
         changes = apdb.read_chunks(new_ids.tolist())
         touched = _touched(root, manifest, changes)
         written: list[Path] = []
-        catalogs = [t for t in (*TABLES, LIGHT_CURVES) if t in manifest.tables]
-        writers = {t: writer_for(apdb, root, t, region, opts) for t in catalogs}
+        catalogs = [t for t in (*TABLES, LIGHT_CURVES, VERSIONS) if t in manifest.tables]
+        writers = {t: writer_for(apdb, root, t, region, opts) for t in catalogs if t != VERSIONS}
         plans: dict[str, list[part.Pixel]] = {}
         stale: dict[str, set[part.Pixel]] = {}
         jobs: list[Job] = []
-        changed = np.unique(touched["all"])
+        version_jobs: list[Job] = []
+        if VERSIONS in manifest.tables:
+            catalogs.remove(VERSIONS)
+            schema = writers["DiaObject"].schema
+            versions, touched[VERSIONS] = apply_chunks(read_exported(root, schema), changes, region)
+            writers[VERSIONS] = VersionsWriter(apdb, root, region, opts, versions)
+            catalogs.append(VERSIONS)
+        changed = np.unique(np.concatenate([touched["all"], touched.get(VERSIONS, np.zeros(0, np.int64))]))
         for table in catalogs:
             old = [part.Pixel(int(o), int(n)) for o, n in manifest.tables[table]["pixels"]]
             # A light curve changes with its object and with its sources (their objects' pixels).
             hp29 = touched["DiaObject" if table == LIGHT_CURVES else table]
+            target = version_jobs if table == VERSIONS else jobs
             where = part.partition_of(hp29, old)
             affected = sorted(
                 {old[i] for i in np.unique(where[where >= 0]).tolist()}, key=lambda p: p.range29()
@@ -124,7 +134,7 @@ def update_export(
             stale[table] = set(old)
             # Data files of the touched and new partitions; margins of the old partitions near a
             # changed row, and of every new one.
-            jobs += [
+            target += [
                 Job(table, "data", (*affected, *fresh)),
                 Job(
                     table, "margin", tuple(sorted(set(old) - set(fresh), key=lambda p: p.range29())), changed
@@ -133,6 +143,10 @@ def update_export(
             ]
             rewritten += len(affected) + len(fresh)
         run_jobs(apdb, root, region, opts, jobs, writers)
+        # The versions are in this process's memory: their jobs run here.
+        run_jobs(
+            apdb, root, region, dataclasses.replace(opts, workers=1, scheduler=None), version_jobs, writers
+        )
         for table in catalogs:
             writer = writers[table]
             for gone in stale[table] - {p for p in plans[table] if writer.data_path(p).exists()}:

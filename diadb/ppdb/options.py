@@ -44,6 +44,9 @@ class ExportOptions:
     #: DiaForcedSources nested, sorted by time (:mod:`diadb.ppdb.nested`). An incremental
     #: export keeps what the first export chose.
     light_curves: bool = False
+    #: Also publish ``DiaObjectVersion``: every DiaObject version, superseded and closed ones
+    #: included (:mod:`diadb.ppdb.versions`). An incremental export keeps what the first chose.
+    object_versions: bool = True
 
     def __post_init__(self) -> None:
         if not (0.0 < self.margin_arcsec <= 3600.0):

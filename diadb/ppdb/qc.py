@@ -105,7 +105,7 @@ def content_checks(base: Path, felis: ApdbSchema, *, full_sky: bool) -> dict[str
         files = partition_files(base, table)
         _per_file(table, files, checks)
         times = [c.name for c in spec.columns if is_time_column(c)]
-        rows = _read([f for _, f in files], [*KEYS[table], "ra", "dec", *times])
+        rows = _read([f for _, f in files], list(dict.fromkeys([*KEYS[table], "ra", "dec", *times])))
         _unique(table, rows, checks["unique_ids"])
         _ranges(table, rows, checks)
         _times(table, rows, times, checks["time_window"])
