@@ -397,16 +397,35 @@ def export(
         str | None,
         typer.Option(help="A dask.distributed scheduler address to write the partitions on instead."),
     ] = None,
+    light_curves: Annotated[
+        bool,
+        typer.Option(
+            "--light-curves",
+            help="Also DiaObjectLightCurve: each DiaObject with its DiaSources and DiaForcedSources "
+            "nested, sorted by time.",
+        ),
+    ] = False,
+    versions: Annotated[
+        bool,
+        typer.Option(
+            "--versions/--no-versions",
+            help="Also DiaObjectVersion: every DiaObject version, closed ones too.",
+        ),
+    ] = True,
 ) -> None:
-    """Publish DiaObjects (latest), DiaSources and DiaForcedSources as HATS catalogs (LSDB reads them);
-    an existing export of the same database is updated with the new change-log chunks."""
+    """Publish DiaObjects (latest), DiaSources and DiaForcedSources as HATS catalogs (LSDB reads them),
+    with every DiaObject version and, optionally, nested light curves; an existing export of the
+    same database is updated with the new change-log chunks (a new version of the directory,
+    published atomically)."""
     import dataclasses
 
     from diadb.apdb import Apdb
     from diadb.ppdb.hats_export import ExportOptions, export_hats
     from diadb.ppdb.layout import TABLES
 
-    opts = ExportOptions(workers=workers, scheduler=scheduler)
+    opts = ExportOptions(
+        workers=workers, scheduler=scheduler, light_curves=light_curves, object_versions=versions
+    )
     if max_rows is not None:
         opts = dataclasses.replace(opts, max_rows=dict.fromkeys(TABLES, max_rows))
     with Apdb.open(url) as db:

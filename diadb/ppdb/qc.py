@@ -14,6 +14,9 @@ check needs), each check with how many rows (or objects) it examined and how man
 - ``healpix_partition``: each row lies in the partition its ``_healpix_29`` names, and that
   ``_healpix_29`` is the pixel of the row's ``ra``/``dec``;
 - ``ra_range``, ``dec_range``: ``0 <= ra < 360``, ``-90 <= dec <= 90``;
+- ``light_curves`` (full-sky exports with ``DiaObjectLightCurve``): its objects are the
+  DiaObject catalog's, each nested list holds exactly the rows of the flat catalog that name
+  the object, sorted by ``midpointMjdTai``;
 - ``time_window``: every time column (:func:`diadb.schema.domain.is_time_column`) inside diadb's
   window, ``[MJD_MIN, MJD_MAX]`` of :mod:`diadb.schema.domain`.
 """
@@ -32,6 +35,7 @@ import pyarrow.compute as pc
 
 from diadb.ppdb import partition as part
 from diadb.ppdb.layout import catalog_dir, margin_dir
+from diadb.ppdb.nested import LIGHT_CURVES, NESTED
 from diadb.schema.domain import MJD_MAX, MJD_MIN, is_time_column
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
 from diadb.sky.healpix import radec_to_healpix29
@@ -45,6 +49,7 @@ CHECKS = {
     "ra_range": "0 <= ra < 360",
     "dec_range": "-90 <= dec <= 90",
     "time_window": f"time columns in [{MJD_MIN:g}, {MJD_MAX:g}] MJD",
+    "light_curves": "each light curve holds exactly its object's sources, sorted by time",
 }
 #: The primary key of each catalog (a DiaObject catalog holds one version per object).
 KEYS = {
@@ -112,6 +117,8 @@ def content_checks(base: Path, felis: ApdbSchema, *, full_sky: bool) -> dict[str
     _references(base, tables, checks["object_exists"])
     if full_sky and {"DiaObject", "DiaSource"} <= set(tables):
         _counts(base, checks["n_dia_sources"])
+    if full_sky and catalog_dir(base, LIGHT_CURVES).is_dir():
+        _light_curves(base, checks["light_curves"])
     return checks
 
 
@@ -234,6 +241,45 @@ def _counts(base: Path, check: Check) -> None:
             f"DiaObject: {k} object(s) whose nDiaSources is not their sources' count, e.g. "
             f"{int(ids[i])}: nDiaSources {int(stated[i])}, {int(found[i])} DiaSource(s)",
         )
+
+
+def _light_curves(base: Path, check: Check) -> None:
+    files = [f for _, f in partition_files(base, LIGHT_CURVES)]
+    lc = _read(files, ["diaObjectId", *NESTED])
+    ids = np.asarray(lc.column("diaObjectId").to_numpy(), dtype=np.int64)
+    objects = np.sort(_ids([f for _, f in partition_files(base, "DiaObject")]))
+    check.checked += len(ids)
+    if not np.array_equal(np.sort(ids), objects):
+        n = len(np.setxor1d(ids, objects)) or 1
+        check.fail(n, f"{LIGHT_CURVES}: {n} object(s) not the DiaObject catalog's")
+    for column, (table, _) in NESTED.items():
+        nested = lc.column(column).combine_chunks()
+        inner = pc.list_flatten(nested)
+        owner = ids[np.asarray(pc.list_parent_indices(nested).to_numpy(), dtype=np.int64)]
+        named = np.asarray(inner.field("diaObjectId").to_numpy(zero_copy_only=False), dtype=np.int64)
+        t = np.asarray(inner.field("midpointMjdTai").to_numpy(zero_copy_only=False), dtype=np.float64)
+        same = owner[1:] == owner[:-1]
+        unsorted = int((t[1:][same] < t[:-1][same]).sum())
+        check.fail(unsorted, f"{LIGHT_CURVES}.{column}: {unsorted} row(s) out of time order")
+        wrong = int((named != owner).sum())
+        check.fail(wrong, f"{LIGHT_CURVES}.{column}: {wrong} row(s) of another object")
+        flat = _read([f for _, f in partition_files(base, table)], ["diaObjectId"]).column(0)
+        flat_ids = np.asarray(pc.drop_null(flat).to_numpy(), dtype=np.int64)
+        flat_ids = flat_ids[np.isin(flat_ids, ids)]
+        n = _count_mismatch(owner, flat_ids)
+        check.fail(n, f"{LIGHT_CURVES}.{column}: {n} object(s) whose light curve is not their {table} rows")
+
+
+def _count_mismatch(a: np.ndarray, b: np.ndarray) -> int:
+    """How many ids occur a different number of times in ``a`` and in ``b``."""
+    ua, ca = np.unique(a, return_counts=True)
+    ub, cb = np.unique(b, return_counts=True)
+    every = np.union1d(ua, ub)
+    na = np.zeros(len(every), dtype=np.int64)
+    nb = np.zeros(len(every), dtype=np.int64)
+    na[np.searchsorted(every, ua)] = ca
+    nb[np.searchsorted(every, ub)] = cb
+    return int((na != nb).sum())
 
 
 __all__ = ["CHECKS", "Check", "content_checks", "partition_files"]

@@ -127,7 +127,8 @@ def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> Veri
                 bad.append(f"{rel}: checksum mismatch (the file changed after the export)")
         except OSError as e:  # unreadable (permissions, I/O error)
             bad.append(f"{rel}: unreadable: {e.strerror or e}")
-    for table in TABLES:
+    extra = [t for t in manifest.tables if t not in TABLES]
+    for table in (*TABLES, *extra):
         for directory in (catalog_dir(base, table), margin_dir(base, table), index_dir(base, table)):
             for p in directory.rglob("*.parquet") if directory.is_dir() else []:
                 if str(p.relative_to(base)) not in manifest.files:
@@ -142,6 +143,8 @@ def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> Veri
         except (KeyError, TypeError, ValueError, Error) as e:
             # A manifest entry of the wrong shape (hand-edited or foreign): a problem, not a crash.
             bad.append(f"{table}: the manifest's entry is malformed ({type(e).__name__}: {e})")
+    for name in extra:
+        _verify_extra(base, name, manifest, report)
     # 3. The rows: what the schema cannot say.
     try:
         report.checks = content_checks(base, felis, full_sky=manifest.region is None)
@@ -224,6 +227,33 @@ def _verify_table(
             continue
         if n != int(info.get(key, -1)):
             bad.append(f"{table} {label} catalog: {n} rows, the manifest says {info.get(key)}")
+
+
+def _verify_extra(base: Path, name: str, manifest: Manifest, report: VerifyReport) -> None:
+    """A catalog beside the tables' (light curves, versions): it loads, and its rows agree."""
+    from hats.catalog.healpix_dataset.healpix_dataset import HealpixDataset
+    from hats.loaders.read_hats import read_hats
+
+    bad = report.problems
+    main = catalog_dir(base, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            catalog = read_hats(main)
+        if not isinstance(catalog, HealpixDataset):
+            raise ValueError(f"{main} is not a HEALPix catalog")
+        total = int(catalog.catalog_info.total_rows or 0)
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (main / "dataset").rglob("Npix=*.parquet"))
+    except (OSError, ValueError, TypeError, KeyError, pa.ArrowException) as e:
+        bad.append(f"{name}: the HATS catalog does not load: {' '.join(str(e).split())[:200]}")
+        return
+    report.rows[name] = rows
+    for what, value in (
+        ("hats.properties", total),
+        ("the manifest", int(manifest.tables[name].get("rows", -1))),
+    ):
+        if value != rows:
+            bad.append(f"{name}: {rows} rows in the files, {value} in {what}")
 
 
 def _schema_problems(actual: pa.Schema, expected: pa.Schema) -> list[str]:
