@@ -104,22 +104,17 @@ def verify(
     url: Annotated[
         str, typer.Argument(help="SQLite path or URL of the database, or a PPDB export directory.")
     ],
-    as_json: Annotated[
-        bool, typer.Option("--json", help="A PPDB export's report as JSON (counts per check) on stdout.")
-    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="An export's report as JSON.")] = False,
 ) -> None:
     """Check a database (SQLite's integrity check, and every history segment's size, structure
     and block checksums), or a published PPDB export (a directory: checksums, types,
-    nullability and row counts against the Felis schema, then the rows: every source's object
-    exists, nDiaSources equals the sources, unique ids, rows in their _healpix_29's partition,
-    ra/dec and times in range)."""
+    nullability and row counts against the Felis schema, then the rows' references, counts,
+    unique ids, partitions and ranges)."""
     from diadb.apdb import Apdb
 
     if Path(url).is_dir():
         _verify_export(url, as_json)
         return
-    if as_json:
-        raise _fail("--json is for a PPDB export directory")
     with Apdb.open(url) as db:
         problems = db.verify()
         n = len(db.segments())
@@ -368,11 +363,8 @@ def _verify_export(directory: str, as_json: bool) -> None:
         report = verify_export(directory)
     except OSError as e:  # an unreadable directory or manifest
         raise _fail(str(e)) from None
-    if as_json:
-        typer.echo(report.to_json())
-    else:
-        for line in report.lines():
-            typer.echo(line, err=line.startswith("BAD"))
+    for line in [report.to_json()] if as_json else report.lines():
+        typer.echo(line, err=line.startswith("BAD"))
     if not report.ok:
         raise typer.Exit(code=1)
 
@@ -397,35 +389,19 @@ def export(
         str | None,
         typer.Option(help="A dask.distributed scheduler address to write the partitions on instead."),
     ] = None,
-    light_curves: Annotated[
-        bool,
-        typer.Option(
-            "--light-curves",
-            help="Also DiaObjectLightCurve: each DiaObject with its DiaSources and DiaForcedSources "
-            "nested, sorted by time.",
-        ),
-    ] = False,
-    versions: Annotated[
-        bool,
-        typer.Option(
-            "--versions/--no-versions",
-            help="Also DiaObjectVersion: every DiaObject version, closed ones too.",
-        ),
-    ] = True,
+    light_curves: Annotated[bool, typer.Option("--light-curves", help="Also light curves.")] = False,
+    versions: Annotated[bool, typer.Option("--versions/--no-versions", help="Also old versions.")] = True,
 ) -> None:
-    """Publish DiaObjects (latest), DiaSources and DiaForcedSources as HATS catalogs (LSDB reads them),
-    with every DiaObject version and, optionally, nested light curves; an existing export of the
-    same database is updated with the new change-log chunks (a new version of the directory,
-    published atomically)."""
+    """Publish DiaObjects (latest, and every version), DiaSources and DiaForcedSources as HATS
+    catalogs (LSDB reads them); an existing export is updated with the new change-log chunks."""
     import dataclasses
 
     from diadb.apdb import Apdb
     from diadb.ppdb.hats_export import ExportOptions, export_hats
     from diadb.ppdb.layout import TABLES
 
-    opts = ExportOptions(
-        workers=workers, scheduler=scheduler, light_curves=light_curves, object_versions=versions
-    )
+    opts = ExportOptions(workers=workers, scheduler=scheduler, light_curves=light_curves)
+    opts = dataclasses.replace(opts, object_versions=versions)
     if max_rows is not None:
         opts = dataclasses.replace(opts, max_rows=dict.fromkeys(TABLES, max_rows))
     with Apdb.open(url) as db:
