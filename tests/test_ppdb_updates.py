@@ -199,10 +199,15 @@ def test_a_failed_update_leaves_the_previous_export_valid(
     import lsdb
 
     assert len(lsdb.open_catalog(out / "DiaObject").compute()) == before["DiaObject"].num_rows
+    # A process killed mid-update leaves its unfinished version behind: the next update drops it.
+    leftover = out / "versions" / "v000002" / "DiaObject"
+    leftover.mkdir(parents=True)
+    (leftover / "junk.parquet").write_bytes(b"partial")
     # The next update applies everything (nothing was marked published).
     assert len(night.replica_chunks(published=False)) == 9
     retry = export_hats(night, out, options=OPTS)
     assert retry.chunks_applied == 9
+    assert not (current_version(out) / "DiaObject" / "junk.parquet").exists()
     full = tmp_path / "full"
     export_hats(night, full, options=OPTS, mark_published=False)
     _assert_same(out, full)
