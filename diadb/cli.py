@@ -133,14 +133,16 @@ def verify(
     url: Annotated[
         str, typer.Argument(help="SQLite path or URL of the database, or a PPDB export directory.")
     ],
+    as_json: Annotated[bool, typer.Option("--json", help="An export's report as JSON.")] = False,
 ) -> None:
     """Check a database (SQLite's integrity check, and every history segment's size, structure
     and block checksums), or a published PPDB export (a directory: checksums, types,
-    nullability and row counts against the Felis schema)."""
+    nullability and row counts against the Felis schema, then the rows' references, counts,
+    unique ids, partitions and ranges)."""
     from diadb.apdb import Apdb
 
     if Path(url).is_dir():
-        _verify_export(url)
+        _verify_export(url, as_json)
         return
     with Apdb.open(url) as db:
         problems = db.verify()
@@ -397,14 +399,14 @@ def demo(
         typer.echo(f"plot: {result.plot_path}")
 
 
-def _verify_export(directory: str) -> None:
+def _verify_export(directory: str, as_json: bool) -> None:
     from diadb.ppdb.verify import verify_export
 
     try:
         report = verify_export(directory)
     except OSError as e:  # an unreadable directory or manifest
         raise _fail(str(e)) from None
-    for line in report.lines():
+    for line in [report.to_json()] if as_json else report.lines():
         typer.echo(line, err=line.startswith("BAD"))
     if not report.ok:
         raise typer.Exit(code=1)
@@ -430,16 +432,19 @@ def export(
         str | None,
         typer.Option(help="A dask.distributed scheduler address to write the partitions on instead."),
     ] = None,
+    light_curves: Annotated[bool, typer.Option("--light-curves", help="Also light curves.")] = False,
+    versions: Annotated[bool, typer.Option("--versions/--no-versions", help="Also old versions.")] = True,
 ) -> None:
-    """Publish DiaObjects (latest), DiaSources and DiaForcedSources as HATS catalogs (LSDB reads them);
-    an existing export of the same database is updated with the new change-log chunks."""
+    """Publish DiaObjects (latest, and every version), DiaSources and DiaForcedSources as HATS
+    catalogs (LSDB reads them); an existing export is updated with the new change-log chunks."""
     import dataclasses
 
     from diadb.apdb import Apdb
     from diadb.ppdb.hats_export import ExportOptions, export_hats
     from diadb.ppdb.layout import TABLES
 
-    opts = ExportOptions(workers=workers, scheduler=scheduler)
+    opts = ExportOptions(workers=workers, scheduler=scheduler, light_curves=light_curves)
+    opts = dataclasses.replace(opts, object_versions=versions)
     if max_rows is not None:
         opts = dataclasses.replace(opts, max_rows=dict.fromkeys(TABLES, max_rows))
     with Apdb.open(url) as db:

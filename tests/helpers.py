@@ -31,9 +31,11 @@ def make_visit(
     *,
     seed: int = 0,
     detector: int = 0,
+    n_dia_sources: np.ndarray | None = None,
 ) -> Visit:
     rng = np.random.default_rng(seed + visit)
     n = len(object_ids)
+    given = {} if n_dia_sources is None else {"nDiaSources": np.asarray(n_dia_sources, dtype=np.int64)}
     objects = fill_table(
         schema.table("DiaObject"),
         n,
@@ -44,6 +46,7 @@ def make_visit(
             "dec": dec,
             "validityStartMjdTai": np.full(n, mjd),
             "validityEndMjdTai": pa.nulls(n, pa.float64()),
+            **given,
         },
     )
     sources = fill_table(
@@ -97,3 +100,25 @@ def with_nulls(t: pa.Table, spec: TableSpec, every: int) -> pa.Table:
         mask[(i % every) :: every] = True
         t = t.set_column(i, name, pc.if_else(pa.array(mask), pa.nulls(t.num_rows, col.type), col))
     return t
+
+
+def sliding_visits(schema: ApdbSchema, visits: range) -> list[Visit]:
+    """Objects 1..300 around (55, -30), each visit re-observing a sliding subset (new versions);
+    each version's ``nDiaSources`` counts the object's sources up to and including its visit;
+    no source is withdrawn yet."""
+    ra, dec = random_positions(300, seed=7, half=1.2)
+    ids = np.arange(1, 301, dtype=np.int64)
+    out = []
+    for v in visits:
+        counts = np.zeros(300, dtype=np.int64)
+        for w in range(1, v + 1):
+            counts[(w * 40) % 200 : (w * 40) % 200 + 120] += 1
+        sel = slice((v * 40) % 200, (v * 40) % 200 + 120)
+        visit = make_visit(schema, v, 60000.0 + v, ids[sel], ra[sel], dec[sel], n_dia_sources=counts[sel])
+        out.append(Visit(v, visit.mjd, visit.objects, unwithdrawn(visit.sources), unwithdrawn(visit.forced)))
+    return out
+
+
+def unwithdrawn(t: pa.Table) -> pa.Table:
+    i = t.schema.get_field_index("timeWithdrawnMjdTai")
+    return t.set_column(i, t.schema.field(i), pa.nulls(t.num_rows, t.schema.field(i).type))

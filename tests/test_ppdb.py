@@ -27,7 +27,7 @@ from diadb.ppdb.restore import restore_export
 from diadb.ppdb.verify import verify_export
 from diadb.schema import ApdbSchema
 from diadb.sky.healpix import NPIX_29
-from tests.helpers import make_visit, random_positions
+from tests.helpers import make_visit, random_positions, sliding_visits
 
 pytest.importorskip("lsdb")
 # LSDB and nested-pandas call pandas APIs that pandas 3.1 deprecates; not ours to fix.
@@ -43,12 +43,8 @@ PK = {"DiaObject": ["diaObjectId"], "DiaSource": ["diaSourceId"], "DiaForcedSour
 
 def _store_visits(db: diadb.Apdb, schema: ApdbSchema, visits: range) -> None:
     """Objects 1..300 around (55, -30), each visit re-observing a sliding subset (new versions)."""
-    ra, dec = random_positions(300, seed=7, half=1.2)
-    ids = np.arange(1, 301, dtype=np.int64)
-    for v in visits:
-        sel = slice((v * 40) % 200, (v * 40) % 200 + 120)
-        visit = make_visit(schema, v, 60000.0 + v, ids[sel], ra[sel], dec[sel])
-        db.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=v)
+    for visit in sliding_visits(schema, visits):
+        db.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=visit.visit)
 
 
 def _all_rows(db: diadb.Apdb, table: str) -> pa.Table:
@@ -240,7 +236,14 @@ def test_incremental_export_equals_full(official_schema: ApdbSchema, tmp_path: P
     assert not len(db.replica_chunks(published=False))
     # New visits (new objects, new versions), a far-away field, and daytime updates.
     _store_visits(db, official_schema, range(4, 7))
-    far = make_visit(official_schema, 50, 60030.0, np.arange(900, 940), *random_positions(40, 3, ra0=120.0))
+    far = make_visit(
+        official_schema,
+        50,
+        60030.0,
+        np.arange(900, 940),
+        *random_positions(40, 3, ra0=120.0),
+        n_dia_sources=np.ones(40),
+    )
     db.store(far.mjd, far.objects, far.sources, far.forced, visit=50)
     db.reassign_sources({50 * 100_000 + 1: 60}, time=60031.0)
     db.set_validity_end([270], 60031.5)

@@ -15,11 +15,14 @@ A later export into the same directory is incremental (:mod:`diadb.ppdb.incremen
 partitions that the new change-log chunks touch are read again and rewritten (new rows outside
 every partition get new partitions), so the export then holds exactly the rows a full re-export
 would hold. Partition boundaries stay as they were (a full re-export may balance them
-differently).
+differently). Every export writes a new version of the directory and publishes it with one
+atomic rename (:func:`diadb.ppdb.layout.publish`): a failed update leaves the previous
+version published and valid; with no new chunk nothing is written at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import shutil
 import time
@@ -32,11 +35,29 @@ import numpy as np
 from diadb.errors import BackendUnavailable
 from diadb.metrics import timed
 from diadb.ppdb import partition as part
-from diadb.ppdb.incremental import check_same_source, chunk_ids, update_export
-from diadb.ppdb.layout import MANIFEST, SCHEMA_FILE, TABLES, Manifest, PublicationError
+from diadb.ppdb.incremental import (
+    check_same_source,
+    chunk_ids,
+    new_chunks,
+    unchanged_result,
+    update_export,
+)
+from diadb.ppdb.layout import (
+    MANIFEST,
+    SCHEMA_FILE,
+    TABLES,
+    Manifest,
+    PublicationError,
+    first_version,
+    is_versioned,
+    publish,
+    stage,
+)
+from diadb.ppdb.nested import LIGHT_CURVES, writer_for
 from diadb.ppdb.options import DEFAULT_MAX_ROWS, ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, is_parallel, run_jobs
-from diadb.ppdb.writer import TableWriter, public_url, read_inside, scan_cover
+from diadb.ppdb.versions import VERSIONS, VersionsWriter, all_versions
+from diadb.ppdb.writer import public_url, read_inside, scan_cover
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.healpix import ORDER
 from diadb.sky.regions import Region, as_region
@@ -90,7 +111,26 @@ def export_hats(
             raise PublicationError(f"{root} already holds an export; choose an empty directory")
         manifest = Manifest.read(root)
         check_same_source(manifest, apdb, region_text)
-        return update_export(apdb, root, manifest, reg, opts, mark_published, say, t0)
+        if not is_versioned(root):
+            raise PublicationError(
+                f"{root} is an export of format 1 (updated in place); re-export it into an empty "
+                "directory to update it incrementally"
+            )
+        pending = new_chunks(apdb, manifest)
+        if not len(pending):
+            # Nothing new: the export stays exactly as it is (no new version).
+            return unchanged_result(root, manifest, t0)
+        version = stage(root)
+        try:
+            result = update_export(apdb, version, manifest, reg, opts, pending, say, t0)
+            publish(root, version)
+        except BaseException:
+            # The published version is untouched: drop the unfinished one.
+            shutil.rmtree(version, ignore_errors=True)
+            raise
+        if mark_published and manifest.region is None:
+            apdb.mark_published(pending.tolist())
+        return dataclasses.replace(result, root=root)
     if incremental:
         raise PublicationError(f"{root} holds no export to update (no {MANIFEST})")
     if root.exists() and any(root.iterdir()):
@@ -98,7 +138,9 @@ def export_hats(
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     try:
-        return _full_export(apdb, root, reg, region_text, opts, mark_published, say, t0)
+        version = first_version(root)
+        result, chunks = _full_export(apdb, version, reg, region_text, opts, say, t0)
+        publish(root, version)
     except BaseException:
         # Everything in the directory is this export's (it was empty or absent): a failed export
         # leaves nothing that would block the next attempt.
@@ -106,6 +148,9 @@ def export_hats(
         if not created:
             root.mkdir(parents=True, exist_ok=True)
         raise
+    if mark_published and reg is None and len(chunks):
+        apdb.mark_published(chunks.tolist())
+    return dataclasses.replace(result, root=root)
 
 
 def _full_export(
@@ -114,10 +159,9 @@ def _full_export(
     reg: Region | None,
     region_text: str | None,
     opts: ExportOptions,
-    mark_published: bool,
     say: Progress,
     t0: float,
-) -> ExportResult:
+) -> tuple[ExportResult, np.ndarray]:
     chunks = chunk_ids(apdb)
     manifest = Manifest(
         source_url=public_url(apdb.url),
@@ -140,25 +184,45 @@ def _full_export(
         plans[table] = [
             p for p, _ in part.plan_partitions(pixels, counts, max_rows=opts.rows_per_partition(table))
         ]
-    writers = {t: TableWriter(apdb, root, t, reg, opts) for t in TABLES}
-    # Every table's partitions and margins are one batch of independent jobs (one Dask pool).
-    jobs = [Job(t, kind, tuple(plans[t])) for t in TABLES for kind in ("data", "margin")]
+    catalogs = [*TABLES, *([LIGHT_CURVES] if opts.light_curves else [])]
+    if opts.light_curves:
+        plans[LIGHT_CURVES] = plans["DiaObject"]
+    writers = {t: writer_for(apdb, root, t, reg, opts) for t in catalogs}
+    # Every catalog's partitions and margins are one batch of independent jobs (one Dask pool).
+    jobs = [Job(t, kind, tuple(plans[t])) for t in catalogs for kind in ("data", "margin")]
+    if opts.object_versions:
+        say(f"{VERSIONS}: reading the versions from {len(chunks)} chunk(s)")
+        versions = all_versions(apdb, chunks, reg)
+        pixels, counts = part.histogram(versions.column(HEALPIX_COLUMN).to_numpy())
+        plans[VERSIONS] = [
+            p for p, _ in part.plan_partitions(pixels, counts, max_rows=opts.rows_per_partition(VERSIONS))
+        ]
+        writers[VERSIONS] = VersionsWriter(apdb, root, reg, opts, versions)
+        # From memory, in this process.
+        serial = dataclasses.replace(opts, workers=1, scheduler=None)
+        run_jobs(
+            apdb,
+            root,
+            reg,
+            serial,
+            [Job(VERSIONS, k, tuple(plans[VERSIONS])) for k in ("data", "margin")],
+            writers,
+        )
+        catalogs.append(VERSIONS)
     say(
         "writing "
-        + ", ".join(f"{len(plans[t])} {t}" for t in TABLES)
+        + ", ".join(f"{len(plans[t])} {t}" for t in catalogs)
         + " partition(s)"
         + (f" on Dask ({opts.scheduler or f'{opts.workers} processes'})" if is_parallel(opts) else "")
     )
     run_jobs(apdb, root, reg, opts, jobs, writers)
-    for table in TABLES:
+    for table in catalogs:
         say(f"{table}: metadata")
         written += writers[table].finish(plans[table])
         manifest.tables[table] = writers[table].summary(plans[table])
     manifest.record(root, written)
     manifest.write(root)
-    if mark_published and reg is None and len(chunks):
-        apdb.mark_published(chunks.tolist())
-    return ExportResult(
+    result = ExportResult(
         root=root,
         incremental=False,
         tables={
@@ -169,6 +233,7 @@ def _full_export(
         last_chunk_id=manifest.last_chunk_id,
         seconds=time.perf_counter() - t0,
     )
+    return result, chunks
 
 
 # ---- the counting pass ------------------------------------------------------------

@@ -8,6 +8,7 @@ new partitions. Margins whose pixels hold a changed row are rewritten, then meta
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import time
@@ -19,10 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.ppdb import partition as part
-from diadb.ppdb.layout import TABLES, Manifest, PublicationError, catalog_dir
+from diadb.ppdb.layout import FORMAT_VERSION, TABLES, Manifest, PublicationError, catalog_dir
+from diadb.ppdb.nested import LIGHT_CURVES, writer_for
 from diadb.ppdb.options import ExportOptions, ExportResult, Progress
 from diadb.ppdb.parallel import Job, run_jobs
-from diadb.ppdb.writer import TableWriter, public_url, scan_cover
+from diadb.ppdb.versions import VERSIONS, VersionsWriter, apply_chunks, read_exported
+from diadb.ppdb.writer import public_url, scan_cover
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.regions import Region, as_region
 
@@ -48,22 +51,43 @@ def check_same_source(manifest: Manifest, apdb: Apdb, region_text: str | None) -
         )
 
 
+def new_chunks(apdb: Apdb, manifest: Manifest) -> np.ndarray:
+    """The change-log chunks newer than the export, in commit order.
+
+    An export made before the first chunk (of an empty database) takes every chunk: the
+    partitions they touch are read again whole, so rows already exported are not doubled."""
+    ids = chunk_ids(apdb)
+    return ids if manifest.last_chunk_id is None else ids[ids > manifest.last_chunk_id]
+
+
+def unchanged_result(root: Path, manifest: Manifest, t0: float) -> ExportResult:
+    """The result of an update that found no new chunk (nothing written)."""
+    return ExportResult(
+        root=root,
+        incremental=True,
+        tables={
+            t: {"rows": int(s["rows"]), "partitions": int(s["partitions"])}
+            for t, s in manifest.tables.items()
+        },
+        chunks_applied=0,
+        last_chunk_id=manifest.last_chunk_id,
+        seconds=time.perf_counter() - t0,
+    )
+
+
 def update_export(
     apdb: Apdb,
     root: Path,
     manifest: Manifest,
     region: Region | None,
     opts: ExportOptions,
-    mark_published: bool,
+    new_ids: np.ndarray,
     say: Progress,
     t0: float,
 ) -> ExportResult:
+    """Apply the chunks ``new_ids`` to the export version at ``root`` (a staged copy)."""
     if manifest.region is not None and region is None:
         region = as_region(manifest.region)
-    ids = chunk_ids(apdb)
-    # An export made before the first chunk (of an empty database) takes every chunk: the
-    # partitions they touch are read again whole, so rows already exported are not doubled.
-    new_ids = ids if manifest.last_chunk_id is None else ids[ids > manifest.last_chunk_id]
     result_tables: dict[str, dict[str, int]] = {}
     rewritten = 0
     if len(new_ids):
@@ -71,14 +95,24 @@ def update_export(
         changes = apdb.read_chunks(new_ids.tolist())
         touched = _touched(root, manifest, changes)
         written: list[Path] = []
-        writers = {t: TableWriter(apdb, root, t, region, opts) for t in TABLES}
+        catalogs = [t for t in (*TABLES, LIGHT_CURVES, VERSIONS) if t in manifest.tables]
+        writers = {t: writer_for(apdb, root, t, region, opts) for t in catalogs if t != VERSIONS}
         plans: dict[str, list[part.Pixel]] = {}
         stale: dict[str, set[part.Pixel]] = {}
         jobs: list[Job] = []
-        changed = np.unique(touched["all"])
-        for table in TABLES:
+        version_jobs: list[Job] = []
+        if VERSIONS in manifest.tables:
+            catalogs.remove(VERSIONS)
+            schema = writers["DiaObject"].schema
+            versions, touched[VERSIONS] = apply_chunks(read_exported(root, schema), changes, region)
+            writers[VERSIONS] = VersionsWriter(apdb, root, region, opts, versions)
+            catalogs.append(VERSIONS)
+        changed = np.unique(np.concatenate([touched["all"], touched.get(VERSIONS, np.zeros(0, np.int64))]))
+        for table in catalogs:
             old = [part.Pixel(int(o), int(n)) for o, n in manifest.tables[table]["pixels"]]
-            hp29 = touched[table]
+            # A light curve changes with its object and with its sources (their objects' pixels).
+            hp29 = touched["DiaObject" if table == LIGHT_CURVES else table]
+            target = version_jobs if table == VERSIONS else jobs
             where = part.partition_of(hp29, old)
             affected = sorted(
                 {old[i] for i in np.unique(where[where >= 0]).tolist()}, key=lambda p: p.range29()
@@ -100,7 +134,7 @@ def update_export(
             stale[table] = set(old)
             # Data files of the touched and new partitions; margins of the old partitions near a
             # changed row, and of every new one.
-            jobs += [
+            target += [
                 Job(table, "data", (*affected, *fresh)),
                 Job(
                     table, "margin", tuple(sorted(set(old) - set(fresh), key=lambda p: p.range29())), changed
@@ -109,7 +143,11 @@ def update_export(
             ]
             rewritten += len(affected) + len(fresh)
         run_jobs(apdb, root, region, opts, jobs, writers)
-        for table in TABLES:
+        # The versions are in this process's memory: their jobs run here.
+        run_jobs(
+            apdb, root, region, dataclasses.replace(opts, workers=1, scheduler=None), version_jobs, writers
+        )
+        for table in catalogs:
             writer = writers[table]
             for gone in stale[table] - {p for p in plans[table] if writer.data_path(p).exists()}:
                 writer.margin_path(gone).unlink(missing_ok=True)
@@ -117,11 +155,10 @@ def update_export(
             manifest.tables[table] = writer.summary(plans[table])
         manifest.forget_missing(root)
         manifest.record(root, written)
-    manifest.last_chunk_id = int(ids.max()) if len(ids) else manifest.last_chunk_id
+    manifest.last_chunk_id = int(new_ids.max()) if len(new_ids) else manifest.last_chunk_id
     manifest.created_at = _dt.datetime.now(_dt.UTC).isoformat()
+    manifest.format_version = FORMAT_VERSION
     manifest.write(root)
-    if mark_published and manifest.region is None and len(new_ids):
-        apdb.mark_published(new_ids.tolist())
     for table, s in manifest.tables.items():
         result_tables[table] = {"rows": int(s["rows"]), "partitions": int(s["partitions"])}
     return ExportResult(
@@ -158,6 +195,7 @@ def _touched(root: Path, manifest: Manifest, changes: dict[str, pa.Table]) -> di
             object_ids,
             _column_ids(changes.get("DiaObject"), "diaObjectId"),
             _column_ids(changes.get("DiaSource"), "diaObjectId"),
+            _column_ids(changes.get("DiaForcedSource"), "diaObjectId"),
         ]
     )
     if len(source_ids):

@@ -20,6 +20,9 @@ Progress = Callable[[str], None]
 #: Default partition sizes: about 150-250 MB of Parquet per partition at full width.
 DEFAULT_MAX_ROWS = {"DiaObject": 300_000, "DiaSource": 300_000, "DiaForcedSource": 2_000_000}
 
+#: Catalogs cut into the partitions of a table's: the light curves and versions of DiaObjects.
+_CUT_AS = {"DiaObjectLightCurve": "DiaObject", "DiaObjectVersion": "DiaObject"}
+
 
 @dataclass(frozen=True)
 class ExportOptions:
@@ -37,6 +40,13 @@ class ExportOptions:
     workers: int = 1
     #: A ``dask.distributed`` scheduler address (``tcp://host:8786``) to run that work on instead.
     scheduler: str | None = None
+    #: Also publish ``DiaObjectLightCurve``: each DiaObject with its DiaSources and
+    #: DiaForcedSources nested, sorted by time (:mod:`diadb.ppdb.nested`). An incremental
+    #: export keeps what the first export chose.
+    light_curves: bool = False
+    #: Also publish ``DiaObjectVersion``: every DiaObject version, superseded and closed ones
+    #: included (:mod:`diadb.ppdb.versions`). An incremental export keeps what the first chose.
+    object_versions: bool = True
 
     def __post_init__(self) -> None:
         if not (0.0 < self.margin_arcsec <= 3600.0):
@@ -53,6 +63,7 @@ class ExportOptions:
 
     def rows_per_partition(self, table: str) -> int:
         """Most rows in one of ``table``'s partition files (``max_rows``, else the default)."""
+        table = _CUT_AS.get(table, table)
         return int(self.max_rows.get(table, DEFAULT_MAX_ROWS[table]))
 
 

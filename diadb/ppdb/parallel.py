@@ -145,7 +145,9 @@ _local = threading.local()
 
 def _remote(url: str, root: Path, region: Region | None, opts: ExportOptions, job: Job) -> int:
     """A job on a worker, through this thread's connection to the database."""
-    return _do(TableWriter(_worker_db(url), root, job.table, region, opts), job)
+    from diadb.ppdb.nested import writer_for
+
+    return _do(writer_for(_worker_db(url), root, job.table, region, opts), job)
 
 
 def _worker_db(url: str) -> Apdb:

@@ -5,14 +5,18 @@ unlisted data file is present; the HATS metadata loads; the ``_common_metadata``
 partition file's schema match the Felis table (names, order, types, nullability, unit/UCD/description);
 non-nullable columns hold no nulls (from the Parquet statistics); each file's ``_healpix_29`` lies
 inside its pixel and is sorted; row counts agree between the files, ``_metadata``,
-``hats.properties`` and the manifest.
+``hats.properties`` and the manifest. Then the rows themselves (:mod:`diadb.ppdb.qc`): references,
+counts, unique keys, partitions and physical ranges, each with its counts in the report (text, or
+JSON from :meth:`VerifyReport.to_json`).
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,9 +32,11 @@ from diadb.ppdb.layout import (
     PublicationError,
     catalog_dir,
     checksum,
+    current_version,
     index_dir,
     margin_dir,
 )
+from diadb.ppdb.qc import CHECKS, Check, content_checks
 from diadb.schema.felis import schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
 
@@ -43,13 +49,34 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     files_checked: int = 0
     rows: dict[str, int] = field(default_factory=dict)
+    #: The content checks (:mod:`diadb.ppdb.qc`) by name, with their counts.
+    checks: dict[str, Check] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data: ``ok``, ``rows``, ``files_checked``, ``checks``
+        (name -> checked, failed, examples) and ``problems``."""
+        return {
+            "root": str(self.root),
+            "ok": self.ok,
+            "files_checked": self.files_checked,
+            "rows": dict(self.rows),
+            "checks": {name: c.as_dict() for name, c in self.checks.items()},
+            "problems": list(self.problems),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=1)
+
     def lines(self) -> list[str]:
         head = [f"{t}: {n:,} rows" for t, n in self.rows.items()]
+        head += [
+            f"check {c.name:18s} {c.checked:>12,d} checked {c.failed:>8,d} failed  ({CHECKS[c.name]})"
+            for c in self.checks.values()
+        ]
         if self.ok:
             return [*head, f"ok: {self.files_checked} file(s) verified in {self.root}"]
         return [
@@ -79,10 +106,13 @@ def load_export(root: Path) -> tuple[Manifest, ApdbSchema]:
 
 def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> VerifyReport:
     """Verify the export at ``root`` (against ``schema``, default: the Felis schema it carries)."""
-    base = Path(root)
+    top = Path(root)
+    Manifest.read(top)  # a one-line error for a directory that is not an export
+    # One version throughout, even if an update publishes the next one meanwhile.
+    base = current_version(top)
     manifest, own = load_export(base)
     felis = schema or own
-    report = VerifyReport(base)
+    report = VerifyReport(top)
     bad = report.problems
     # 1. Every listed file: present, same size, same checksum.
     for rel, entry in sorted(manifest.files.items()):
@@ -97,7 +127,8 @@ def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> Veri
                 bad.append(f"{rel}: checksum mismatch (the file changed after the export)")
         except OSError as e:  # unreadable (permissions, I/O error)
             bad.append(f"{rel}: unreadable: {e.strerror or e}")
-    for table in TABLES:
+    extra = [t for t in manifest.tables if t not in TABLES]
+    for table in (*TABLES, *extra):
         for directory in (catalog_dir(base, table), margin_dir(base, table), index_dir(base, table)):
             for p in directory.rglob("*.parquet") if directory.is_dir() else []:
                 if str(p.relative_to(base)) not in manifest.files:
@@ -112,6 +143,17 @@ def verify_export(root: str | Path, *, schema: ApdbSchema | None = None) -> Veri
         except (KeyError, TypeError, ValueError, Error) as e:
             # A manifest entry of the wrong shape (hand-edited or foreign): a problem, not a crash.
             bad.append(f"{table}: the manifest's entry is malformed ({type(e).__name__}: {e})")
+    for name in extra:
+        _verify_extra(base, name, manifest, report)
+    # 3. The rows: what the schema cannot say.
+    try:
+        report.checks = content_checks(base, felis, full_sky=manifest.region is None)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        bad.append(f"content checks: the files do not read: {' '.join(str(e).split())[:200]}")
+    for c in report.checks.values():
+        bad += [f"check {c.name}: {x}" for x in c.examples]
+        if c.failed > len(c.examples):
+            bad.append(f"check {c.name}: {c.failed} failure(s) in all")
     return report
 
 
@@ -185,6 +227,33 @@ def _verify_table(
             continue
         if n != int(info.get(key, -1)):
             bad.append(f"{table} {label} catalog: {n} rows, the manifest says {info.get(key)}")
+
+
+def _verify_extra(base: Path, name: str, manifest: Manifest, report: VerifyReport) -> None:
+    """A catalog beside the tables' (light curves, versions): it loads, and its rows agree."""
+    from hats.catalog.healpix_dataset.healpix_dataset import HealpixDataset
+    from hats.loaders.read_hats import read_hats
+
+    bad = report.problems
+    main = catalog_dir(base, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            catalog = read_hats(main)
+        if not isinstance(catalog, HealpixDataset):
+            raise ValueError(f"{main} is not a HEALPix catalog")
+        total = int(catalog.catalog_info.total_rows or 0)
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (main / "dataset").rglob("Npix=*.parquet"))
+    except (OSError, ValueError, TypeError, KeyError, pa.ArrowException) as e:
+        bad.append(f"{name}: the HATS catalog does not load: {' '.join(str(e).split())[:200]}")
+        return
+    report.rows[name] = rows
+    for what, value in (
+        ("hats.properties", total),
+        ("the manifest", int(manifest.tables[name].get("rows", -1))),
+    ):
+        if value != rows:
+            bad.append(f"{name}: {rows} rows in the files, {value} in {what}")
 
 
 def _schema_problems(actual: pa.Schema, expected: pa.Schema) -> list[str]:

@@ -70,10 +70,21 @@ class TableWriter:
     metadata from the files, and ``summary`` describes them for the manifest.
     """
 
-    def __init__(self, apdb: Apdb, root: Path, table: str, region: Region | None, opts: ExportOptions):
+    def __init__(
+        self,
+        apdb: Apdb,
+        root: Path,
+        table: str,
+        region: Region | None,
+        opts: ExportOptions,
+        *,
+        name: str | None = None,
+    ):
         self.apdb = apdb
         self.root = root
+        #: The APDB table read, and the name of the catalogs written (the table's, by default).
         self.table = table
+        self.name = name or table
         self.region = region
         self.opts = opts
         self.cover = scan_cover(region)
@@ -94,30 +105,38 @@ class TableWriter:
                 pa.field("Npix", pa.uint64(), nullable=False),
             ]
         )
+        self.set_schema(self.schema)
         from hats.io.file_io.file_io import get_parquet_write_table_kwargs
 
-        self.write_kwargs = get_parquet_write_table_kwargs(self.schema)
         self.index_kwargs = get_parquet_write_table_kwargs(self.index_schema)
         self.margin_order = part.margin_order_for(opts.margin_arcsec)
 
+    def set_schema(self, schema: pa.Schema) -> None:
+        """The schema of the catalog's files (a subclass writing other columns sets its own)."""
+        from hats.io.file_io.file_io import get_parquet_write_table_kwargs
+
+        self.schema = schema
+        self.write_kwargs = get_parquet_write_table_kwargs(schema)
+
     # -- reads
-    def _read(self, ranges: part.Int64Array) -> pa.Table:
+    def read_rows(self, ranges: part.Int64Array) -> pa.Table:
+        """The APDB table's rows in the order-29 ``ranges`` (inside the export's region)."""
         ranges = part.intersect_ranges(ranges, self.cover)
-        return read_inside(self.apdb, self.table, ranges, self.region).cast(self.schema)
+        return read_inside(self.apdb, self.table, ranges, self.region)
+
+    def _read(self, ranges: part.Int64Array) -> pa.Table:
+        return self.read_rows(ranges).cast(self.schema)
 
     # -- partitions
     def data_path(self, pixel: part.Pixel) -> Path:
-        return catalog_dir(self.root, self.table) / "dataset" / pixel.relative_path()
+        return catalog_dir(self.root, self.name) / "dataset" / pixel.relative_path()
 
     def margin_path(self, pixel: part.Pixel) -> Path:
-        return margin_dir(self.root, self.table) / "dataset" / pixel.relative_path()
+        return margin_dir(self.root, self.name) / "dataset" / pixel.relative_path()
 
     def index_path(self, pixel: part.Pixel) -> Path:
         return (
-            index_dir(self.root, self.table)
-            / "dataset"
-            / "index"
-            / f"part_{pixel.order}_{pixel.npix}.parquet"
+            index_dir(self.root, self.name) / "dataset" / "index" / f"part_{pixel.order}_{pixel.npix}.parquet"
         )
 
     def write_partition(self, pixel: part.Pixel) -> int:
@@ -173,9 +192,9 @@ class TableWriter:
 
         import diadb
 
-        main = catalog_dir(self.root, self.table)
-        margin = margin_dir(self.root, self.table)
-        index = index_dir(self.root, self.table)
+        main = catalog_dir(self.root, self.name)
+        margin = margin_dir(self.root, self.name)
+        index = index_dir(self.root, self.name)
         present = [p for p in plan if self.data_path(p).exists()]
         rows = _dataset_metadata(main, self.schema, write_parquet_metadata, healpix=True)
         margin_pixels = [p for p in present if self.margin_path(p).exists()]
@@ -198,7 +217,7 @@ class TableWriter:
             "dec_column": "dec",
             "healpix_column": HEALPIX_COLUMN,
             "healpix_order": ORDER,
-            "obs_description": f"{self.table} from the diadb APDB {public_url(self.apdb.url)}",
+            "obs_description": f"{self.name} from the diadb APDB {public_url(self.apdb.url)}",
             "diadb_felis_schema": f"{self.apdb.schema.name} {self.apdb.schema.version}",
         }
         properties: list[tuple[Path, dict[str, Any]]] = [
@@ -206,7 +225,7 @@ class TableWriter:
                 main,
                 {
                     **common,
-                    "catalog_name": self.table,
+                    "catalog_name": self.name,
                     "catalog_type": _CATALOG_TYPE[self.table],
                     "total_rows": rows,
                     "hats_max_rows": max_rows,
@@ -221,7 +240,7 @@ class TableWriter:
                     "catalog_name": margin.name,
                     "catalog_type": "margin",
                     "total_rows": margin_rows,
-                    "primary_catalog": self.table,
+                    "primary_catalog": self.name,
                     "margin_threshold": self.opts.margin_arcsec,
                 },
             ),
@@ -231,7 +250,7 @@ class TableWriter:
                     "catalog_name": index.name,
                     "catalog_type": "index",
                     "total_rows": index_rows,
-                    "primary_catalog": self.table,
+                    "primary_catalog": self.name,
                     "indexing_column": INDEX_COLUMN,
                 },
             ),
@@ -240,16 +259,16 @@ class TableWriter:
             provenance = TableProperties.new_provenance_dict(directory, builder=builder)
             TableProperties(**values, **provenance).to_properties_file(directory)
         collection: dict[str, Any] = {
-            "name": self.table,
-            "hats_primary_table_url": self.table,
+            "name": self.name,
+            "hats_primary_table_url": self.name,
             "all_margins": [margin.name],
             "default_margin": margin.name,
             "all_indexes": {INDEX_COLUMN: index.name},
             "default_index": INDEX_COLUMN,
         }
-        CollectionProperties(**collection).to_properties_file(self.root / self.table)
+        CollectionProperties(**collection).to_properties_file(self.root / self.name)
         self._counts = {"rows": rows, "margin_rows": margin_rows, "index_rows": index_rows}
-        return sorted(p for p in (self.root / self.table).rglob("*") if p.is_file())
+        return sorted(p for p in (self.root / self.name).rglob("*") if p.is_file())
 
     def summary(self, plan: list[part.Pixel]) -> dict[str, Any]:
         present = [p for p in plan if self.data_path(p).exists()]
