@@ -53,7 +53,8 @@ from diadb.updates import MUTABLE_SOURCE_COLUMNS
 
 MANIFEST = "diadb_segment"
 TRASH = "diadb_segment_trash"
-#: Order-4 sky tiles, as on PostgreSQL: a detector's read fetches one to a few blobs.
+#: Order-4 sky tiles, as on PostgreSQL (see the measurement there): a detector's read fetches
+#: one to a few blobs.
 PREFERRED_TILE_ORDER = 4
 #: Above this many coarse pixels an overlay read scans the overlay table instead.
 MAX_OVERLAY_PARTITIONS = 256

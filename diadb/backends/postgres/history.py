@@ -40,8 +40,10 @@ _SEGMENT_COLUMNS = (
     "pix_min", "pix_max", "rows", "bytes", "checksum",
 )  # fmt: skip
 #: Sky tiles of order 4 (~3.7 deg, 13.4 deg^2): a 1.75 deg-radius field touches 1-4 of them,
-#: so one detector's read fetches a few blobs and a whole field's at most ~4 per span; a week's
-#: tile at full density holds a few MB per table. See the README's history section.
+#: so one detector's read fetches a few blobs and a whole field's at most ~4 per span. Measured
+#: at 5% density (the README's PostgreSQL tier benchmark): 7-day blobs of ~125 kB, so ~2.5 MB at
+#: full density, the size Cassandra and TOAST handle well; but a field then fetches ~5x its
+#: area. Orders 3 and 5 are not measured yet: choose again at full density.
 PREFERRED_TILE_ORDER = 4
 
 
