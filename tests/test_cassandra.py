@@ -255,3 +255,31 @@ def test_time_partitions_are_listed_made_ahead_and_dropped(request, official_sch
         assert db.get_sources(EVERYWHERE, 60029.0, columns=["diaSourceId"]).num_rows == 0
     finally:
         db.close()
+
+
+def test_operator_table_options_reach_every_table(request, official_schema):
+    """``gc_grace_seconds`` and ``compaction`` in the URL are set on the tables this client
+    creates; a strategy Cassandra does not have is refused before anything is created."""
+    url = fresh_url(request)
+    with pytest.raises(diadb.ConfigError, match="compaction must be one of"):
+        diadb.Apdb.create(url + "?compaction=NoSuchStrategy", schema=official_schema)
+    db = diadb.Apdb.create(
+        url + "?gc_grace_seconds=3600&compaction=LeveledCompactionStrategy", schema=official_schema
+    )
+    try:
+        from tests.service_cassandra import cassandra_node
+
+        keyspace = url.rsplit("/", 1)[1]
+        rows = list(
+            cassandra_node(request)
+            .session()
+            .execute(
+                "SELECT table_name, gc_grace_seconds, compaction FROM system_schema.tables "
+                "WHERE keyspace_name = %s",
+                [keyspace],
+            )
+        )
+        assert rows and all(r.gc_grace_seconds == 3600 for r in rows)
+        assert all("LeveledCompactionStrategy" in r.compaction["class"] for r in rows)
+    finally:
+        db.close()

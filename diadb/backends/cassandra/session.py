@@ -145,6 +145,11 @@ class CassandraSession:
         if cql.startswith("CREATE TABLE"):
             # A read waits for a replica that just died only this long before asking another.
             cql += f" WITH speculative_retry = '{self.opts.speculative_retry}'"
+            # The operator's table options (validated in url.py: an integer, a known class).
+            if self.opts.gc_grace_seconds is not None:
+                cql += f" AND gc_grace_seconds = {int(self.opts.gc_grace_seconds)}"
+            if self.opts.compaction is not None:
+                cql += f" AND compaction = {{'class': '{self.opts.compaction}'}}"
         try:
             self._session.execute(cql, timeout=120)
         except Exception as e:

@@ -33,6 +33,8 @@ OPTION_NAMES = frozenset(
         "scan_pixels",
         "scan_splits",
         "speculative_retry",
+        "gc_grace_seconds",
+        "compaction",
         "compression",
         "packed",
     }
@@ -104,6 +106,10 @@ class Options:
     scan_pixels: int
     scan_splits: int
     speculative_retry: str
+    #: Table options an operator sets (None: Cassandra's defaults), given to every table this
+    #: client creates, like ``speculative_retry``.
+    gc_grace_seconds: int | None
+    compaction: str | None
     compression: bool
     packed: bool
 
@@ -156,9 +162,31 @@ def parse_options(params: Mapping[str, Any]) -> Options:
         scan_pixels=number("scan_pixels", 2000, 1, 10_000_000),
         scan_splits=number("scan_splits", 32, 1, 100_000),
         speculative_retry=_speculative(str(params.get("speculative_retry", "MIN(99p,50ms)"))),
+        gc_grace_seconds=None
+        if params.get("gc_grace_seconds") is None
+        else number("gc_grace_seconds", 864000, 0, 10 * 365 * 86400),
+        compaction=_compaction(params.get("compaction")),
         compression=compression == "lz4",
         packed=packed in ("1", "true", "yes"),
     )
+
+
+#: The compaction strategies a table may be created with (Cassandra 5's own).
+COMPACTION_STRATEGIES = (
+    "SizeTieredCompactionStrategy",
+    "LeveledCompactionStrategy",
+    "TimeWindowCompactionStrategy",
+    "UnifiedCompactionStrategy",
+)
+
+
+def _compaction(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    if text not in COMPACTION_STRATEGIES:
+        raise ConfigError(f"compaction must be one of {COMPACTION_STRATEGIES}, got {text!r}")
+    return text
 
 
 def _speculative(text: str) -> str:
