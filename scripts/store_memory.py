@@ -1,7 +1,8 @@
 """Peak memory of one store whose automatic compaction rewrites the DiaObject snapshot.
 
-Usage (from the repository root): python scripts/store_memory.py /tmp/m.db prepare 100000, then
-python scripts/store_memory.py /tmp/m.db measure 100000.
+Usage (from the repository root): python scripts/store_memory.py /tmp/m.db prepare 100000 [TILE_ORDER],
+then python scripts/store_memory.py /tmp/m.db measure 100000. TILE_ORDER (default -1: none) cuts the
+segments and the DiaObject snapshot by sky tile (``history_tile_order``).
 """
 import resource, sys, time
 import numpy as np, pyarrow as pa
@@ -14,7 +15,8 @@ ids = np.arange(1, n + 1)
 rng = np.random.default_rng(1)
 ra, dec = rng.uniform(50, 60, n), rng.uniform(-35, -25, n)
 if step == "prepare":
-    db = diadb.Apdb.create(url, history_span_days=1.0, history_compact_lag_days=0.0)
+    tiles = int(sys.argv[4]) if len(sys.argv) > 4 else -1
+    db = diadb.Apdb.create(url, history_span_days=1.0, history_compact_lag_days=0.0, history_tile_order=tiles)
     for v in (1, 2):
         x = make_visit(db.schema, v, 60000.0 + v, ids, ra, dec, seed=v)
         db.store(x.mjd, x.objects, x.sources, x.forced, visit=v)
