@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 import diadb
 from diadb.cli import app
-from diadb.errors import ConfigError
+from diadb.errors import CatalogError, ConfigError
 from diadb.schema import ApdbSchema
 from tests.conftest import make_url
 from tests.helpers import make_visit, random_positions
@@ -95,7 +95,9 @@ def test_published_chunks_are_deleted_and_unpublished_refused(url: str, official
         assert db.read_chunks([chunks[3]])["DiaSource"].num_rows == 5
 
 
-def test_keyed_stores_and_visits_are_still_known_after_deletion(url: str, official_schema: ApdbSchema) -> None:
+def test_keyed_stores_and_visits_are_still_known_after_deletion(
+    url: str, official_schema: ApdbSchema
+) -> None:
     with diadb.Apdb.open(url) as db:
         assert _store(db, official_schema, 1, key="a")
         assert _store(db, official_schema, 2)
@@ -104,11 +106,41 @@ def test_keyed_stores_and_visits_are_still_known_after_deletion(url: str, offici
         # The same key is still a no-op, the same visit still stored.
         assert _store(db, official_schema, 1, key="a") is False
         assert _store(db, official_schema, 2) is False
-        # Another keyed store of the same rows (same source ids) is still refused.
+        # Another keyed store (another visit) reusing the first one's DiaSource ids: still refused.
+        ra, dec = random_positions(5, seed=1)
+        again = make_visit(official_schema, 3, 60003.5, np.arange(6, 11), ra, dec)
+        first_ids = pa.array(np.arange(6, 11) * 100_000 + 1)
+        sources = again.sources.set_column(
+            again.sources.schema.get_field_index("diaSourceId"), "diaSourceId", first_ids
+        )
         with pytest.raises(diadb.Error):
-            _store(db, official_schema, 1, key="b")
+            db.store(again.mjd, again.objects, sources, again.forced, visit=3, key="b")
         assert db.get_sources(EVERYWHERE, 60010.0).num_rows == 10
         assert len(_ids(db)) == 1
+
+
+def test_keys_in_history_segments_are_still_refused_after_deletion(
+    tmp_path: Path, official_schema: ApdbSchema
+) -> None:
+    """With the history tier, a keyed store's rows moved into segments are known by the keys it
+    recorded: deleting its chunk leaves them, so another keyed store of those keys is refused."""
+    db = diadb.Apdb.create(tmp_path / "apdb.db", schema=official_schema, history_span_days=1.0)
+    ra, dec = random_positions(20, 7)
+    first = make_visit(official_schema, 1, 60002.0, np.arange(1, 21), ra, dec, seed=1)
+    assert db.store(first.mjd, first.objects, first.sources, first.forced, visit=1, key="a")
+    _store(db, official_schema, 9)
+    db.compact(boundary=first.mjd + 1)
+    db.mark_published(_ids(db))
+    assert len(db.delete_chunks(before=60003.0)) == 1
+    again = make_visit(official_schema, 1, 60002.0, np.arange(1, 21), ra, dec, seed=1)
+    sources = again.sources.set_column(
+        again.sources.schema.get_field_index("diaSourceId"), "diaSourceId", pa.array(np.arange(5000, 5020))
+    )
+    with pytest.raises(CatalogError, match="already stored") as err:
+        db.store(again.mjd, again.objects, sources, again.forced, visit=1, key="b")
+    assert err.value.table == "DiaForcedSource"
+    assert db.store(first.mjd, first.objects, first.sources, first.forced, visit=1, key="a") is False
+    db.close()
 
 
 def test_daytime_chunks_go_with_their_update_records(url: str, official_schema: ApdbSchema) -> None:
@@ -132,9 +164,9 @@ def test_incremental_export_after_deletion(url: str, official_schema: ApdbSchema
     database's rows. An export that had not applied a deleted chunk is refused."""
     pytest.importorskip("lsdb")
     from diadb.ppdb.hats_export import export_hats
-    from diadb.ppdb.layout import PublicationError
+    from diadb.ppdb.layout import TABLES, PublicationError
     from diadb.ppdb.verify import verify_export
-    from tests.test_ppdb import SMALL, TABLES, _all_rows, _export_rows
+    from tests.test_ppdb import SMALL, _all_rows, _export_rows
 
     with diadb.Apdb.open(url) as db:
         for visit in (1, 2):
@@ -160,7 +192,10 @@ def test_incremental_export_after_deletion(url: str, official_schema: ApdbSchema
 
 
 def test_cassandra_keeps_the_chunk_a_retry_looks_for(
-    request: pytest.FixtureRequest, tmp_path: Path, official_schema: ApdbSchema, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    official_schema: ApdbSchema,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A daytime call that took its chunk but failed before it finished: its chunk is kept
     (published or not), so the retry finds it and takes no second one."""
