@@ -806,6 +806,48 @@ class Apdb:
         """Record that these chunks reached the PPDB."""
         self._changelog.mark_published(chunk_ids)
 
+    @timed("delete_chunks")
+    def delete_chunks(
+        self, chunk_ids: Iterable[int] | None = None, *, before: Any = None, dry_run: bool = False
+    ) -> pa.Table:
+        """Forget published change-log chunks (after the PPDB has them), as the reference's
+        ``ApdbReplica.deleteReplicaChunks`` does.
+
+        The chunk records go, with their update records and lists of object versions; the
+        stored rows are APDB data and stay, and so do the keys that catch a keyed store made
+        twice. All in one transaction on SQLite and PostgreSQL. An incremental PPDB export
+        that had not applied a deleted chunk is then refused (make a full export).
+
+        Parameters
+        ----------
+        chunk_ids
+            The chunks to delete (all must exist and be published).
+        before
+            Instead of ids: every chunk whose visit (or daytime) time is before this (MJD TAI,
+            ``datetime`` or ``astropy.time.Time``); all of them must be published.
+        dry_run
+            Only say what would be deleted.
+
+        Returns
+        -------
+        pyarrow.Table
+            The chunks deleted (or that would be), as :meth:`replica_chunks` lists them. Never
+            the newest chunk (it marks how far the ids have gone, so none is handed out
+            twice), nor on Cassandra a chunk whose operation is still pending (its retry
+            looks for it).
+
+        Raises
+        ------
+        ConfigError
+            Neither or both of ``chunk_ids`` and ``before``; an id not in the change log; a
+            chosen chunk not published (the message names them, and nothing is deleted).
+        """
+        return self._changelog.delete_chunks(chunk_ids, before, dry_run=dry_run, where=self.url)
+
+    def deleted_chunks_through(self) -> int | None:
+        """The newest chunk id :meth:`delete_chunks` ever deleted (None: none was)."""
+        return self._changelog.deleted_through()
+
     @timed("log_updates", rows=argument_rows("payloads"))
     def log_updates(self, kind: str, payloads: list[dict[str, Any]], time: Any) -> int:
         """Record update records made elsewhere as one daytime chunk.

@@ -27,6 +27,11 @@ from diadb.times import TimeWindow, mjd_tai
 
 #: Metadata key prefixes of diadb and its engines (not user metadata).
 RESERVED_PREFIXES = ("diadb.", "felis.", "postgres.", "cassandra.", "sqlite.")
+#: Metadata key: the newest chunk id ever deleted (an incremental export that had not applied
+#: it would miss chunks, so it is refused).
+DELETED_THROUGH_KEY = "diadb.chunks_deleted_through"
+#: Ids named in an error message, at most.
+_NAMED = 20
 #: The kinds of update record diadb's own daytime calls write.
 NATIVE_UPDATE_KINDS = (
     "reassign_to_ssobjects",
@@ -77,6 +82,49 @@ class ChangeLog:
     def mark_published(self, chunk_ids: Iterable[int]) -> None:
         self._writable()
         self._backend.mark_published([int(i) for i in chunk_ids])
+
+    def delete_chunks(
+        self, chunk_ids: Iterable[int] | None, before: Any, *, dry_run: bool, where: str
+    ) -> pa.Table:
+        """Delete published chunks named by id or older than ``before`` (see ``Apdb.delete_chunks``)."""
+        if (chunk_ids is None) == (before is None):
+            raise ConfigError("delete_chunks: give either chunk ids or before=, not both or neither")
+        chunks = self.replica_chunks()
+        ids = chunks.column("chunk_id")
+        if chunk_ids is not None:
+            wanted = np.unique(np.fromiter((int(i) for i in chunk_ids), dtype=np.int64))
+            missing = np.setdiff1d(wanted, ids.to_numpy())
+            if len(missing):
+                raise ConfigError(f"chunks {_name(missing.tolist())} are not in the change log of {where}")
+            mask = pc.is_in(ids, pa.array(wanted))
+        else:
+            cutoff = check_time("before", mjd_tai(before))
+            mask = pc.fill_null(pc.less(chunks.column("visit_mjd_tai"), cutoff), False)
+        chosen = chunks.filter(mask)
+        unpublished = chosen.filter(pc.invert(chosen.column("published"))).column("chunk_id").to_pylist()
+        if unpublished:
+            raise ConfigError(
+                f"chunks {_name(unpublished)} of {where} are not published: only chunks the PPDB "
+                "export has published can be deleted (export first, or choose fewer)"
+            )
+        # The newest chunk stays: it holds the change log's high-water mark (SQLite would hand
+        # its id out again, and an incremental export would then skip the new chunk).
+        newest = int(pc.max(ids).as_py()) if len(ids) else None
+        candidates = [i for i in chosen.column("chunk_id").to_pylist() if i != newest]
+        if not candidates:
+            return chosen.slice(0, 0)
+        if not dry_run:
+            self._writable()
+            meta = self._backend.read_metadata()
+            through = max(int(meta.get(DELETED_THROUGH_KEY, 0)), max(candidates))
+            # Recorded before anything goes: a deletion cut short still refuses stale exports.
+            self._backend.set_metadata({DELETED_THROUGH_KEY: str(through)}, [])
+        gone = self._backend.delete_chunks(candidates, dry_run=dry_run)
+        return chosen.filter(pc.is_in(chosen.column("chunk_id"), pa.array(gone, pa.int64())))
+
+    def deleted_through(self) -> int | None:
+        value = self._backend.read_metadata().get(DELETED_THROUGH_KEY)
+        return None if value is None else int(value)
 
     def log_updates(self, kind: str, payloads: list[dict[str, Any]], time: Any) -> int:
         if not kind or kind in NATIVE_UPDATE_KINDS:
@@ -152,3 +200,9 @@ def _members_of(members: pa.Table | None, chunk_id: int, table: str) -> pa.Table
     if not mine.num_rows:
         return None
     return mine.filter(pc.equal(mine.column("table_name"), table))
+
+
+def _name(ids: list[int]) -> str:
+    """Chunk ids for an error message (the first few, and how many in all)."""
+    shown = ", ".join(str(i) for i in ids[:_NAMED])
+    return f"[{shown}{', ...' if len(ids) > _NAMED else ''}] ({len(ids)})" if len(ids) > 1 else f"[{shown}]"

@@ -1,5 +1,5 @@
 """The operators' commands of ``diadb``: ``status``, ``metadata``, ``chunks``, ``partitions`` and
-``index``, with the meaning of ``apdb-cli``'s (``metadata``, ``replication list-chunks``,
+``index``, with the meaning of ``apdb-cli``'s (``metadata``, ``replication list-chunks|delete-chunks``,
 ``partition show-temporal|extend-temporal|delete-temporal``, ``list-index``) on diadb's names.
 
 Every command takes ``@label`` for a URL (see :mod:`diadb.index`); diadb errors are one line
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -148,6 +148,43 @@ def chunks_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
+    _print_chunks(rows)
+
+
+@command(chunks_app, "delete")
+def chunks_delete(
+    url: URL,
+    before: Annotated[
+        float | None,
+        typer.Option(help="Delete the chunks whose visit (or daytime) time is before this MJD TAI."),
+    ] = None,
+    all_published: Annotated[
+        bool, typer.Option("--all-published", help="Delete every published chunk.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be deleted.")] = False,
+    as_json: AS_JSON = False,
+) -> None:
+    """Delete published chunks (after the PPDB has them); the stored rows stay. Refused, with
+    nothing deleted, when a chosen chunk is not published; the newest chunk always stays."""
+    from diadb.apdb import Apdb
+
+    if (before is None) == (not all_published):
+        raise fail("give one of --before MJD or --all-published")
+    with Apdb.open(url) as db:
+        if all_published:
+            ids = db.replica_chunks(published=True).column("chunk_id").to_pylist()
+            gone = db.delete_chunks(ids, dry_run=dry_run) if ids else db.replica_chunks().slice(0, 0)
+        else:
+            gone = db.delete_chunks(before=before, dry_run=dry_run)
+    rows = gone.to_pylist()
+    if as_json:
+        typer.echo(json.dumps({"dry_run": dry_run, "chunks": rows}, indent=2, default=str))
+        return
+    _print_chunks(rows)
+    typer.echo(f"{len(rows)} chunk(s) {'would be deleted' if dry_run else 'deleted'}")
+
+
+def _print_chunks(rows: list[dict[str, Any]]) -> None:
     typer.echo(
         f"{'chunk':>8s} {'kind':6s} {'visit':>10s} {'det':>4s} {'visit MJD':>12s} {'published':9s} stored at"
     )

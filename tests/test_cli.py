@@ -70,6 +70,7 @@ FOREIGN_FILE_CALLS = {
     "metadata set": lambda f, t: ["metadata", "set", f, "k", "v"],
     "metadata delete": lambda f, t: ["metadata", "delete", f, "k"],
     "chunks list": lambda f, t: ["chunks", "list", f],
+    "chunks delete": lambda f, t: ["chunks", "delete", f, "--all-published"],
     "index list": lambda f, t: ["index", "list"],
     "sizing": lambda f, t: ["sizing", "--summary", f, "--years", "1"],
     "bench": lambda f, t: ["bench", "--profile", "ci", "--visits", "1", "--url", f, "--out", t / "b"],

@@ -182,6 +182,12 @@ class Backend(Protocol):
 
     def mark_published(self, chunk_ids: Sequence[int]) -> None: ...
 
+    def delete_chunks(self, chunk_ids: Sequence[int], *, dry_run: bool = False) -> list[int]:
+        """Forget these published chunks: their chunk rows, update records and object-version
+        lists (never the stored rows, nor the keys that catch duplicate keyed stores), in one
+        transaction where the engine has them. Chunks the engine still needs (an operation
+        whose retry would look for its chunk) are kept; the ids deleted (or that would be)."""
+
     # ---- daytime updates -----------------------------------------------------------
     def update_sources(
         self,

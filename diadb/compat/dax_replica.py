@@ -6,8 +6,8 @@ groups everything stored within ``replica_chunk_seconds`` (600 s) of visit time 
 replica chunk whose id is the start of that window in seconds (TAI, Unix epoch). This view does
 the same grouping over diadb's unpublished chunks: ``getReplicaChunks`` lists the windows,
 ``getTableDataChunks`` / ``getUpdateRecordChunks`` read the diadb chunks of the windows asked for,
-and ``deleteReplicaChunks`` marks them published (diadb keeps the rows; published chunks are no
-longer listed or read here).
+and ``deleteReplicaChunks`` marks them published and deletes them (``Apdb.delete_chunks``: the
+stored rows stay; published chunks are no longer listed or read here).
 """
 
 from __future__ import annotations
@@ -178,7 +178,10 @@ class DiadbApdbReplica(ApdbReplica):
     def deleteReplicaChunks(self, chunks: Iterable[int]) -> None:
         ids, _ = self._diadb_chunks(chunks)
         if ids:
+            # The reference forgets the chunks (rows stay): published first, then deleted
+            # (diadb keeps its newest chunk, published, which this view no longer lists).
             self._db.mark_published(ids)
+            self._db.delete_chunks(ids)
 
     def getTableDataChunks(self, table: ApdbTables, chunks: Iterable[int]) -> ApdbTableData:
         if not self._apdb.config.enable_replica:

@@ -57,6 +57,13 @@ def new_chunks(apdb: Apdb, manifest: Manifest) -> np.ndarray:
     An export made before the first chunk (of an empty database) takes every chunk: the
     partitions they touch are read again whole, so rows already exported are not doubled."""
     ids = chunk_ids(apdb)
+    through = apdb.deleted_chunks_through()
+    if through is not None and (manifest.last_chunk_id is None or manifest.last_chunk_id < through):
+        applied = "none" if manifest.last_chunk_id is None else f"up to {manifest.last_chunk_id}"
+        raise PublicationError(
+            f"chunks up to {through} were deleted from {public_url(apdb.url)} and this export applied "
+            f"{applied}: it cannot be brought up to date; make a full export into an empty directory"
+        )
     return ids if manifest.last_chunk_id is None else ids[ids > manifest.last_chunk_id]
 
 

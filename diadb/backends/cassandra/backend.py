@@ -165,6 +165,9 @@ class CassandraBackend:
     def mark_published(self, chunk_ids: Sequence[int]) -> None:
         self.log.mark_published(chunk_ids)
 
+    def delete_chunks(self, chunk_ids: Sequence[int], *, dry_run: bool = False) -> list[int]:
+        return self.log.delete_chunks(chunk_ids, dry_run=dry_run)
+
     def log_updates(self, kind: str, payloads: Sequence[Mapping[str, object]], when_mjd: float) -> int:
         return self.log.log_updates(kind, payloads, when_mjd)
 

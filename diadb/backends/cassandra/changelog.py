@@ -441,9 +441,51 @@ class ChangeLog:
         )
         self.session.run([(stmt, (int(i) >> CHUNK_BITS, int(i))) for i in found.tolist()], write=True)
 
+    def delete_chunks(self, chunk_ids: Sequence[int], *, dry_run: bool = False) -> list[int]:
+        """Delete these published chunks' rows, then their update records (by ``op``) and a plain
+        store's object versions (by visit/detector); the ids deleted. Left: unpublished ids,
+        chunks of an operation still pending (its retry looks for its chunk: see the module
+        docstring), keyed stores' members and key registries, the stored rows. A row delete
+        keeps the bucket's static ``last_id``, so ids are never handed out again."""
+        if not len(chunk_ids):
+            return []
+        found = self.chunk_table(ids=list(chunk_ids))
+        (pending,) = self.session.run(
+            [(self.session.prepare(f"SELECT op FROM {self.session.t('diadb_pending')}"), ())], write=False
+        )
+        busy = {str(r[0]) for r in pending}
+        gone = [c for c in found.to_pylist() if c["published"] and c["op"] not in busy]
+        if dry_run or not gone:
+            return [int(c["chunk_id"]) for c in gone]
+        t, prepare = self.session.t, self.session.prepare
+        row = prepare(f"DELETE FROM {t('diadb_chunk')} WHERE bucket = ? AND chunk_id = ?")
+        self.session.run([(row, (c["chunk_id"] >> CHUNK_BITS, c["chunk_id"])) for c in gone], write=True)
+        stores = [c for c in gone if c["kind"] == "store"]
+        keyed: list[list[Any]] = [[] for _ in stores]
+        if stores and "diadb_chunk_member" in self.session.table_names():
+            member = prepare(
+                f"SELECT op FROM {t('diadb_chunk_member')} WHERE visit = ? AND detector = ? "
+                "AND op = ? LIMIT 1"
+            )
+            keyed = self.session.run(
+                [(member, (c["visit"], c["detector"], _op(c) or uuid.UUID(int=0))) for c in stores],
+                write=False,
+            )
+        objects = prepare(f"DELETE FROM {t('diadb_chunk_object')} WHERE visit = ? AND detector = ?")
+        updates = prepare(f"DELETE FROM {t('diadb_update')} WHERE op = ?")
+        aux: Statements = [(updates, (uuid.UUID(c["op"]),)) for c in gone if c["kind"] != "store" and _op(c)]
+        aux += [(objects, (c["visit"], c["detector"])) for c, k in zip(stores, keyed, strict=True) if not k]
+        self.session.run(aux, write=True)
+        return [int(c["chunk_id"]) for c in gone]
+
     def log_updates(self, kind: str, payloads: Sequence[Mapping[str, Any]], when_mjd: float) -> int:
         records = [dict(p) for p in payloads]
         op_key = "log:" + digest(kind, records, when_mjd)
         plan = {"kind": kind, "when": when_mjd, "payloads": records}
         chunk, _ = self.run_update(op_key, kind, when_mjd, plan)
         return chunk
+
+
+def _op(chunk: Mapping[str, Any]) -> uuid.UUID | None:
+    """The operation id of a listed chunk (None for a chunk written without one)."""
+    return None if chunk["op"] in (None, "None") else uuid.UUID(chunk["op"])

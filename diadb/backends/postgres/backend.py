@@ -208,6 +208,9 @@ class PostgresBackend:
     def mark_published(self, chunk_ids: Sequence[int]) -> None:
         self.changelog.mark_published(chunk_ids)
 
+    def delete_chunks(self, chunk_ids: Sequence[int], *, dry_run: bool = False) -> list[int]:
+        return self.changelog.delete_chunks(chunk_ids, dry_run=dry_run)
+
     def log_updates(self, kind: str, payloads: Sequence[Mapping[str, object]], when_mjd: float) -> int:
         return self.changelog.log_updates(kind, payloads, when_mjd)
 

@@ -158,6 +158,48 @@ class ChangeLog:
 
         self.conn.run("change-log publication", work)
 
+    def delete_chunks(self, chunk_ids: Sequence[int], *, dry_run: bool = False) -> list[int]:
+        """Delete these published chunks, their update records and object-version lists in one
+        transaction; the ids deleted (unpublished ids are left). Ids come from the counter and
+        are never handed out again; the key registries (``diadb_store_key``,
+        ``diadb_chunk_member``) and the stored rows stay."""
+        wanted = np.unique(np.asarray(chunk_ids, dtype=np.int64))
+        if not len(wanted):
+            return []
+        t = self.conn.t
+        chunks, objects, keys = t("diadb_chunk"), t("diadb_chunk_object"), t("diadb_store_key")
+
+        def work(cur: Any) -> list[int]:
+            cur.execute(
+                f"SELECT chunk_id FROM {chunks} WHERE chunk_id = ANY($1::bigint[]) AND published "
+                "ORDER BY chunk_id FOR UPDATE",
+                parameters=params(ids(wanted)),
+            )
+            gone = [int(r[0]) for r in cur.fetchall()]
+            if dry_run or not gone:
+                return gone
+            these = params(ids(gone))
+            cur.execute(
+                f"DELETE FROM {t('diadb_update')} WHERE chunk_id = ANY($1::bigint[])", parameters=these
+            )
+            # A keyed store's object versions by its store id; a plain store's by visit/detector.
+            cur.execute(
+                f"DELETE FROM {objects} o USING {keys} s "
+                "WHERE s.chunk_id = ANY($1::bigint[]) AND o.store_id = s.store_id",
+                parameters=these,
+            )
+            cur.execute(
+                f"DELETE FROM {objects} o USING {chunks} c WHERE c.chunk_id = ANY($1::bigint[]) "
+                "AND c.kind = 'store' AND o.visit = c.visit AND o.detector = c.detector "
+                "AND o.store_id IS NULL "
+                f"AND NOT EXISTS (SELECT 1 FROM {keys} s WHERE s.chunk_id = c.chunk_id)",
+                parameters=these,
+            )
+            cur.execute(f"DELETE FROM {chunks} WHERE chunk_id = ANY($1::bigint[])", parameters=these)
+            return gone
+
+        return self.conn.run("change-log deletion", work)
+
     def chunk_rows(self, chunk_ids: Sequence[int]) -> dict[str, pa.Table]:
         """The engine's rows written by these store chunks, each with a ``_chunk_id`` column first,
         and the update records of these daytime chunks; all read in one snapshot. A keyed

@@ -160,6 +160,9 @@ class SqliteBackend:
     def mark_published(self, chunk_ids: Sequence[int]) -> None:
         self._changelog.mark_published(chunk_ids)
 
+    def delete_chunks(self, chunk_ids: Sequence[int], *, dry_run: bool = False) -> list[int]:
+        return self._changelog.delete_chunks(chunk_ids, dry_run=dry_run)
+
     def log_updates(self, kind: str, payloads: Sequence[Mapping[str, Any]], when_mjd: float) -> int:
         return self._changelog.log_updates(kind, payloads, when_mjd)
 

@@ -86,6 +86,32 @@ class SqliteChangeLog:
                 "UPDATE diadb_chunk SET published = 1 WHERE chunk_id IN (SELECT id FROM temp.diadb_publish)"
             )
 
+    def delete_chunks(self, chunk_ids: Sequence[int], *, dry_run: bool = False) -> list[int]:
+        """Delete these published chunks, their update records and object-version lists in one
+        write transaction; the ids deleted. Unpublished ids, and the newest chunk (``INTEGER
+        PRIMARY KEY`` would hand its id out again), are left. The key registries
+        (``diadb_store_key``, ``diadb_chunk_member``) and the stored rows stay."""
+        ids = pa.table({"id": np.unique(np.asarray(chunk_ids, dtype=np.int64))})
+        if not ids.num_rows:
+            return []
+        try:
+            with self._conn.transaction() as cur:
+                self._conn.temp_table(cur, "diadb_forget", ids)
+                cur.execute(
+                    "SELECT chunk_id FROM diadb_chunk WHERE published = 1 "
+                    "AND chunk_id IN (SELECT id FROM temp.diadb_forget) "
+                    "AND chunk_id < (SELECT max(chunk_id) FROM diadb_chunk) ORDER BY chunk_id"
+                )
+                gone = [int(r[0]) for r in cur.fetchall()]
+                if dry_run or not gone:
+                    return gone
+                self._conn.temp_table(cur, "diadb_forget", pa.table({"id": pa.array(gone, pa.int64())}))
+                for table in ("diadb_update", "diadb_chunk_object", "diadb_chunk"):
+                    cur.execute(f"DELETE FROM {table} WHERE chunk_id IN (SELECT id FROM temp.diadb_forget)")
+                return gone
+        except self._conn.errors as e:
+            raise StorageError(f"SQLite change-log deletion failed on {self._conn.path}: {e}") from e
+
     def chunk_rows(self, chunk_ids: Sequence[int]) -> dict[str, pa.Table]:
         """The engine's rows written by these store chunks, each with a ``_chunk_id`` column first,
         the update records of these daytime chunks, and (``members``) the primary keys that keyed
