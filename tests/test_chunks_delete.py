@@ -33,7 +33,8 @@ def _store(db: diadb.Apdb, schema: ApdbSchema, visit: int, *, key: str | None = 
     """Visit ``visit`` (5 new objects) at MJD 60000.5 + visit."""
     ra, dec = random_positions(5, seed=visit)
     ids = np.arange(1 + 5 * visit, 6 + 5 * visit)
-    v = make_visit(schema, visit, 60000.5 + visit, ids, ra, dec)
+    # One source each, and counted so: the export's content checks (nDiaSources) hold.
+    v = make_visit(schema, visit, 60000.5 + visit, ids, ra, dec, n_dia_sources=np.ones(5, np.int64))
     return db.store(v.mjd, v.objects, v.sources, v.forced, visit=visit, key=key)
 
 
@@ -182,7 +183,8 @@ def test_incremental_export_after_deletion(url: str, official_schema: ApdbSchema
         for table in TABLES:
             got = _export_rows(out, table)
             assert got.equals(_all_rows(db, table).cast(got.schema)), table
-        assert verify_export(out).ok
+        report = verify_export(out)
+        assert report.ok, report
         # ``stale`` applied chunks 1-2 and the next export has published and deleted 3 and 4.
         _store(db, official_schema, 4)
         export_hats(db, out, options=SMALL)
