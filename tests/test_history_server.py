@@ -158,11 +158,15 @@ COMPACT_AND_DIE = textwrap.dedent(
 )
 
 
-@ENGINES
-@pytest.mark.parametrize("step", ["read", "write_tmp", "rename", "renamed", "objects", "commit", "committed"])
+STEPS = ["read", "write_tmp", "rename", "renamed", "objects", "commit", "committed"]
+
+
+@pytest.mark.parametrize(
+    ("engine", "step"),
+    # Cassandra has no DiaObject snapshot yet, so its compaction has no "objects" step.
+    [("postgresql", s) for s in STEPS] + [("cassandra", s) for s in STEPS if s != "objects"],
+)
 def test_sigkill_at_every_compaction_step_keeps_every_row_once(request, official_schema, step, engine):
-    if engine == "cassandra" and step == "objects":
-        pytest.skip("Cassandra has no DiaObject snapshot yet: compaction has no 'objects' step there")
     url = fresh_url(request, engine)
     db = diadb.Apdb.create(
         url, schema=official_schema, history_tier=True, history_auto_compact=False, history_tile_order=5
