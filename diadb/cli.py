@@ -8,6 +8,7 @@ with 1.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -98,9 +99,13 @@ def compact(
 ) -> None:
     """Move source rows of closed time spans into history segments, refresh the DiaObject snapshot.
     With --follow this is the compaction job of a server database (one at a time: it holds the
-    engine's compaction lock or lease while it works); stop it with Ctrl-C."""
+    engine's compaction lock or lease while it works); stop it with Ctrl-C or SIGTERM."""
     from diadb.apdb import Apdb
 
+    if follow:
+        # A job supervisor stops the job with SIGTERM: handled as Ctrl-C (a background shell
+        # may have started it with SIGINT ignored).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     with Apdb.open(url) as db:
         try:
             _compact_loop(db, follow, every)

@@ -224,7 +224,7 @@ def test_two_compactors_never_race(request, official_schema, engine):
 @ENGINES
 def test_compact_follow_is_the_compaction_job(request, official_schema, engine):
     """``diadb compact URL --follow`` beside the writers: each span is compacted once it closes,
-    the writers never compact, and Ctrl-C stops the job cleanly."""
+    the writers never compact, and SIGTERM (or Ctrl-C) stops the job cleanly."""
     url = fresh_url(request, engine)
     db = diadb.Apdb.create(url, schema=official_schema, history_auto_compact=False, **TILED)
     job = subprocess.Popen(
@@ -243,7 +243,7 @@ def test_compact_follow_is_the_compaction_job(request, official_schema, engine):
         assert moved > 0
         assert _rows_per_visit(url)[0] == {v: 60 for v in range(1, 6)}
     finally:
-        job.send_signal(signal.SIGINT)
+        job.send_signal(signal.SIGTERM)  # what a job supervisor sends
         out, err = job.communicate(timeout=120)
         db.close()
     assert job.returncode == 0, err
