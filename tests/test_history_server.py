@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import diadb
 from diadb.history.segment import CorruptSegmentError
 from tests import service_cassandra, service_postgres
-from tests.test_history import EVERYWHERE, TILED, _rows_per_visit, _stream
+from tests.test_history import COMPACT_AND_DIE, EVERYWHERE, TILED, _rows_per_visit, _stream
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = pytest.mark.parametrize("engine", ["postgresql", "cassandra"])
@@ -139,23 +138,6 @@ def test_a_damaged_blob_is_named_and_never_read(request, official_schema, engine
     _remove(request, url, victim.name)
     with diadb.Apdb.open(url) as again, pytest.raises(CorruptSegmentError, match="is missing"):
         again.get_sources(EVERYWHERE, 60100.0, months=1000)
-
-
-COMPACT_AND_DIE = textwrap.dedent(
-    """
-    import os, signal, sys
-    sys.path.insert(0, {root!r})
-    import diadb
-    db = diadb.Apdb.open({url!r})
-
-    def fault(step):
-        if step == {step!r}:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    db.compact(boundary=1e9, fault=fault)
-    print("finished", flush=True)
-    """
-)
 
 
 STEPS = ["read", "write_tmp", "rename", "renamed", "objects", "commit", "committed"]

@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,25 @@ class SegmentInfo:
     #: the whole file in hex.
     checksum: str
     segment_id: int = -1
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> SegmentInfo:
+        """An entry from a manifest row whose columns are named as the fields (the table's
+        name in ``table_name``), as the engines' manifest tables store them."""
+        return cls(
+            table=row["table_name"],
+            name=row["name"],
+            t_min=row["t_min"],
+            t_max=row["t_max"],
+            span_start=row["span_start"],
+            span_end=row["span_end"],
+            pix_min=row["pix_min"],
+            pix_max=row["pix_max"],
+            rows=row["rows"],
+            bytes=row["bytes"],
+            checksum=row["checksum"],
+            segment_id=row.get("segment_id", -1),
+        )
 
 
 def file_checksum(path: Path) -> str:

@@ -376,18 +376,12 @@ def _reference_location(out: Path, url: str | None, reference_url: str | None) -
     if url is not None and url.startswith("cassandra"):
         from urllib.parse import urlsplit, urlunsplit
 
-        # Same cluster, keyspace <diadb's>_dax (Cassandra keyspace names: at most 48 characters).
-        parts = urlsplit(url)
-        keyspace = parts.path.lstrip("/")[:44] + "_dax"
-        return urlunsplit((parts.scheme, parts.netloc, "/" + keyspace, "", ""))
+        # Same cluster, keyspace <diadb's>_dax, without diadb's own options.
+        sibling = _sibling_url(url, "dax")
+        assert sibling is not None
+        return urlunsplit(urlsplit(sibling)._replace(query="", fragment=""))
     if url is not None and url.startswith("postgresql"):
-        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        schema = dict(query).get("schema") or "public"
-        query = [(k, v) for k, v in query if k != "schema"] + [("schema", f"{schema}_dax_apdb")]
-        return urlunsplit(parts._replace(query=urlencode(query)))
+        return _sibling_url(url, "dax_apdb") or out / "dax_apdb.db"
     return out / "dax_apdb.db"
 
 

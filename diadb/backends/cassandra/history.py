@@ -254,7 +254,9 @@ class CassandraHistory:
                 hook("read")
                 if rows.num_rows:
                     created += write(table, rows)
+                lease.renew()  # a compaction longer than the TTL keeps its lease
             hook("commit")
+            lease.renew()  # still ours: no other compactor can have started meanwhile
             self._commit(created, boundary)
         finally:
             lease.release()

@@ -159,6 +159,22 @@ class Lease:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    def renew(self) -> None:
+        """Extend the lease by ``ttl_s``; StorageError if it is no longer this holder's (it
+        expired and another took it: the caller must not commit what it prepared)."""
+        t = self.session.t(LEASE_TABLE)
+        rows = list(
+            self.session.execute(
+                f"UPDATE {t} USING TTL {int(self.ttl_s)} SET owner = %s WHERE name = %s IF owner = %s",
+                [self.owner, self.name, self.owner],
+            )
+        )
+        if not (rows and bool(rows[0][0])):
+            raise StorageError(
+                f"the {self.name} lease of keyspace {self.session.keyspace} expired while held "
+                f"by {self.owner}; nothing was committed"
+            )
+
     def release(self) -> None:
         t = self.session.t(LEASE_TABLE)
         self.session.execute(f"DELETE FROM {t} WHERE name = %s IF owner = %s", [self.name, self.owner])

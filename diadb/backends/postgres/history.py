@@ -135,23 +135,7 @@ class PostgresHistory:
             if table
             else self.conn.fetch(sql + " ORDER BY segment_id")
         )
-        return [
-            SegmentInfo(
-                table=r["table_name"],
-                name=r["name"],
-                t_min=r["t_min"],
-                t_max=r["t_max"],
-                span_start=r["span_start"],
-                span_end=r["span_end"],
-                pix_min=r["pix_min"],
-                pix_max=r["pix_max"],
-                rows=r["rows"],
-                bytes=r["bytes"],
-                checksum=r["checksum"],
-                segment_id=r["segment_id"],
-            )
-            for r in rows.to_pylist()
-        ]
+        return [SegmentInfo.from_row(r) for r in rows.to_pylist()]
 
     def _record(self, cur: Any, infos: Sequence[SegmentInfo]) -> None:
         if not infos:

@@ -93,23 +93,7 @@ class SqliteHistory:
             t = self._conn.fetch(sql + " WHERE table_name = ? ORDER BY segment_id", [table])
         else:
             t = self._conn.fetch(sql + " ORDER BY segment_id")
-        return [
-            SegmentInfo(
-                table=r["table_name"],
-                name=r["name"],
-                t_min=r["t_min"],
-                t_max=r["t_max"],
-                span_start=r["span_start"],
-                span_end=r["span_end"],
-                pix_min=r["pix_min"],
-                pix_max=r["pix_max"],
-                rows=r["rows"],
-                bytes=r["bytes"],
-                checksum=r["checksum"],
-                segment_id=r["segment_id"],
-            )
-            for r in t.to_pylist()
-        ]
+        return [SegmentInfo.from_row(r) for r in t.to_pylist()]
 
     def compact_history(
         self,
