@@ -78,3 +78,27 @@ def apdb(
     db = diadb.Apdb.create(backend_url, schema=official_schema, **create_options)
     yield db
     db.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_cassandra_client_outlives_its_module() -> Iterator[None]:
+    """Shut down every Cassandra driver cluster a module left open (the reference's ``Apdb``
+    has no close, so its own test suite drops instances). A live cluster keeps threads that
+    reconnect with random jitter from the global ``random`` state, which Hypothesis reads as a
+    strategy using ``random`` and fails a fuzz test in a later module."""
+    yield
+    import gc
+    import sys
+
+    if "cassandra.cluster" not in sys.modules:
+        return
+    from cassandra.cluster import Cluster
+
+    from tests import service_cassandra
+
+    gc.collect()
+    shared = service_cassandra._node._cluster if service_cassandra._node is not None else None
+    for obj in gc.get_objects():
+        # type(), not isinstance(): the heap holds dead weak proxies, which raise on isinstance.
+        if type(obj) is Cluster and obj is not shared and not obj.is_shutdown:
+            obj.shutdown()

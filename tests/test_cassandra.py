@@ -283,3 +283,16 @@ def test_operator_table_options_reach_every_table(request, official_schema):
         assert all("LeveledCompactionStrategy" in r.compaction["class"] for r in rows)
     finally:
         db.close()
+
+
+def test_an_apdb_dropped_without_close_shuts_its_cluster_down(request, official_schema):
+    """The reference's interface has no close(): a client that drops its Apdb must not leave the
+    driver's threads, connections and heartbeats running for the rest of the process."""
+    import gc
+
+    db = diadb.Apdb.create(fresh_url(request), schema=official_schema)
+    cluster = db._backend.session._cluster  # the driver's object: what this test watches
+    assert not cluster.is_shutdown
+    del db
+    gc.collect()
+    assert cluster.is_shutdown

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from itertools import repeat
 from typing import Any
@@ -105,6 +106,10 @@ class CassandraSession:
         except Exception as e:
             self._cluster.shutdown()
             raise StorageError(f"cannot connect to Cassandra at {url.hosts}:{url.port}: {e}") from e
+        # A client that drops its Apdb without close() (the reference's interface has no close)
+        # would otherwise leave the driver's threads, connections and heartbeats running for
+        # the life of the process; the finaliser shuts the cluster down when this is collected.
+        self._shutdown = weakref.finalize(self, _shutdown_quietly, self._cluster)
         self._session.default_fetch_size = 20_000
 
     def n_hosts(self) -> int:
@@ -161,13 +166,27 @@ class CassandraSession:
             with self._lock:
                 stmt = self._prepared.get(cql)
                 if stmt is None:
-                    try:
-                        stmt = self._session.prepare(cql)
-                    except Exception as e:
-                        raise StorageError(f"Cassandra cannot prepare {cql[:200]!r}: {e}") from e
+                    stmt = self._prepare_within_timeout(cql)
                     stmt.is_idempotent = True  # see the module docstring
                     self._prepared[cql] = stmt
         return stmt
+
+    def _prepare_within_timeout(self, cql: str) -> Any:
+        """The driver's prepare() waits only its fixed 10 s (the profile's request timeout does
+        not apply, and cannot be set with profiles); on a node busy with schema changes (another
+        client's keyspace being made or dropped) a first prepare can take longer. Preparing is
+        idempotent, so it is retried up to the URL's timeout."""
+        from cassandra import OperationTimedOut
+
+        deadline = time.monotonic() + self.opts.timeout
+        while True:
+            try:
+                return self._session.prepare(cql)
+            except OperationTimedOut as e:
+                if time.monotonic() >= deadline:
+                    raise StorageError(f"Cassandra cannot prepare {cql[:200]!r}: {e}") from e
+            except Exception as e:
+                raise StorageError(f"Cassandra cannot prepare {cql[:200]!r}: {e}") from e
 
     # ---- concurrent execution ------------------------------------------------------
     def run(self, statements: Sequence[tuple[Any, Sequence[Any]]], *, write: bool) -> list[list[Any]]:
@@ -261,5 +280,9 @@ class CassandraSession:
         return out
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cluster.shutdown()
+        self._shutdown()
+
+
+def _shutdown_quietly(cluster: Any) -> None:
+    with contextlib.suppress(Exception):
+        cluster.shutdown()
