@@ -60,7 +60,7 @@ from diadb.ingest import (
     diagnose_key_conflicts,
     with_healpix,
 )
-from diadb.metrics import argument_rows, report_rows, timed
+from diadb.metrics import argument_rows, report_rows, timed, timed_pieces
 from diadb.schema import domain
 from diadb.schema.felis import load_schema, schema_from_yaml
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
@@ -358,6 +358,51 @@ class Apdb:
         # all mapped would grow the process's resident size with the catalogue.
         self._reader.release()
         return result
+
+    def read_batches(
+        self,
+        table: ReadTable,
+        region: Any,
+        visit_time: Any = None,
+        *,
+        rows_per_batch: int = 500_000,
+        object_ids: Sequence[int] | np.ndarray | None = None,
+        months: int | None = None,
+        start: Any = None,
+        start_inclusive: bool = False,
+        end: Any = None,
+        columns: Sequence[str] | None = None,
+    ) -> pa.RecordBatchReader:
+        """:meth:`get_objects`, :meth:`get_sources` or :meth:`get_forced_sources` as a stream,
+        so that a caller need not hold a whole field: the region is read a piece of its pixel
+        cover at a time, each piece of about ``rows_per_batch`` rows (sized from the density of
+        the last), in the order of the whole read. Each piece is one consistent read; a store
+        or daytime change made while the stream is consumed may show in later pieces only.
+        Arguments as those methods (``visit_time`` and the window: sources only)."""
+        if rows_per_batch < 1:
+            raise ConfigError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+        spec = self.schema.table(table)
+        wanted = self._check_columns(spec, columns)
+        window = None
+        if table != "DiaObject":
+            if visit_time is None and end is None:
+                raise ConfigError(f"{table}: give visit_time or end")
+            window = self._window(visit_time, months, start, start_inclusive, end)
+        if region is None and object_ids is None:
+            raise ConfigError(f"{table}: give a region, object_ids, or both")
+        reg = None if region is None else as_region(region)
+        ids = None if object_ids is None else np.asarray(object_ids, dtype=np.int64)
+        ranges = reg.pixel_ranges(self.config.region_refinement) if reg is not None else empty_ranges()
+        schema = spec.arrow_schema().empty_table().select(wanted).schema
+        if (ids is not None and len(ids) == 0) or (reg is not None and len(ranges) == 0):
+            return pa.RecordBatchReader.from_batches(schema, iter(()))
+        pieces = timed_pieces(
+            "read_batches",
+            table,
+            self._reader.stream(ReadRequest(table, reg, ranges, wanted, window, ids), rows_per_batch),
+        )
+        batches = (b for piece in pieces for b in piece.cast(schema).to_batches(rows_per_batch))
+        return pa.RecordBatchReader.from_batches(schema, batches)
 
     def _window(
         self, visit_time: Any, months: int | None, start: Any, inclusive: bool, end: Any

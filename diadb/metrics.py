@@ -116,6 +116,23 @@ def report_rows(args: Mapping[str, Any], result: Any) -> int:
     return sum(int(r.get("rows", 0)) for r in result.values()) if isinstance(result, dict) else 0
 
 
+def timed_pieces(call: str, table: str, pieces: Iterator[Any]) -> Iterator[Any]:
+    """A stream's pieces, each one's making measured as one ``call`` (a streaming read does its
+    work while it is consumed, not when the call returns)."""
+    while True:
+        if not _sinks:
+            piece = next(pieces, None)
+        else:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            piece = next(pieces, None)
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            if piece is not None:
+                _emit(Measurement(call, table, wall, cpu, count_rows(piece), True))
+        if piece is None:
+            return
+        yield piece
+
+
 def timed(call: str, *, table: str = "", rows: RowCounter = _result_rows) -> Callable[[F], F]:
     """Measure every call of the decorated function as ``call`` (on ``table``)."""
 
@@ -256,4 +273,5 @@ __all__ = [
     "report_rows",
     "serve_prometheus",
     "timed",
+    "timed_pieces",
 ]

@@ -61,6 +61,13 @@ def test_every_call_is_measured_once_a_sink_listens(
     assert (got["get_objects"].table, got["get_objects"].rows) == ("DiaObject", objects.num_rows)
     assert (got["get_sources"].table, got["get_sources"].rows) == ("DiaSource", sources.num_rows)
     assert got["get_forced_sources"].rows == forced.num_rows > 0
+    # A streaming read is measured piece by piece, as it is consumed.
+    stream = db.read_batches("DiaSource", "circle 0 0 180", 60001.5, rows_per_batch=2)
+    assert not sink.calls("read_batches")
+    assert stream.read_all().num_rows == sources.num_rows
+    pieces = sink.calls("read_batches")
+    assert pieces and sum(m.rows for m in pieces) == sources.num_rows
+    assert all(m.table == "DiaSource" and m.ok for m in pieces)
     ids = sources.column("diaSourceId").to_pylist()[:2]
     db.withdraw_sources(ids, time=60002.0)
     assert sink.calls("withdraw_sources")[0].rows == 2

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import diadb
 from diadb.errors import ConfigError
 from diadb.sky import Box, Circle, Polygon, as_region, parse_region, radec_to_healpix29
-from diadb.sky.healpix import merge_ranges
+from diadb.sky.healpix import merge_ranges, split_ranges
 from tests.helpers import make_visit
 
 ra_st = st.floats(0.0, 359.999)
@@ -150,3 +150,25 @@ def test_query_equals_brute_force(sky_db, region):
     assert set(got) == expected
     src = db.get_sources(region, 60001.0, columns=["diaObjectId"]).column("diaObjectId").to_pylist()
     assert set(src) == expected and len(src) == len(expected)
+
+
+@settings(derandomize=True, database=None, max_examples=200)
+@given(
+    edges=st.lists(st.integers(0, 12 * 4**29), min_size=0, max_size=12, unique=True),
+    n=st.integers(-1, 12 * 4**29),
+)
+def test_split_ranges_cuts_a_cover_into_two_that_make_it_whole(edges: list[int], n: int) -> None:
+    """The head holds the first ``n`` pixels (or all), the tail the rest; both sorted and
+    non-empty ranges; concatenated and merged they are the cover again."""
+    e = sorted(edges)[: len(edges) // 2 * 2]
+    ranges = np.array(e, dtype=np.int64).reshape(-1, 2)
+    ranges = ranges[ranges[:, 1] > ranges[:, 0]]
+    head, tail = split_ranges(ranges, n)
+    total = int((ranges[:, 1] - ranges[:, 0]).sum())
+    assert int((head[:, 1] - head[:, 0]).sum()) == min(max(n, 0), total)
+    for part in (head, tail):
+        assert np.all(part[:, 1] > part[:, 0])
+    if len(head) and len(tail):
+        assert head[-1, 1] <= tail[0, 0]
+    both = np.concatenate([head, tail]) if len(head) + len(tail) else ranges
+    assert np.array_equal(merge_ranges(both), merge_ranges(ranges))

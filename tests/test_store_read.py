@@ -195,3 +195,39 @@ def test_stats_counts_rows_and_bytes(apdb, official_schema):
     assert stats["DiaSource"]["rows"] == 40 and stats["DiaSource"]["bytes"] > 0
     assert stats["DiaForcedSource"]["rows"] == 40
     assert stats["DiaObject"]["rows"] == 40
+
+
+def test_read_batches_stream_exactly_the_whole_read(apdb, official_schema):
+    """A streaming read gives the rows of the whole read, in its order, in batches of at most
+    ``rows_per_batch`` rows, a piece of the cover at a time (segments and engine rows alike)."""
+    ids = np.arange(1, 401)
+    ra, dec = random_positions(400, 11)
+    for visit, mjd in [(1, 60000.0), (2, 60002.0), (3, 60004.0)]:
+        v = make_visit(official_schema, visit, mjd, ids, ra, dec)
+        assert apdb.store(mjd, v.objects, v.sources, v.forced, visit=visit)
+    region = diadb.Circle(55, -30, 2.5)
+    for table, whole in [
+        ("DiaObject", apdb.get_objects(region)),
+        ("DiaSource", apdb.get_sources(region, 60004.0)),
+        ("DiaForcedSource", apdb.get_forced_sources(region, 60004.0)),
+    ]:
+        assert whole.num_rows > 100, table
+        stream = apdb.read_batches(table, region, 60004.0, rows_per_batch=40)
+        batches = list(stream)
+        assert len(batches) > 3, table
+        assert all(0 < b.num_rows <= 40 for b in batches), table
+        got = pa.Table.from_batches(batches, schema=stream.schema)
+        assert got.equals(whole), table
+    cols = ["diaSourceId", "visit"]
+    part = apdb.read_batches("DiaSource", region, 60004.0, months=0, start=60001.0, columns=cols).read_all()
+    assert part.column_names == cols
+    assert part.equals(apdb.get_sources(region, 60004.0, start=60001.0, columns=cols))
+    assert set(part.column("visit").to_pylist()) == {2, 3}
+    by_id = apdb.read_batches("DiaSource", None, 60004.0, object_ids=[5, 6], rows_per_batch=2).read_all()
+    assert by_id.equals(apdb.get_sources(None, 60004.0, object_ids=[5, 6]))
+    empty = apdb.read_batches("DiaSource", diadb.Circle(200, 60, 0.1), 60004.0).read_all()
+    assert empty.num_rows == 0 and empty.schema.names == by_id.schema.names
+    with pytest.raises(ConfigError, match="rows_per_batch"):
+        apdb.read_batches("DiaSource", region, 60004.0, rows_per_batch=0)
+    with pytest.raises(ConfigError, match="visit_time"):
+        apdb.read_batches("DiaSource", region)

@@ -17,8 +17,8 @@ with the history tier on or off:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,7 @@ from diadb.history.manifest import HistoryEngine
 from diadb.history.segment import Int64Array, SegmentInfo
 from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, column_values, gather, take_rows
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
+from diadb.sky.healpix import split_ranges
 from diadb.sky.regions import Region
 from diadb.times import TimeWindow
 from diadb.updates import apply_forced_overlay, apply_source_overlay
@@ -113,6 +114,28 @@ class Reader:
                 keep = pc.is_in(merged.column("diaObjectId"), pa.array(request.object_ids))
                 merged = merged.filter(pc.fill_null(keep, False))
         return merged.select(list(request.columns))
+
+    def stream(self, request: ReadRequest, rows_per_piece: int) -> Iterator[pa.Table]:
+        """The rows of ``request`` as consecutive pieces of its pixel cover, each read like
+        :meth:`read` (its own snapshot). Results are sorted by pixel first, so the pieces
+        concatenated are exactly ``read(request)`` when nothing is written in between.
+
+        The first piece is 1/16 of the cover; each next one is sized from the last one's rows
+        per pixel to hold about ``rows_per_piece`` rows (at most 4x the last, so a dense patch
+        after a sparse one is not read whole)."""
+        ranges = request.ranges
+        if not len(ranges):
+            yield self.read(request)
+            return
+        step = max(1, int((ranges[:, 1] - ranges[:, 0]).sum()) // 16)
+        while len(ranges):
+            head, ranges = split_ranges(ranges, step)
+            data = self.read(replace(request, ranges=head))
+            if data.num_rows:
+                yield data
+            pixels = int((head[:, 1] - head[:, 0]).sum())
+            fit = int(rows_per_piece * pixels / data.num_rows) if data.num_rows else 4 * step
+            step = max(1, min(4 * step, fit))
 
     def release(self) -> None:
         """Unmap every segment (after a bulk scan, so its pages leave this process's RSS)."""

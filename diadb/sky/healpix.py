@@ -99,3 +99,24 @@ def in_ranges(pixels: npt.ArrayLike, ranges: Int64Array) -> npt.NDArray[np.bool_
     i = np.searchsorted(ranges[:, 0], values, side="right") - 1
     inside: npt.NDArray[np.bool_] = (i >= 0) & (values < ranges[np.maximum(i, 0), 1])
     return inside
+
+
+def split_ranges(ranges: Int64Array, n_pixels: int) -> tuple[Int64Array, Int64Array]:
+    """The first ``n_pixels`` order-29 pixels of sorted, disjoint ``ranges`` and the rest, a range
+    cut in two where the count falls inside it (both parts sorted: concatenated, the original)."""
+    r = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    if n_pixels <= 0 or not len(r):
+        return r[:0].copy(), r.copy()
+    # A whole-sky cover counts 12 * 4**29 ~ 3.5e18 pixels: the running sum fits in int64.
+    ends = np.cumsum(r[:, 1] - r[:, 0])
+    i = int(np.searchsorted(ends, n_pixels, side="left"))
+    if i >= len(r):
+        return r.copy(), r[:0].copy()
+    cut = int(r[i, 1] - (ends[i] - n_pixels))
+    head = r[: i + 1].copy()
+    head[-1, 1] = cut
+    tail = r[i:].copy()
+    tail[0, 0] = cut
+    if tail[0, 0] == tail[0, 1]:
+        tail = tail[1:]
+    return head, tail
