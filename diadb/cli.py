@@ -265,6 +265,10 @@ def build(
         typer.Option(help="Also build lsst-dax-apdb's SQLite database of the same rows at this path."),
     ] = None,
     batch_rows: Annotated[int, typer.Option(help="Rows (all tables) per bulk-load transaction.")] = 1_000_000,
+    history_tile_order: Annotated[
+        int | None,
+        typer.Option(help="Cut segments by HEALPix tiles of this order (-1: none; default: the engine's)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Write the first MONTHS of a profile's visit stream into a new database in bulk (then
@@ -276,6 +280,7 @@ def build(
         "scale": scale,
         "reference": reference,
         "batch_rows": batch_rows,
+        "config": {} if history_tile_order is None else {"history_tile_order": history_tile_order},
     }
     result = _with_progress(
         "build", lambda progress: build_history(url, profile, **options, progress=progress)

@@ -319,3 +319,68 @@ def test_parallel_gather_returns_the_same_rows(tmp_path, official_schema, monkey
             assert getattr(plain, method)(region, 60031.0).equals(getattr(tiered, method)(region, 60031.0))
     plain.close()
     tiered.close()
+
+
+def test_compaction_fetches_and_writes_one_sky_piece_at_a_time(tmp_path, official_schema, monkeypatch):
+    """With tiles, a compaction hands the tier one order-2 sky piece at a time (its memory is a
+    piece's rows, not the sky's), sources and DiaObject snapshot alike; reads are unchanged."""
+    from diadb.history.pieces import compaction_pieces, group_by_piece
+    from diadb.history.tier import HistoryTier
+
+    calls: list[tuple[str, np.ndarray]] = []
+    write, write_objects = HistoryTier.write, HistoryTier.write_objects
+
+    def spy_write(self, table, rows, fault=None):
+        calls.append((table, rows.column("_healpix_29").to_numpy()))
+        return write(self, table, rows, fault)
+
+    def spy_objects(self, old, changed, rows, fault=None):
+        calls.append(("DiaObject", rows.column("_healpix_29").to_numpy()))
+        return write_objects(self, old, changed, rows, fault)
+
+    monkeypatch.setattr(HistoryTier, "write", spy_write)
+    monkeypatch.setattr(HistoryTier, "write_objects", spy_objects)
+    plain = diadb.Apdb.create(str(tmp_path / "plain.db"), schema=official_schema, history_tier=False)
+    tiled = diadb.Apdb.create(
+        str(tmp_path / "tiled.db"), schema=official_schema, **{**SEGMENTS, "history_tile_order": 3}
+    )
+    places = [(10.0, 40.0), (100.0, -20.0), (200.0, 5.0), (300.0, -60.0)]
+    for v in range(1, 7):
+        ra = np.concatenate([random_positions(50, v, ra0=a, dec0=d)[0] for a, d in places])
+        dec = np.concatenate([random_positions(50, v, ra0=a, dec0=d)[1] for a, d in places])
+        ids = np.arange(1, len(ra) + 1) + (v % 2) * 10_000
+        visit = make_visit(official_schema, v, 60000.0 + 2 * v, ids, ra, dec, seed=v)
+        for db in (plain, tiled):
+            assert db.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=v)
+    pieces = compaction_pieces(3)
+    assert len(pieces) == 192
+    by_table: dict[str, int] = {}
+    for table, pixels in calls:
+        if len(pixels):
+            assert len(group_by_piece(pixels, pieces)) == 1, table  # one piece per call
+            by_table[table] = by_table.get(table, 0) + 1
+    # Four places in four pieces: at least four calls per table and compaction.
+    assert min(by_table.values()) >= 4 and set(by_table) == {"DiaSource", "DiaForcedSource", "DiaObject"}
+    for method in ("get_sources", "get_forced_sources"):
+        assert getattr(plain, method)(EVERYWHERE, 60013.0).equals(getattr(tiled, method)(EVERYWHERE, 60013.0))
+    assert plain.get_objects(EVERYWHERE).equals(tiled.get_objects(EVERYWHERE))
+    assert len([s for s in tiled.segments() if s.table == "DiaObject"]) >= 4
+    plain.close()
+    tiled.close()
+
+
+def test_compaction_pieces_and_grouping():
+    from diadb.history.pieces import NPIX29, WHOLE_SKY, compaction_pieces, group_by_piece
+
+    assert compaction_pieces(None) == list(WHOLE_SKY) == [(0, NPIX29)]
+    assert len(compaction_pieces(1)) == 48 and len(compaction_pieces(9)) == 192
+    pieces = compaction_pieces(5)
+    assert pieces[0][0] == 0 and pieces[-1][1] == NPIX29
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    pixels = np.array([NPIX29 - 1, 0, pieces[7][0], pieces[7][1] - 1, 5])
+    groups = group_by_piece(pixels, pieces)
+    assert [(p, sorted(at.tolist())) for p, at in groups] == [
+        (pieces[0], [1, 4]),
+        (pieces[7], [2, 3]),
+        (pieces[-1], [0]),
+    ]

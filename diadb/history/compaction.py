@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from diadb.config import ApdbConfig
 from diadb.history.manifest import FaultHook, HistoryEngine
+from diadb.history.pieces import compaction_pieces
 from diadb.history.segment import Int64Array, SegmentInfo
 from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, compaction_boundary
 from diadb.schema.model import ApdbSchema
@@ -69,7 +70,14 @@ class Compactor:
             return tier.write_objects(old, changed, schema.table(OBJECT_TABLE).cast(rows), fault)
 
         created = self._engine.compact_history(
-            HISTORY_TABLES, boundary, write, tier.sweep, fault, objects=write_objects, wait=wait
+            HISTORY_TABLES,
+            boundary,
+            write,
+            tier.sweep,
+            fault,
+            objects=write_objects,
+            wait=wait,
+            pieces=compaction_pieces(tier.tile_order),
         )
         self.compacted_to = max(self.compacted_to, boundary)
         return created

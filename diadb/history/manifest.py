@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
+from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import Int64Array, SegmentInfo
 from diadb.history.store import SegmentStore
 from diadb.times import TimeWindow
@@ -63,11 +64,14 @@ class HistoryEngine(Protocol):
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
+        pieces: Sequence[Piece] = WHOLE_SKY,
     ) -> list[SegmentInfo]:
         """Atomically move rows older than ``boundary`` into segments written by ``write``,
         and (with ``objects``) replace the DiaObject snapshot by one that is current. Without
         ``wait``, return at once (nothing done) if another compaction holds the engine's
-        compaction lock: the automatic compaction of one of many clients."""
+        compaction lock: the automatic compaction of one of many clients. ``pieces``: the sky
+        ranges to fetch and write one after another, so memory is one piece's rows
+        (:mod:`diadb.history.pieces`); ``write`` and ``objects`` get whole tiles each time."""
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

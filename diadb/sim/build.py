@@ -22,7 +22,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,11 +124,13 @@ def build_history(
     scale: float | None = None,
     reference: str | Path | None = None,
     batch_rows: int = 1_000_000,
+    config: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BuildResult:
     """Build a new database at ``url`` holding the first ``months`` of the profile's stream
     (and, with ``reference``, the reference's SQLite database at that path); see the module
-    docstring. ``progress(done, total)`` is called after each batch, in visits."""
+    docstring. ``config``: fields of the new database's ``ApdbConfig``. ``progress(done, total)``
+    is called after each batch, in visits."""
     profile, sim_config = profile_config(profile_name, scale)
     n_visits = visits_in_months(sim_config, months)
     if batch_rows < 1:
@@ -142,7 +144,7 @@ def build_history(
             raise ConfigError(f"{ref_path} already exists; the reference database is built new")
         loader = ReferenceLoader(ref_path, months=12)
     t_start = time.perf_counter()
-    db = Apdb.create(url)
+    db = Apdb.create(url, **dict(config or {}))
     seconds = {"generate": 0.0, "diadb": 0.0, "reference": 0.0}
     rows = dict.fromkeys(TABLES, 0)
     segments = batches = 0

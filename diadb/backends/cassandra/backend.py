@@ -36,6 +36,7 @@ from diadb.backends.cassandra.store import Registry, Store
 from diadb.backends.cassandra.url import parse_options, parse_url
 from diadb.config import ApdbConfig
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import SegmentStore
 from diadb.schema.model import ApdbSchema, ColumnSpec
@@ -255,8 +256,9 @@ class CassandraBackend:
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
+        pieces: Sequence[Piece] = WHOLE_SKY,
     ) -> list[SegmentInfo]:
-        return self.history.compact_history(tables, boundary, write, sweep, fault, objects, wait)
+        return self.history.compact_history(tables, boundary, write, sweep, fault, objects, wait, pieces)
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

@@ -45,6 +45,7 @@ from diadb.backends.cassandra.session import CassandraSession
 from diadb.config import ApdbConfig
 from diadb.errors import CatalogError
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import BlobSegmentStore, SegmentStore
 from diadb.history.tier import TRASH_GRACE_S
@@ -224,10 +225,12 @@ class CassandraHistory:
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
+        pieces: Sequence[Piece] = WHOLE_SKY,
     ) -> list[SegmentInfo]:
         """Under the compaction lease: drop engine tables a boundary old enough covers, sweep
-        orphan blobs, write the segments of rows in ``[B, boundary)`` and commit them with the
-        new boundary in one batch. ``objects`` is ignored (no DiaObject snapshot here yet)."""
+        orphan blobs, write the segments of rows in ``[B, boundary)`` (fetched and written one
+        sky piece after another on other engines; here in one pass, see below) and commit them with the new
+        boundary in one batch. ``objects`` is ignored (no DiaObject snapshot here yet)."""
         hook = fault or (lambda step: None)
         lease = self.lease()
         if not lease.acquire(wait_s=60.0 if wait else 0.0, required=wait):
@@ -247,13 +250,16 @@ class CassandraHistory:
                 float(np.nextafter(boundary, -np.inf)),
             )
             created: list[SegmentInfo] = []
-            empty = np.zeros((0, 2), np.int64)
             for table in tables:
                 columns = [*(c.name for c in self.layout.schema.table(table).columns), HEALPIX_COLUMN]
-                rows = self.reader.select(table, empty, columns, window=window)  # type: ignore[arg-type]
+                # One pass, whatever ``pieces``: a piece spans thousands of this layout's
+                # partitions, which the reader turns into token-range scans of the whole table,
+                # so reading piece by piece would scan it once per piece.
+                rows = self.reader.select(table, np.zeros((0, 2), np.int64), columns, window=window)  # type: ignore[arg-type]
                 hook("read")
                 if rows.num_rows:
                     created += write(table, rows)
+                del rows
                 lease.renew()  # a compaction longer than the TTL keeps its lease
             hook("commit")
             lease.renew()  # still ours: no other compactor can have started meanwhile

@@ -82,30 +82,44 @@ class CassandraSession:
         self.read_cl = self.write_cl = ConsistencyLevel.ONE
         self._prepared: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._cluster = Cluster(
-            list(url.hosts),
-            port=url.port,
-            protocol_version=5,
-            # Off by default: on a LAN (or loopback) LZ4 frames cost CPU on both ends, which is
-            # the scarce resource, for little saved bandwidth.
-            compression="lz4" if opts.compression else False,
-            execution_profiles={
-                EXEC_PROFILE_DEFAULT: ExecutionProfile(
-                    load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
-                    row_factory=_columnar_factory,
-                    request_timeout=opts.timeout,
-                    retry_policy=retry_policy(),
-                )
-            },
-            connect_timeout=10,
-            control_connection_timeout=10,
-            max_schema_agreement_wait=60,
-        )
-        try:
-            self._session = self._cluster.connect()
-        except Exception as e:
-            self._cluster.shutdown()
-            raise StorageError(f"cannot connect to Cassandra at {url.hosts}:{url.port}: {e}") from e
+
+        def make_cluster() -> Any:
+            return Cluster(
+                list(url.hosts),
+                port=url.port,
+                protocol_version=5,
+                # Off by default: on a LAN (or loopback) LZ4 frames cost CPU on both ends, which
+                # is the scarce resource, for little saved bandwidth.
+                compression="lz4" if opts.compression else False,
+                execution_profiles={
+                    EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+                        row_factory=_columnar_factory,
+                        request_timeout=opts.timeout,
+                        retry_policy=retry_policy(),
+                    )
+                },
+                # A node busy applying schema changes (another client's keyspace being made or
+                # dropped) can take over the driver's default 5-10 s to accept a connection and
+                # answer the control connection's metadata queries.
+                connect_timeout=min(30.0, opts.timeout),
+                control_connection_timeout=min(30.0, opts.timeout),
+                max_schema_agreement_wait=60,
+            )
+
+        # Connection attempts until the URL's timeout: one failed attempt (a node that just
+        # started, or is busy) is not yet an unreachable cluster.
+        deadline = time.monotonic() + opts.timeout
+        while True:
+            self._cluster = make_cluster()
+            try:
+                self._session = self._cluster.connect()
+                break
+            except Exception as e:
+                self._cluster.shutdown()
+                if time.monotonic() >= deadline:
+                    raise StorageError(f"cannot connect to Cassandra at {url.hosts}:{url.port}: {e}") from e
+                time.sleep(1.0)
         # A client that drops its Apdb without close() (the reference's interface has no close)
         # would otherwise leave the driver's threads, connections and heartbeats running for
         # the life of the process; the finaliser shuts the cluster down when this is collected.

@@ -27,6 +27,7 @@ from diadb.backends.postgres.url import parse
 from diadb.config import ApdbConfig
 from diadb.errors import ConfigError, StorageError
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import SegmentStore
 from diadb.schema.model import ApdbSchema, ColumnSpec
@@ -284,8 +285,9 @@ class PostgresBackend:
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
+        pieces: Sequence[Piece] = WHOLE_SKY,
     ) -> list[SegmentInfo]:
-        return self.history.compact_history(tables, boundary, write, sweep, fault, objects, wait)
+        return self.history.compact_history(tables, boundary, write, sweep, fault, objects, wait, pieces)
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

@@ -28,6 +28,7 @@ from diadb.backends.postgres.read import Reader
 from diadb.backends.postgres.segments import PostgresBlobs, blob_ddl
 from diadb.config import ApdbConfig
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.pieces import WHOLE_SKY, Piece, group_by_piece, segments_in_piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import BlobSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
@@ -178,9 +179,11 @@ class PostgresHistory:
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
+        pieces: Sequence[Piece] = WHOLE_SKY,
     ) -> list[SegmentInfo]:
         """Move every row older than ``boundary`` into segments, in one transaction holding the
         compaction lock; with ``objects``, also replace the DiaObject snapshot's changed tiles.
+        Rows are fetched and written one sky piece after another (``diadb.history.pieces``).
         Without ``wait``, nothing is done when another compaction holds the lock."""
         hook = fault or (lambda step: None)
         before = TimeWindow(float("-inf"), float(np.nextafter(boundary, -np.inf)))
@@ -201,21 +204,26 @@ class PostgresHistory:
                         f"DELETE FROM {self.conn.t('diadb_segment_trash')} WHERE name = ANY($1::text[])",
                         parameters=params((pa.array(done, pa.string()), pa.string())),
                     )
-                empty = np.zeros((0, 2), np.int64)
                 for table in tables:
-                    rows = self.reader.select(table, empty, self._all_columns(table), window=before)  # type: ignore[arg-type]
-                    hook("read")
-                    if rows.num_rows == 0:
-                        continue
-                    infos = write(table, rows)
-                    self._record(cur, infos)
-                    cur.execute(
-                        f"DELETE FROM {self.conn.t(table)} WHERE {q(TIME_COLUMN[table])} < $1::float8",
-                        parameters=params(float(boundary)),
-                    )
-                    created += infos
+                    moved = 0
+                    for piece in pieces:
+                        cover = np.array([piece], np.int64)
+                        rows = self.reader.select(table, cover, self._all_columns(table), window=before)  # type: ignore[arg-type]
+                        hook("read")
+                        if rows.num_rows == 0:
+                            continue
+                        infos = write(table, rows)
+                        del rows
+                        self._record(cur, infos)
+                        created += infos
+                        moved += 1
+                    if moved:
+                        cur.execute(
+                            f"DELETE FROM {self.conn.t(table)} WHERE {q(TIME_COLUMN[table])} < $1::float8",
+                            parameters=params(float(boundary)),
+                        )
                 if objects is not None:
-                    created += self._refresh_object_snapshot(cur, objects, hook)
+                    created += self._refresh_object_snapshot(cur, objects, hook, pieces)
                 hook("commit")
             return created
 
@@ -224,8 +232,10 @@ class PostgresHistory:
         return created
 
     def _refresh_object_snapshot(
-        self, cur: Any, write: ObjectSnapshotWriter, hook: FaultHook
+        self, cur: Any, write: ObjectSnapshotWriter, hook: FaultHook, pieces: Sequence[Piece]
     ) -> list[SegmentInfo]:
+        """The DiaObject snapshot's changed tiles (all of them on a first snapshot), written a
+        sky piece at a time; recorded, the replaced tiles trashed, the changes forgotten."""
         old = self.list_segments("DiaObject")
         tracking = bool(
             self.conn.fetch(
@@ -237,20 +247,39 @@ class PostgresHistory:
         )
         columns = self._all_columns("DiaObject")
         changed: Int64Array | None
+        wanted: dict[Piece, Int64Array] = {}
         if old and tracking:
             changed = self._changed_ids()
             if not len(changed):
                 return []
-            rows = self._changed_rows(columns, None)
+            # Where each changed row lives now (two columns), then its rows a piece at a time.
+            where = self._changed_rows([HEALPIX_COLUMN, "diaObjectId"], None)
+            now_ids = np.asarray(where.column("diaObjectId").to_numpy(), np.int64)
+            at_pixels = where.column(HEALPIX_COLUMN).to_numpy()
+            wanted = {p: now_ids[at] for p, at in group_by_piece(at_pixels, pieces)}
         else:
             for stmt in _tracking_ddl(self.conn):
                 cur.execute(stmt)
             changed = None
-            rows = self.reader.select("DiaObject", np.zeros((0, 2), np.int64), columns)
-        if changed is None and rows.num_rows == 0:
-            return []
         hook("objects")
-        created, replaced = write(old, changed, rows)
+        created: list[SegmentInfo] = []
+        replaced: list[SegmentInfo] = []
+        for piece in pieces:
+            mine = segments_in_piece(old, piece)
+            if changed is not None and piece not in wanted and not mine:
+                continue
+            if changed is None:
+                rows = self.reader.select("DiaObject", np.array([piece], np.int64), columns)
+                if rows.num_rows == 0 and not mine:
+                    continue
+            else:
+                piece_ids = wanted.get(piece, np.zeros(0, np.int64))
+                no_ranges = np.zeros((0, 2), np.int64)
+                rows = self.reader.select("DiaObject", no_ranges, columns, object_ids=piece_ids)
+            made, gone = write(mine, changed, rows)
+            del rows
+            created += made
+            replaced += gone
         self._record(cur, created)
         self._trash(cur, replaced)
         cur.execute(f"DELETE FROM {self.conn.t(CHANGED_TABLE)}")

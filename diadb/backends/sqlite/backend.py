@@ -45,6 +45,7 @@ from diadb.history.manifest import (
     SegmentSweeper,
     SegmentWriter,
 )
+from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import SegmentStore
 from diadb.schema.model import ApdbSchema, ColumnSpec
@@ -236,8 +237,9 @@ class SqliteBackend:
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
+        pieces: Sequence[Piece] = WHOLE_SKY,
     ) -> list[SegmentInfo]:
-        return self._history.compact_history(tables, boundary, write, sweep, fault, objects, wait)
+        return self._history.compact_history(tables, boundary, write, sweep, fault, objects, wait, pieces)
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

@@ -5,6 +5,7 @@ apply on top of the rows already in segments (written by the daytime part)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from diadb.backends.sqlite.layout import CHANGED_TABLE, OBJECT_CHANGES_DDL, TIME
 from diadb.backends.sqlite.url import history_directory
 from diadb.errors import StorageError
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.pieces import WHOLE_SKY, Piece, group_by_piece, segments_in_piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import FileSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN
@@ -104,9 +106,11 @@ class SqliteHistory:
         fault: FaultHook | None = None,
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
+        pieces: Sequence[Piece] = WHOLE_SKY,
     ) -> list[SegmentInfo]:
         """Move every row older than ``boundary`` into segments, in one write transaction;
         with ``objects``, also replace the DiaObject snapshot (see ``layout.OBJECT_CHANGES_DDL``).
+        Rows are fetched and written one sky piece after another (``diadb.history.pieces``).
 
         Files are written (and made durable) by ``write`` while the transaction holds the
         write lock; the manifest rows and the deletion of the moved rows commit together.
@@ -124,18 +128,28 @@ class SqliteHistory:
                     cur.execute("DELETE FROM diadb_segment_trash WHERE name = ?", [name])
                 for table in tables:
                     tcol = q(TIME_COLUMN[table])
-                    cur.execute(f"SELECT * FROM {q(table)} WHERE {tcol} < ?", [boundary])
-                    rows: pa.Table = cur.fetch_arrow_table()
-                    hook("read")
-                    if rows.num_rows == 0:
-                        continue
-                    infos = write(table, rows)
-                    for info in infos:
-                        record_segment(cur, info)
-                    cur.execute(f"DELETE FROM {q(table)} WHERE {tcol} < ?", [boundary])
-                    created += infos
+                    moved = 0
+                    for lo, hi in pieces:
+                        # A range of the clustered key (_healpix_29 first): one scan in all.
+                        cur.execute(
+                            f"SELECT * FROM {q(table)} WHERE {q(HEALPIX_COLUMN)} >= ? "
+                            f"AND {q(HEALPIX_COLUMN)} < ? AND {tcol} < ?",
+                            [lo, hi, boundary],
+                        )
+                        rows: pa.Table = cur.fetch_arrow_table()
+                        hook("read")
+                        if rows.num_rows == 0:
+                            continue
+                        infos = write(table, rows)
+                        del rows
+                        for info in infos:
+                            record_segment(cur, info)
+                        created += infos
+                        moved += 1
+                    if moved:
+                        cur.execute(f"DELETE FROM {q(table)} WHERE {tcol} < ?", [boundary])
                 if objects is not None:
-                    created += self._refresh_object_snapshot(cur, objects, hook)
+                    created += self._refresh_object_snapshot(cur, objects, hook, pieces)
                 hook("commit")
             hook("committed")
         except self._conn.errors as e:
@@ -143,35 +157,62 @@ class SqliteHistory:
         return created
 
     def _refresh_object_snapshot(
-        self, cur: Any, write: ObjectSnapshotWriter, hook: FaultHook
+        self, cur: Any, write: ObjectSnapshotWriter, hook: FaultHook, pieces: Sequence[Piece]
     ) -> list[SegmentInfo]:
-        """Inside compaction's transaction: write a current DiaObject snapshot, record it, send
-        the old one to the trash and forget the changes it now includes."""
+        """Inside compaction's transaction: write a current DiaObject snapshot, a sky piece at a
+        time, record it, send the tiles it replaces to the trash and forget the changes it now
+        includes."""
         old = self.list_segments("DiaObject")
         tracking = bool(
             self._conn.scalar("SELECT count(*) FROM sqlite_master WHERE name = ?", [CHANGED_TABLE])
         )
+        changed: Int64Array | None
         if old and tracking:
             cur.execute(f"SELECT diaObjectId FROM {CHANGED_TABLE}")
-            ids = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), np.int64)
-            if not len(ids):
+            changed = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), np.int64)
+            if not len(changed):
                 return []
-            changed: Int64Array | None = ids
+            # Where each changed row lives now (two columns), then its rows a piece at a time.
             cur.execute(
-                f"SELECT t.* FROM {CHANGED_TABLE} c CROSS JOIN {q(LATEST_TABLE)} t "
-                "ON t.diaObjectId = c.diaObjectId"
+                f"SELECT t.{q(HEALPIX_COLUMN)}, t.diaObjectId FROM {CHANGED_TABLE} c "
+                f"CROSS JOIN {q(LATEST_TABLE)} t ON t.diaObjectId = c.diaObjectId"
             )
+            where = cur.fetch_arrow_table()
+            ids = np.asarray(where.column(1).to_numpy(), np.int64)
+            wanted = {piece: ids[at] for piece, at in group_by_piece(where.column(0).to_numpy(), pieces)}
         else:
             # First snapshot (or one lost): every latest row, and start tracking changes.
             for stmt in OBJECT_CHANGES_DDL:
                 cur.execute(stmt)
             changed = None
-            cur.execute(f"SELECT * FROM {q(LATEST_TABLE)}")
-        rows: pa.Table = cur.fetch_arrow_table()
-        if changed is None and rows.num_rows == 0:
-            return []
+            wanted = {}
         hook("objects")
-        created, replaced = write(old, changed, rows)
+        created: list[SegmentInfo] = []
+        replaced: list[SegmentInfo] = []
+        for piece in pieces:
+            mine = segments_in_piece(old, piece)
+            if changed is not None and piece not in wanted and not mine:
+                continue
+            if changed is None:
+                cur.execute(
+                    f"SELECT * FROM {q(LATEST_TABLE)} WHERE {q(HEALPIX_COLUMN)} >= ? "
+                    f"AND {q(HEALPIX_COLUMN)} < ?",
+                    list(piece),
+                )
+            else:
+                # The ids as one JSON parameter: looked up by the id index, whatever their number.
+                ids_json = json.dumps(wanted.get(piece, ids[:0]).tolist())
+                cur.execute(
+                    f"SELECT * FROM {q(LATEST_TABLE)} WHERE diaObjectId IN (SELECT value FROM json_each(?))",
+                    [ids_json],
+                )
+            rows: pa.Table = cur.fetch_arrow_table()
+            if changed is None and rows.num_rows == 0 and not mine:
+                continue
+            made, gone = write(mine, changed, rows)
+            del rows
+            created += made
+            replaced += gone
         for info in created:
             record_segment(cur, info)
         now = time.time()

@@ -1,0 +1,55 @@
+"""Compaction a piece of the sky at a time, so that its memory does not grow with the sky.
+
+A compaction moves every engine row older than its boundary and rewrites the DiaObject
+snapshot's changed tiles. Fetched whole, those rows grow with the survey's footprint (and the
+snapshot with every object ever seen). When segments are cut by sky tile, the engine instead
+fetches and writes one *piece* after another: a HEALPix cell of order ``min(tile_order,
+PIECE_ORDER)``, so each piece holds whole tiles and the segments written are the same as in one
+pass. Without tiles a span's segment covers the whole sky, and there is one piece.
+
+``PIECE_ORDER`` 2 (192 cells of ~215 deg2): a piece holds a few fields' worth of rows, and an
+engine asks at most 192 small queries per table (fewer than one per tile at order 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from diadb.history.segment import SegmentInfo
+
+#: Order-29 pixels on the sphere; ``[0, NPIX29)`` is the whole sky.
+NPIX29 = 12 * 4**29
+PIECE_ORDER = 2
+
+Piece = tuple[int, int]
+WHOLE_SKY: tuple[Piece, ...] = ((0, NPIX29),)
+
+
+def compaction_pieces(tile_order: int | None) -> list[Piece]:
+    """The ``[lo, hi)`` order-29 pixel ranges a compaction fetches one after another."""
+    if tile_order is None:
+        return list(WHOLE_SKY)
+    order = min(tile_order, PIECE_ORDER)
+    shift = 2 * (29 - order)
+    return [(i << shift, (i + 1) << shift) for i in range(12 * 4**order)]
+
+
+def group_by_piece(
+    pixels: npt.ArrayLike, pieces: Sequence[Piece]
+) -> list[tuple[Piece, npt.NDArray[np.int64]]]:
+    """``(piece, positions of the pixels inside it)`` for every piece holding one of ``pixels``."""
+    pix = np.asarray(pixels, dtype=np.int64)
+    lows = np.array([p[0] for p in pieces], dtype=np.int64)
+    at = np.searchsorted(lows, pix, side="right") - 1
+    order = np.argsort(at, kind="stable")
+    found, starts = np.unique(at[order], return_index=True)
+    ends = [*starts[1:], len(order)]
+    return [(pieces[int(k)], order[a:b]) for k, a, b in zip(found, starts, ends, strict=True)]
+
+
+def segments_in_piece(segments: Sequence[SegmentInfo], piece: Piece) -> list[SegmentInfo]:
+    """The segments (snapshot tiles) whose rows lie in ``piece``: a tile never straddles one."""
+    return [s for s in segments if piece[0] <= s.pix_min < piece[1]]
