@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -376,7 +377,7 @@ def test_compaction_pieces_and_grouping():
     assert len(compaction_pieces(1)) == 48 and len(compaction_pieces(9)) == 192
     pieces = compaction_pieces(5)
     assert pieces[0][0] == 0 and pieces[-1][1] == NPIX29
-    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
     pixels = np.array([NPIX29 - 1, 0, pieces[7][0], pieces[7][1] - 1, 5])
     groups = group_by_piece(pixels, pieces)
     assert [(p, sorted(at.tolist())) for p, at in groups] == [
