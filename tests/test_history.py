@@ -323,10 +323,14 @@ def test_parallel_gather_returns_the_same_rows(tmp_path, official_schema, monkey
 
 
 def test_compaction_fetches_and_writes_one_sky_piece_at_a_time(tmp_path, official_schema, monkeypatch):
-    """With tiles, a compaction hands the tier one order-2 sky piece at a time (its memory is a
-    piece's rows, not the sky's), sources and DiaObject snapshot alike; reads are unchanged."""
+    """With tiles, a compaction hands the tier one order-2 sky piece at a time when a piece holds
+    the row budget (its memory is a piece's rows, not the sky's), sources and DiaObject snapshot
+    alike; reads are unchanged."""
+    from diadb.history import pieces as pieces_module
     from diadb.history.pieces import compaction_pieces, group_by_piece
     from diadb.history.tier import HistoryTier
+
+    monkeypatch.setattr(pieces_module, "ROWS_PER_FETCH", 1)  # every piece a fetch of its own
 
     calls: list[tuple[str, np.ndarray]] = []
     write, write_objects = HistoryTier.write, HistoryTier.write_objects
@@ -371,10 +375,18 @@ def test_compaction_fetches_and_writes_one_sky_piece_at_a_time(tmp_path, officia
 
 
 def test_compaction_pieces_and_grouping():
-    from diadb.history.pieces import NPIX29, WHOLE_SKY, compaction_pieces, group_by_piece
+    from diadb.history.pieces import (
+        NPIX29,
+        WHOLE_SKY,
+        compaction_pieces,
+        fetch_runs,
+        group_by_piece,
+        piece_shift,
+    )
 
     assert compaction_pieces(None) == list(WHOLE_SKY) == [(0, NPIX29)]
     assert len(compaction_pieces(1)) == 48 and len(compaction_pieces(9)) == 192
+    assert piece_shift(WHOLE_SKY) is None and piece_shift(compaction_pieces(4)) == 54
     pieces = compaction_pieces(5)
     assert pieces[0][0] == 0 and pieces[-1][1] == NPIX29
     assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
@@ -385,3 +397,10 @@ def test_compaction_pieces_and_grouping():
         (pieces[7], [2, 3]),
         (pieces[-1], [0]),
     ]
+    # Runs: neighbouring listed pieces up to the budget; a piece over it alone; 0 rows visited.
+    assert fetch_runs(pieces, {0: 3, 1: 4, 5: 10, 6: 0, 100: 1}, budget=8) == [
+        (pieces[0][0], pieces[1][1]),
+        (pieces[5][0], pieces[5][1]),
+        (pieces[6][0], pieces[100][1]),
+    ]
+    assert fetch_runs(pieces, {}) == []

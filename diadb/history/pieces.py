@@ -13,7 +13,7 @@ engine asks at most 192 small queries per table (fewer than one per tile at orde
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -53,3 +53,43 @@ def group_by_piece(
 def segments_in_piece(segments: Sequence[SegmentInfo], piece: Piece) -> list[SegmentInfo]:
     """The segments (snapshot tiles) whose rows lie in ``piece``: a tile never straddles one."""
     return [s for s in segments if piece[0] <= s.pix_min < piece[1]]
+
+
+#: Rows fetched at once, at most (unless one piece alone holds more): neighbouring pieces are
+#: fetched together up to this, so a compaction asks few queries (an ADBC round costs ~2-3 ms
+#: even when empty) and still holds a bounded number of rows.
+ROWS_PER_FETCH = 500_000
+
+
+def piece_shift(pieces: Sequence[Piece]) -> int | None:
+    """The right shift taking an order-29 pixel to its piece's index (None: one piece)."""
+    if len(pieces) <= 1:
+        return None
+    return int(pieces[0][1] - pieces[0][0]).bit_length() - 1
+
+
+def fetch_runs(pieces: Sequence[Piece], counts: Mapping[int, int], budget: int | None = None) -> list[Piece]:
+    """Ranges to fetch one after another: runs of consecutive pieces of ``counts`` (piece
+    index -> rows; a piece listed with 0 rows is still visited) holding at most ``budget``
+    (default ``ROWS_PER_FETCH``) rows together; one piece over the budget is a run of its own.
+    Pieces not listed are skipped."""
+    budget = ROWS_PER_FETCH if budget is None else budget
+    runs: list[Piece] = []
+    start = end = total = -1
+    for index in sorted(counts):
+        n = int(counts[index])
+        if start >= 0 and total + n > budget:
+            runs.append((pieces[start][0], pieces[end][1]))
+            start = -1
+        if start < 0:
+            start, total = index, 0
+        end, total = index, total + n
+    if start >= 0:
+        runs.append((pieces[start][0], pieces[end][1]))
+    return runs
+
+
+def pixel_counts(pixels: npt.ArrayLike, shift: int) -> dict[int, int]:
+    """Rows per piece index of order-29 ``pixels`` (pieces of ``piece_shift``)."""
+    index, n = np.unique(np.asarray(pixels, dtype=np.int64) >> shift, return_counts=True)
+    return {int(i): int(c) for i, c in zip(index, n, strict=True)}

@@ -28,7 +28,7 @@ from diadb.backends.postgres.read import Reader
 from diadb.backends.postgres.segments import PostgresBlobs, blob_ddl
 from diadb.config import ApdbConfig
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
-from diadb.history.pieces import WHOLE_SKY, Piece, group_by_piece, segments_in_piece
+from diadb.history.pieces import WHOLE_SKY, Piece, fetch_runs, piece_shift, pixel_counts, segments_in_piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import BlobSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
@@ -206,7 +206,7 @@ class PostgresHistory:
                     )
                 for table in tables:
                     moved = 0
-                    for piece in pieces:
+                    for piece in self._source_runs(table, boundary, pieces):
                         cover = np.array([piece], np.int64)
                         rows = self.reader.select(table, cover, self._all_columns(table), window=before)  # type: ignore[arg-type]
                         hook("read")
@@ -231,6 +231,26 @@ class PostgresHistory:
         hook("committed")
         return created
 
+    def _piece_counts(self, table: str, shift: int, where: str, settings: dict[str, str]) -> dict[int, int]:
+        """Rows per sky piece of a physical table (one aggregate over its rows)."""
+        found = self.conn.read(
+            f"piece counts of {table}",
+            f"SELECT ({q(HEALPIX_COLUMN)} >> {int(shift)})::bigint AS p, count(*)::bigint "
+            f"FROM {self.conn.t(table)} {where} GROUP BY 1",
+            settings,
+        )
+        return dict(zip(found.column(0).to_pylist(), found.column(1).to_pylist(), strict=True))
+
+    def _source_runs(self, table: str, boundary: float, pieces: Sequence[Piece]) -> list[Piece]:
+        """The ranges a compaction of ``table`` fetches: runs of the pieces holding rows."""
+        shift = piece_shift(pieces)
+        if shift is None:
+            return list(pieces)
+        where = f"WHERE {q(TIME_COLUMN[table])} < current_setting('diadb.p1')::float8"
+        return fetch_runs(
+            pieces, self._piece_counts(table, shift, where, {"diadb.p1": repr(float(boundary))})
+        )
+
     def _refresh_object_snapshot(
         self, cur: Any, write: ObjectSnapshotWriter, hook: FaultHook, pieces: Sequence[Piece]
     ) -> list[SegmentInfo]:
@@ -247,7 +267,7 @@ class PostgresHistory:
         )
         columns = self._all_columns("DiaObject")
         changed: Int64Array | None
-        wanted: dict[Piece, Int64Array] = {}
+        shift = piece_shift(pieces)
         if old and tracking:
             changed = self._changed_ids()
             if not len(changed):
@@ -255,25 +275,30 @@ class PostgresHistory:
             # Where each changed row lives now (two columns), then its rows a piece at a time.
             where = self._changed_rows([HEALPIX_COLUMN, "diaObjectId"], None)
             now_ids = np.asarray(where.column("diaObjectId").to_numpy(), np.int64)
-            at_pixels = where.column(HEALPIX_COLUMN).to_numpy()
-            wanted = {p: now_ids[at] for p, at in group_by_piece(at_pixels, pieces)}
+            at_pixels = np.asarray(where.column(HEALPIX_COLUMN).to_numpy(), np.int64)
+            counts = {} if shift is None else pixel_counts(at_pixels, shift)
         else:
             for stmt in _tracking_ddl(self.conn):
                 cur.execute(stmt)
             changed = None
+            counts = {} if shift is None else self._piece_counts(LATEST_TABLE, shift, "", {})
+        if shift is None:
+            runs = list(pieces)
+        else:
+            for info in old:  # a tile that may lose rows is visited even if nothing is added
+                counts.setdefault(info.pix_min >> shift, 0)
+            runs = fetch_runs(pieces, counts)
         hook("objects")
         created: list[SegmentInfo] = []
         replaced: list[SegmentInfo] = []
-        for piece in pieces:
+        for piece in runs:
             mine = segments_in_piece(old, piece)
-            if changed is not None and piece not in wanted and not mine:
-                continue
             if changed is None:
                 rows = self.reader.select("DiaObject", np.array([piece], np.int64), columns)
                 if rows.num_rows == 0 and not mine:
                     continue
             else:
-                piece_ids = wanted.get(piece, np.zeros(0, np.int64))
+                piece_ids = now_ids[(at_pixels >= piece[0]) & (at_pixels < piece[1])]
                 no_ranges = np.zeros((0, 2), np.int64)
                 rows = self.reader.select("DiaObject", no_ranges, columns, object_ids=piece_ids)
             made, gone = write(mine, changed, rows)

@@ -20,7 +20,7 @@ from diadb.backends.sqlite.layout import CHANGED_TABLE, OBJECT_CHANGES_DDL, TIME
 from diadb.backends.sqlite.url import history_directory
 from diadb.errors import StorageError
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
-from diadb.history.pieces import WHOLE_SKY, Piece, group_by_piece, segments_in_piece
+from diadb.history.pieces import WHOLE_SKY, Piece, fetch_runs, piece_shift, pixel_counts, segments_in_piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import FileSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN
@@ -129,7 +129,7 @@ class SqliteHistory:
                 for table in tables:
                     tcol = q(TIME_COLUMN[table])
                     moved = 0
-                    for lo, hi in pieces:
+                    for lo, hi in self._source_runs(cur, table, boundary, pieces):
                         # A range of the clustered key (_healpix_29 first): one scan in all.
                         cur.execute(
                             f"SELECT * FROM {q(table)} WHERE {q(HEALPIX_COLUMN)} >= ? "
@@ -156,6 +156,22 @@ class SqliteHistory:
             raise StorageError(f"SQLite compaction failed on {self._conn.path}: {e}") from e
         return created
 
+    @staticmethod
+    def _source_runs(cur: Any, table: str, boundary: float, pieces: Sequence[Piece]) -> list[Piece]:
+        """The ranges a compaction of ``table`` fetches: runs of the pieces holding rows."""
+        shift = piece_shift(pieces)
+        if shift is None:
+            return list(pieces)
+        # One pass over the clustered key counts each piece's rows (an integer shift, no cast).
+        cur.execute(
+            f"SELECT {q(HEALPIX_COLUMN)} >> {int(shift)} AS p, count(*) FROM {q(table)} "
+            f"WHERE {q(TIME_COLUMN[table])} < ? GROUP BY p",
+            [boundary],
+        )
+        found = cur.fetch_arrow_table()
+        counts = dict(zip(found.column(0).to_pylist(), found.column(1).to_pylist(), strict=True))
+        return fetch_runs(pieces, counts)
+
     def _refresh_object_snapshot(
         self, cur: Any, write: ObjectSnapshotWriter, hook: FaultHook, pieces: Sequence[Piece]
     ) -> list[SegmentInfo]:
@@ -167,6 +183,7 @@ class SqliteHistory:
             self._conn.scalar("SELECT count(*) FROM sqlite_master WHERE name = ?", [CHANGED_TABLE])
         )
         changed: Int64Array | None
+        shift = piece_shift(pieces)
         if old and tracking:
             cur.execute(f"SELECT diaObjectId FROM {CHANGED_TABLE}")
             changed = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), np.int64)
@@ -179,20 +196,32 @@ class SqliteHistory:
             )
             where = cur.fetch_arrow_table()
             ids = np.asarray(where.column(1).to_numpy(), np.int64)
-            wanted = {piece: ids[at] for piece, at in group_by_piece(where.column(0).to_numpy(), pieces)}
+            pixels = np.asarray(where.column(0).to_numpy(), np.int64)
+            counts = {} if shift is None else pixel_counts(pixels, shift)
         else:
             # First snapshot (or one lost): every latest row, and start tracking changes.
             for stmt in OBJECT_CHANGES_DDL:
                 cur.execute(stmt)
             changed = None
-            wanted = {}
+            counts = {}
+            if shift is not None:
+                cur.execute(
+                    f"SELECT {q(HEALPIX_COLUMN)} >> {int(shift)} AS p, count(*) "
+                    f"FROM {q(LATEST_TABLE)} GROUP BY p"
+                )
+                found = cur.fetch_arrow_table()
+                counts = dict(zip(found.column(0).to_pylist(), found.column(1).to_pylist(), strict=True))
+        if shift is None:
+            runs = list(pieces)
+        else:
+            for info in old:  # a tile that may lose rows is visited even if nothing is added
+                counts.setdefault(info.pix_min >> shift, 0)
+            runs = fetch_runs(pieces, counts)
         hook("objects")
         created: list[SegmentInfo] = []
         replaced: list[SegmentInfo] = []
-        for piece in pieces:
+        for piece in runs:
             mine = segments_in_piece(old, piece)
-            if changed is not None and piece not in wanted and not mine:
-                continue
             if changed is None:
                 cur.execute(
                     f"SELECT * FROM {q(LATEST_TABLE)} WHERE {q(HEALPIX_COLUMN)} >= ? "
@@ -201,7 +230,8 @@ class SqliteHistory:
                 )
             else:
                 # The ids as one JSON parameter: looked up by the id index, whatever their number.
-                ids_json = json.dumps(wanted.get(piece, ids[:0]).tolist())
+                inside = (pixels >= piece[0]) & (pixels < piece[1])
+                ids_json = json.dumps(ids[inside].tolist())
                 cur.execute(
                     f"SELECT * FROM {q(LATEST_TABLE)} WHERE diaObjectId IN (SELECT value FROM json_each(?))",
                     [ids_json],
