@@ -58,7 +58,7 @@ def segments_in_piece(segments: Sequence[SegmentInfo], piece: Piece) -> list[Seg
 #: Rows fetched at once, at most (unless one piece alone holds more): neighbouring pieces are
 #: fetched together up to this, so a compaction asks few queries (an ADBC round costs ~2-3 ms
 #: even when empty) and still holds a bounded number of rows.
-ROWS_PER_FETCH = 500_000
+ROWS_PER_FETCH = 100_000
 
 
 def piece_shift(pieces: Sequence[Piece]) -> int | None:
