@@ -93,3 +93,18 @@ def pixel_counts(pixels: npt.ArrayLike, shift: int) -> dict[int, int]:
     """Rows per piece index of order-29 ``pixels`` (pieces of ``piece_shift``)."""
     index, n = np.unique(np.asarray(pixels, dtype=np.int64) >> shift, return_counts=True)
     return {int(i): int(c) for i, c in zip(index, n, strict=True)}
+
+
+def snapshot_runs(
+    pieces: Sequence[Piece], counts: Mapping[int, int], old: Sequence[SegmentInfo]
+) -> list[Piece]:
+    """The ranges a DiaObject snapshot refresh fetches: runs of the pieces with rows to write
+    (``counts``) and of every piece holding a current snapshot tile (it may lose rows even if
+    nothing is added to it)."""
+    shift = piece_shift(pieces)
+    if shift is None:
+        return list(pieces)
+    visit = dict(counts)
+    for info in old:
+        visit.setdefault(info.pix_min >> shift, 0)
+    return fetch_runs(pieces, visit)

@@ -28,7 +28,15 @@ from diadb.backends.postgres.read import Reader
 from diadb.backends.postgres.segments import PostgresBlobs, blob_ddl
 from diadb.config import ApdbConfig
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
-from diadb.history.pieces import WHOLE_SKY, Piece, fetch_runs, piece_shift, pixel_counts, segments_in_piece
+from diadb.history.pieces import (
+    WHOLE_SKY,
+    Piece,
+    fetch_runs,
+    piece_shift,
+    pixel_counts,
+    segments_in_piece,
+    snapshot_runs,
+)
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import BlobSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
@@ -282,12 +290,7 @@ class PostgresHistory:
                 cur.execute(stmt)
             changed = None
             counts = {} if shift is None else self._piece_counts(LATEST_TABLE, shift, "", {})
-        if shift is None:
-            runs = list(pieces)
-        else:
-            for info in old:  # a tile that may lose rows is visited even if nothing is added
-                counts.setdefault(info.pix_min >> shift, 0)
-            runs = fetch_runs(pieces, counts)
+        runs = snapshot_runs(pieces, counts, old)
         hook("objects")
         created: list[SegmentInfo] = []
         replaced: list[SegmentInfo] = []

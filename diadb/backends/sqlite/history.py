@@ -20,7 +20,15 @@ from diadb.backends.sqlite.layout import CHANGED_TABLE, OBJECT_CHANGES_DDL, TIME
 from diadb.backends.sqlite.url import history_directory
 from diadb.errors import StorageError
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
-from diadb.history.pieces import WHOLE_SKY, Piece, fetch_runs, piece_shift, pixel_counts, segments_in_piece
+from diadb.history.pieces import (
+    WHOLE_SKY,
+    Piece,
+    fetch_runs,
+    piece_shift,
+    pixel_counts,
+    segments_in_piece,
+    snapshot_runs,
+)
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import FileSegmentStore, SegmentStore
 from diadb.schema.model import HEALPIX_COLUMN
@@ -211,12 +219,7 @@ class SqliteHistory:
                 )
                 found = cur.fetch_arrow_table()
                 counts = dict(zip(found.column(0).to_pylist(), found.column(1).to_pylist(), strict=True))
-        if shift is None:
-            runs = list(pieces)
-        else:
-            for info in old:  # a tile that may lose rows is visited even if nothing is added
-                counts.setdefault(info.pix_min >> shift, 0)
-            runs = fetch_runs(pieces, counts)
+        runs = snapshot_runs(pieces, counts, old)
         hook("objects")
         created: list[SegmentInfo] = []
         replaced: list[SegmentInfo] = []
