@@ -327,7 +327,7 @@ def test_compaction_fetches_and_writes_one_sky_piece_at_a_time(tmp_path, officia
     the row budget (its memory is a piece's rows, not the sky's), sources and DiaObject snapshot
     alike; reads are unchanged."""
     from diadb.history import pieces as pieces_module
-    from diadb.history.pieces import compaction_pieces, group_by_piece
+    from diadb.history.pieces import compaction_pieces, piece_shift, pixel_counts
     from diadb.history.tier import HistoryTier
 
     monkeypatch.setattr(pieces_module, "ROWS_PER_FETCH", 1)  # every piece a fetch of its own
@@ -362,7 +362,7 @@ def test_compaction_fetches_and_writes_one_sky_piece_at_a_time(tmp_path, officia
     by_table: dict[str, int] = {}
     for table, pixels in calls:
         if len(pixels):
-            assert len(group_by_piece(pixels, pieces)) == 1, table  # one piece per call
+            assert len(pixel_counts(pixels, piece_shift(pieces))) == 1, table  # one piece per call
             by_table[table] = by_table.get(table, 0) + 1
     # Four places in four pieces: at least four calls per table and compaction.
     assert min(by_table.values()) >= 4 and set(by_table) == {"DiaSource", "DiaForcedSource", "DiaObject"}
@@ -380,8 +380,8 @@ def test_compaction_pieces_and_grouping():
         WHOLE_SKY,
         compaction_pieces,
         fetch_runs,
-        group_by_piece,
         piece_shift,
+        pixel_counts,
     )
 
     assert compaction_pieces(None) == list(WHOLE_SKY) == [(0, NPIX29)]
@@ -391,12 +391,8 @@ def test_compaction_pieces_and_grouping():
     assert pieces[0][0] == 0 and pieces[-1][1] == NPIX29
     assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
     pixels = np.array([NPIX29 - 1, 0, pieces[7][0], pieces[7][1] - 1, 5])
-    groups = group_by_piece(pixels, pieces)
-    assert [(p, sorted(at.tolist())) for p, at in groups] == [
-        (pieces[0], [1, 4]),
-        (pieces[7], [2, 3]),
-        (pieces[-1], [0]),
-    ]
+    # Rows per piece index: two in the first piece, two in the eighth, one in the last.
+    assert pixel_counts(pixels, piece_shift(pieces)) == {0: 2, 7: 2, len(pieces) - 1: 1}
     # Runs: neighbouring listed pieces up to the budget; a piece over it alone; 0 rows visited.
     assert fetch_runs(pieces, {0: 3, 1: 4, 5: 10, 6: 0, 100: 1}, budget=8) == [
         (pieces[0][0], pieces[1][1]),

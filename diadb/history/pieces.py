@@ -37,19 +37,6 @@ def compaction_pieces(tile_order: int | None) -> list[Piece]:
     return [(i << shift, (i + 1) << shift) for i in range(12 * 4**order)]
 
 
-def group_by_piece(
-    pixels: npt.ArrayLike, pieces: Sequence[Piece]
-) -> list[tuple[Piece, npt.NDArray[np.int64]]]:
-    """``(piece, positions of the pixels inside it)`` for every piece holding one of ``pixels``."""
-    pix = np.asarray(pixels, dtype=np.int64)
-    lows = np.array([p[0] for p in pieces], dtype=np.int64)
-    at = np.searchsorted(lows, pix, side="right") - 1
-    order = np.argsort(at, kind="stable")
-    found, starts = np.unique(at[order], return_index=True)
-    ends = [*starts[1:], len(order)]
-    return [(pieces[int(k)], order[a:b]) for k, a, b in zip(found, starts, ends, strict=True)]
-
-
 def segments_in_piece(segments: Sequence[SegmentInfo], piece: Piece) -> list[SegmentInfo]:
     """The segments (snapshot tiles) whose rows lie in ``piece``: a tile never straddles one."""
     return [s for s in segments if piece[0] <= s.pix_min < piece[1]]
