@@ -6,7 +6,8 @@ its parts, each made here with what it needs:
 - :class:`.session.CassandraSession`: the connection, prepared statements, concurrent execution;
 - :class:`.layout.Layout`: the keyspace's tables, time partitions, retention, stats, evolution;
 - :class:`.store.Registry` and :class:`.store.Store`: key registries and ``store_visit``;
-- :class:`.read.Reader`: ``select``;
+- :class:`.read.Reader`: ``select``, showing each store wholly or not at all
+  (:class:`.visibility.Visibility`);
 - :class:`.changelog.ChangeLog` and :class:`.chunk_rows.ChunkReader`: the replica chunks;
 - :class:`.daytime.Daytime`: the daytime updates.
 
@@ -34,6 +35,7 @@ from diadb.backends.cassandra.read import Reader
 from diadb.backends.cassandra.session import CassandraSession
 from diadb.backends.cassandra.store import Registry, Store
 from diadb.backends.cassandra.url import parse_options, parse_url
+from diadb.backends.cassandra.visibility import Visibility
 from diadb.config import ApdbConfig
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
 from diadb.history.pieces import WHOLE_SKY, Piece
@@ -59,8 +61,9 @@ class CassandraBackend:
         self.session.use_consistency(self.layout.rf)
         self.registry = Registry(self.session, self.layout)
         self.log = ChangeLog(self.session, self.layout)
-        self.store = Store(self.session, self.layout, self.registry, self.log)
-        self.reader = Reader(self.session, self.layout, self.registry)
+        self.visibility = Visibility(self.session, self.log)
+        self.store = Store(self.session, self.layout, self.registry, self.log, self.visibility)
+        self.reader = Reader(self.session, self.layout, self.registry, self.visibility)
         self.chunks = ChunkReader(self.session, self.layout, self.log)
         self.history = CassandraHistory(self.session, self.layout, self.reader)
         self.daytime = Daytime(self.session, self.layout, self.registry, self.log, self.history)

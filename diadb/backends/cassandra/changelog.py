@@ -116,6 +116,11 @@ class ChangeLog:
             self._chunk_bucket = b
             return b, last
 
+    def newest_chunk_id(self) -> int:
+        """The newest chunk id taken (0 before the first), read at ``SERIAL``: every operation
+        whose chunk is at or below it had all its rows acknowledged (see :mod:`.visibility`)."""
+        return self._last_chunk_id()
+
     def _last_chunk_id(self) -> int:
         b, last = self._chunk_head()
         return last if last is not None else max(0, (b << CHUNK_BITS) - 1)

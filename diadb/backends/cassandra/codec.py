@@ -128,8 +128,15 @@ def to_arrow(spec_columns: Mapping[str, str], columns: Sequence[str], rows: list
     )
 
 
-def decode(packer: RowPacker, spec: TableSpec, columns: Sequence[str], rows: list[Any]) -> pa.Table:
-    """Rows selected with ``packer.physical(spec.name, columns)`` -> an Arrow table of ``columns``."""
-    types = {c.name: c.datatype for c in spec.columns}
+def decode(
+    packer: RowPacker,
+    spec: TableSpec,
+    columns: Sequence[str],
+    rows: list[Any],
+    hidden: Mapping[str, str] | None = None,
+) -> pa.Table:
+    """Rows selected with ``packer.physical(spec.name, columns)`` -> an Arrow table of ``columns``
+    (``hidden``: the Felis types of columns the engine adds to the schema's)."""
+    types = {**(hidden or {}), **{c.name: c.datatype for c in spec.columns}}
     raw = to_arrow({**types, PACKED: "binary"}, packer.physical(spec.name, columns), rows)
     return packer.expand(spec.name, raw, columns)

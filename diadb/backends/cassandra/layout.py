@@ -63,6 +63,8 @@ BUCKET = "apdb_bucket"
 #: Which store call wrote a key (in the key registries).
 STORED_VISIT = "apdb_stored_visit"
 STORED_DETECTOR = "apdb_stored_detector"
+#: Their Felis types, where object rows carry them too.
+HIDDEN_TYPES = {STORED_VISIT: "long", STORED_DETECTOR: "int"}
 
 
 def partition_table(table: str, part: int) -> str:
@@ -130,6 +132,8 @@ class Layout:
         # The partition tables known to exist (a cache: checking the schema per store costs a query).
         self._partitions: set[str] = set()
         self._lock = threading.Lock()
+        #: Whether object rows record the store that wrote them (``STORED_VISIT``/``_DETECTOR``).
+        self.object_stores = False
 
     @classmethod
     def open(cls, session: CassandraSession, opts: Options, url: str, *, create: bool) -> Layout:
@@ -156,6 +160,7 @@ class Layout:
             id_bucket_bits=int(meta["cassandra.id_bucket_bits"]),
         )
         layout.packer.set(json.loads(meta.get("cassandra.packed_columns", "{}")))
+        layout.object_stores = meta.get("cassandra.object_stores") == "1"
         return layout
 
     @property
@@ -172,8 +177,9 @@ class Layout:
         return {c.name: c.datatype for c in self.schema.table(table).columns}
 
     def decode(self, table: str, columns: Sequence[str], rows: list[Any]) -> pa.Table:
-        """Rows of ``table`` selected with ``packer.physical(table, columns)`` -> ``columns``."""
-        return decode(self.packer, self.schema.table(table), columns, rows)
+        """Rows of ``table`` selected with ``packer.physical(table, columns)`` -> ``columns``
+        (which may name the hidden ``STORED_VISIT``/``STORED_DETECTOR`` of object rows)."""
+        return decode(self.packer, self.schema.table(table), columns, rows, HIDDEN_TYPES)
 
     def bucket(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(ids, dtype=np.int64) >> self.id_bucket_bits
@@ -222,7 +228,10 @@ class Layout:
             f"{{'class': 'NetworkTopologyStrategy', 'replication_factor': {self.rf}}}"
         )
         obj = schema.table("DiaObject")
-        cols = self.columns_ddl(obj)
+        # Object rows record the store that wrote them (hidden columns), so that reads show a
+        # store wholly or not at all (see .visibility); keyspaces made before lack them.
+        cols = [*self.columns_ddl(obj), f"{STORED_VISIT} bigint", f"{STORED_DETECTOR} int"]
+        self.object_stores = True
         ddl = [
             f"CREATE TABLE IF NOT EXISTS {t('diadb_metadata')} (key text PRIMARY KEY, value text)",
             f"CREATE TABLE IF NOT EXISTS {t('diadb_visit')} (visit bigint, detector int, "
@@ -246,6 +255,7 @@ class Layout:
             "cassandra.time_partition_days": repr(self.time_partition_days),
             "cassandra.id_bucket_bits": str(self.id_bucket_bits),
             "cassandra.packed_columns": json.dumps(self.packer.packed),
+            "cassandra.object_stores": "1",
         }
         ins = self.session.prepare(f"INSERT INTO {t('diadb_metadata')} (key, value) VALUES (?, ?)")
         # The schema YAML is written last: its presence marks a complete APDB.

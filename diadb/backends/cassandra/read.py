@@ -12,27 +12,45 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from diadb.backends.base import Int64Array, ReadTable, TimeWindow
 from diadb.backends.cassandra.codec import groups, q, to_arrow
-from diadb.backends.cassandra.layout import PART, TIME_COLUMN, Layout, partition_table
+from diadb.backends.cassandra.layout import (
+    BUCKET,
+    HISTORY_TABLE,
+    PART,
+    STORED_DETECTOR,
+    STORED_VISIT,
+    TIME_COLUMN,
+    Layout,
+    partition_table,
+)
 from diadb.backends.cassandra.session import CassandraSession, Statements
 from diadb.backends.cassandra.store import Registry
+from diadb.backends.cassandra.visibility import Visibility, rows_shown
 from diadb.backends.common.names import LATEST_TABLE
+from diadb.errors import StorageError
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.sky.healpix import coarsen_ranges
+
+#: What a node that has not received a new table yet answers.
+SCHEMA_LAG = ("does not exist", "INCOMPATIBLE_SCHEMA", "unconfigured table")
 
 
 class Reader:
     """``select`` over the layout's tables."""
 
-    def __init__(self, session: CassandraSession, layout: Layout, registry: Registry) -> None:
+    def __init__(
+        self, session: CassandraSession, layout: Layout, registry: Registry, visibility: Visibility
+    ) -> None:
         self.session = session
         self.layout = layout
         self.registry = registry
+        self.visibility = visibility
 
     def slices(self, ranges: Int64Array) -> list[tuple[int, int, int]] | None:
         """(coarse pixel, lo, hi) slices covering ``ranges``, at most ``max_slices`` per pixel;
@@ -88,14 +106,25 @@ class Reader:
         *,
         window: TimeWindow | None = None,
         object_ids: Int64Array | None = None,
+        any_place: bool = False,
     ) -> pa.Table:
+        """Rows of ``table`` in ``ranges`` (or of ``object_ids``), each store's wholly or not at
+        all (``any_place``: the ranges only locate ``object_ids``' latest rows, so a previous
+        version may lie elsewhere)."""
         packer, prepare, t = self.layout.packer, self.session.prepare, self.session.t
         want = list(columns)
         extra = [HEALPIX_COLUMN]
+        # Which store wrote each row, to show each store wholly or not at all (.visibility);
+        # the horizon is taken before any row is read.
+        stores = ("visit", "detector") if table != "DiaObject" else (STORED_VISIT, STORED_DETECTOR)
+        filtered = table != "DiaObject" or self.layout.object_stores
+        horizon = self.visibility.horizon() if filtered else 0
         if table != "DiaObject":
             extra.append(TIME_COLUMN)
-        if object_ids is not None:
+        if object_ids is not None or (filtered and table == "DiaObject"):
             extra.append("diaObjectId")
+        if filtered:
+            extra += [*stores, *(["validityStartMjdTai"] if table == "DiaObject" else [])]
         fetch = list(dict.fromkeys([*want, *extra]))
         select_list = ", ".join(q(c) for c in packer.physical(table, fetch))
         ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
@@ -107,14 +136,16 @@ class Reader:
             # Large regions: scan the tables by token range (concurrently), filter below.
             for name in physical:
                 stmt = prepare(
-                    f"SELECT {select_list} FROM {t(name)} WHERE token({PART}) > ? AND token({PART}) <= ?"
+                    f"SELECT {select_list} FROM {t(name)} WHERE token({PART}) > ? AND token({PART}) <= ?",
+                    table_may_be_new=table != "DiaObject",
                 )
                 statements += [(stmt, tr) for tr in self.token_ranges()]
         elif slices is not None:
             for name in physical:
                 stmt = prepare(
                     f"SELECT {select_list} FROM {t(name)} WHERE {PART} = ? "
-                    f"AND {q(HEALPIX_COLUMN)} >= ? AND {q(HEALPIX_COLUMN)} < ?"
+                    f"AND {q(HEALPIX_COLUMN)} >= ? AND {q(HEALPIX_COLUMN)} < ?",
+                    table_may_be_new=table != "DiaObject",
                 )
                 statements += [(stmt, s) for s in slices]
         elif ids is not None and len(ids):
@@ -124,18 +155,20 @@ class Reader:
                 h = np.unique(np.asarray(keys.column(HEALPIX_COLUMN).to_numpy(), dtype=np.int64))
                 if not len(h):
                     return to_arrow(self.layout.types(table), want, [])
-                return self.select(table, np.stack([h, h + 1], axis=1), want, object_ids=ids)
+                return self.select(table, np.stack([h, h + 1], axis=1), want, object_ids=ids, any_place=True)
             for name in physical:
                 stmt = prepare(
-                    f"SELECT {select_list} FROM {t(name)} WHERE {q('diaObjectId')} IN ? ALLOW FILTERING"
+                    f"SELECT {select_list} FROM {t(name)} WHERE {q('diaObjectId')} IN ? ALLOW FILTERING",
+                    table_may_be_new=True,
                 )
                 statements += [
                     (stmt, (chunk.tolist(),)) for chunk in np.array_split(ids, -(-len(ids) // 500))
                 ]
         else:
             for name in physical:
-                statements.append((prepare(f"SELECT {select_list} FROM {t(name)}"), ()))
-        results = self.session.run(statements, write=False)
+                new = table != "DiaObject"
+                statements.append((prepare(f"SELECT {select_list} FROM {t(name)}", table_may_be_new=new), ()))
+        results = self._run(statements, new_tables=table != "DiaObject")
         rows = [row for rs in results for row in rs] if len(results) > 1 else (results[0] if results else [])
         data = self.layout.decode(table, fetch, rows)
         mask = None
@@ -152,4 +185,92 @@ class Reader:
             mask = inside if mask is None else mask & inside
         if mask is not None and not mask.all():
             data = data.filter(pa.array(mask))
+        if filtered and data.num_rows:
+            shown = rows_shown(self.visibility, data, *stores, horizon)
+            if shown is not None:
+                hidden = data.filter(pa.array(~shown))
+                data = data.filter(pa.array(shown))
+                if table == "DiaObject":
+                    data = self._with_previous_versions(
+                        data, hidden, fetch, np.zeros((0, 2), np.int64) if any_place else ranges, ids, horizon
+                    )
         return data.select(want)
+
+    def _run(self, statements: Statements, *, new_tables: bool) -> list[list[Any]]:
+        """``session.run``; with ``new_tables``, a time partition another client has just made
+        that some node does not know yet is waited for (schema agreement), then read again."""
+        for attempt in range(5):
+            try:
+                return self.session.run(statements, write=False)
+            except StorageError as e:
+                lagging = any(m in str(e) for m in SCHEMA_LAG)
+                if not new_tables or not lagging or attempt == 4:
+                    raise
+                self.session.await_schema_agreement()
+        raise AssertionError("unreachable")
+
+    def _with_previous_versions(
+        self,
+        data: pa.Table,
+        hidden: pa.Table,
+        fetch: Sequence[str],
+        ranges: Int64Array,
+        ids: Int64Array | None,
+        horizon: int,
+    ) -> pa.Table:
+        """``data`` plus, for each object whose latest row is a store not shown, the version
+        before it as of ``horizon`` (from the table of every version), if it lies in ``ranges``
+        and is not in ``data`` already (an object moved by that store keeps its old row until
+        the store is complete)."""
+        hidden_ids = np.asarray(hidden.column("diaObjectId").to_numpy(), dtype=np.int64)
+        have = np.asarray(data.column("diaObjectId").to_numpy(), dtype=np.int64)
+        wanted = np.unique(hidden_ids[~np.isin(hidden_ids, have)])
+        if not len(wanted):
+            return data
+        columns = list(dict.fromkeys([*fetch, "validityEndMjdTai"]))
+        stmt = self.session.prepare(
+            f"SELECT {', '.join(q(c) for c in self.layout.packer.physical(HISTORY_TABLE, columns))} "
+            f"FROM {self.session.t(HISTORY_TABLE)} WHERE {BUCKET} = ? AND {q('diaObjectId')} IN ?"
+        )
+        statements: Statements = [
+            (stmt, (b, members.tolist()))
+            for (b,), idx in groups([self.layout.bucket(wanted)])
+            for members in np.array_split(wanted[idx], -(-len(idx) // 500))
+        ]
+        rows = [r for rs in self.session.run(statements, write=False) for r in rs]
+        versions = self.layout.decode(HISTORY_TABLE, columns, rows)
+        if not versions.num_rows:
+            return data
+        shown = rows_shown(self.visibility, versions, STORED_VISIT, STORED_DETECTOR, horizon)
+        vid = np.asarray(versions.column("diaObjectId").to_numpy(), dtype=np.int64)
+        start = np.asarray(versions.column("validityStartMjdTai").to_numpy(), dtype=np.float64)
+        ok = np.ones(len(vid), dtype=bool) if shown is None else shown
+        # The newest version shown of each object: sorted by id, shown last, then by start.
+        order = np.lexsort((start, ok, vid))
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = vid[order][1:] != vid[order][:-1]
+        pick = order[last & ok[order]]
+        if not len(pick):
+            return data
+        prev = versions.take(pa.array(pick))
+        # Its end was set by the hidden store that closed it: as of the horizon it is open.
+        end = np.asarray(prev.column("validityEndMjdTai").to_numpy(zero_copy_only=False), dtype=np.float64)
+        hidden_start = np.asarray(hidden.column("validityStartMjdTai").to_numpy(), dtype=np.float64)
+        not_shown = set(zip(vid[~ok].tolist(), start[~ok].tolist(), strict=True))
+        not_shown.update(zip(hidden_ids.tolist(), hidden_start.tolist(), strict=True))
+        pairs = zip(vid[pick].tolist(), end.tolist(), strict=True)
+        # One test per object of a store not shown (a few), not per row read.
+        reopened = np.fromiter((p in not_shown for p in pairs), dtype=bool, count=len(pick))
+        if reopened.any():
+            col = prev.schema.get_field_index("validityEndMjdTai")
+            values = pa.array(np.where(reopened, np.nan, end), mask=reopened | np.isnan(end))
+            prev = prev.set_column(col, "validityEndMjdTai", values.cast(prev.schema.field(col).type))
+        h = np.asarray(prev.column(HEALPIX_COLUMN).to_numpy(), dtype=np.int64)
+        inside = np.ones(len(h), dtype=bool)
+        if len(ranges):
+            pos = np.searchsorted(ranges[:, 0], h, side="right") - 1
+            inside = (pos >= 0) & (h < ranges[np.clip(pos, 0, None), 1])
+        if ids is not None:
+            inside &= np.isin(prev.column("diaObjectId").to_numpy(), ids)
+        prev = prev.filter(pa.array(inside)).select(data.column_names)
+        return pa.concat_tables([data, prev.cast(data.schema)]) if prev.num_rows else data

@@ -174,18 +174,27 @@ class CassandraSession:
         except Exception as e:
             raise StorageError(f"Cassandra schema change failed ({cql[:120]}...): {e}") from e
 
-    def prepare(self, cql: str) -> Any:
+    def await_schema_agreement(self) -> None:
+        """Wait (up to 10 s) until every node has the same schema: another client's new table
+        may not have reached every node yet."""
+        self._session.cluster.control_connection.wait_for_schema_agreement(wait_time=10)
+        time.sleep(0.2)
+
+    def prepare(self, cql: str, *, table_may_be_new: bool = False) -> Any:
+        """A prepared statement (cached). ``table_may_be_new``: the table was just listed in the
+        schema and may have been made by another client moments ago (a time partition), so a
+        node that does not know it yet is waited for (schema agreement), up to the timeout."""
         stmt = self._prepared.get(cql)
         if stmt is None:
             with self._lock:
                 stmt = self._prepared.get(cql)
                 if stmt is None:
-                    stmt = self._prepare_within_timeout(cql)
+                    stmt = self._prepare_within_timeout(cql, table_may_be_new)
                     stmt.is_idempotent = True  # see the module docstring
                     self._prepared[cql] = stmt
         return stmt
 
-    def _prepare_within_timeout(self, cql: str) -> Any:
+    def _prepare_within_timeout(self, cql: str, table_may_be_new: bool = False) -> Any:
         """The driver's prepare() waits only its fixed 10 s (the profile's request timeout does
         not apply, and cannot be set with profiles); on a node busy with schema changes (another
         client's keyspace being made or dropped) a first prepare can take longer. Preparing is
@@ -200,7 +209,9 @@ class CassandraSession:
                 if time.monotonic() >= deadline:
                     raise StorageError(f"Cassandra cannot prepare {cql[:200]!r}: {e}") from e
             except Exception as e:
-                raise StorageError(f"Cassandra cannot prepare {cql[:200]!r}: {e}") from e
+                if not (table_may_be_new and "does not exist" in str(e)) or time.monotonic() >= deadline:
+                    raise StorageError(f"Cassandra cannot prepare {cql[:200]!r}: {e}") from e
+                self.await_schema_agreement()
 
     # ---- concurrent execution ------------------------------------------------------
     def run(self, statements: Sequence[tuple[Any, Sequence[Any]]], *, write: bool) -> list[list[Any]]:

@@ -1,11 +1,12 @@
 """Storing a visit, and the key registries that stand in for unique constraints.
 
-A store writes the key claims, then the rows, then the object key registry, then its
-change-log chunk (one lightweight transaction, see :mod:`.changelog`) and finally the visit
-registry entry: a store that failed half-way is completed by storing the same visit again
-(every write is an idempotent upsert, and the retry reuses the chunk the failed attempt may
-have taken). There are no multi-partition transactions: readers can see a visit's rows before
-the visit is registered, and a store that is never retried leaves its partial rows in place.
+A store writes the key claims, then the rows, then the deletes of moved objects' old rows, then
+the object key registry, then its change-log chunk (one lightweight transaction, see
+:mod:`.changelog`) and finally the visit registry entry: a store that failed half-way is
+completed by storing the same visit again (every write is an idempotent upsert, and the retry
+reuses the chunk the failed attempt may have taken). There are no multi-partition transactions:
+a store that is never retried leaves its partial rows in place, and readers hide them until it
+is complete (:mod:`.visibility`: that order is what lets them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from diadb.backends.cassandra.layout import (
     partition_table,
 )
 from diadb.backends.cassandra.session import CassandraSession, Statements
+from diadb.backends.cassandra.visibility import Visibility
 from diadb.backends.common.names import LATEST_TABLE, AlreadyStored
 from diadb.errors import StorageError
 from diadb.schema.model import HEALPIX_COLUMN
@@ -101,11 +103,19 @@ class Registry:
 class Store:
     """``store_visit`` and the key checks before it."""
 
-    def __init__(self, session: CassandraSession, layout: Layout, registry: Registry, log: ChangeLog) -> None:
+    def __init__(
+        self,
+        session: CassandraSession,
+        layout: Layout,
+        registry: Registry,
+        log: ChangeLog,
+        visibility: Visibility,
+    ) -> None:
         self.session = session
         self.layout = layout
         self.registry = registry
         self.log = log
+        self.visibility = visibility
         # The visit/detector of the store in progress, or of the last one that failed: its key
         # claims are its own, so that it may be retried (see existing_keys).
         self._storing: tuple[int, int] | None = None
@@ -139,7 +149,7 @@ class Store:
         claims = self._claims(batch)
         rows = self._source_writes("DiaSource", batch.sources)
         rows += self._source_writes("DiaForcedSource", batch.forced_sources)
-        obj_rows, obj_keys = self._object_writes(batch.objects)
+        obj_rows, obj_moves, obj_keys = self._object_writes(batch.objects, batch.visit, batch.detector)
         op_key = f"store-key:{batch.key}" if keyed else f"store:{batch.visit}:{batch.detector}"
         op, after, _, retry = self.log.begin(op_key, None)
         if keyed:
@@ -153,29 +163,37 @@ class Store:
         run, prepare, t = self.session.run, self.session.prepare, self.session.t
         run(claims, write=True)
         run(rows + obj_rows, write=True)
+        # Moved objects leave their old place only once their new rows are acknowledged: until
+        # the store is complete a read shows the old version (see .visibility).
+        run(obj_moves, write=True)
         run(obj_keys, write=True)
         chunk = self.log.take_chunk(
             op, after, "store", batch.visit, batch.detector, batch.visit_mjd_tai, retry=retry
         )
         counts = (batch.objects.num_rows, batch.sources.num_rows, batch.forced_sources.num_rows)
         mjd = batch.visit_mjd_tai
+        first_chunk = chunk
         if keyed:
             # Keyed stores of one visit/detector add up (read, then write: not atomic; a
             # crash between this and the key registry below counts a retried store twice).
             stmt = prepare(
-                f"SELECT visit_mjd_tai, n_objects, n_sources, n_forced_sources FROM "
+                f"SELECT visit_mjd_tai, n_objects, n_sources, n_forced_sources, chunk_id FROM "
                 f"{t('diadb_visit')} WHERE visit = ? AND detector = ?"
             )
             (prev,) = run([(stmt, (batch.visit, batch.detector))], write=False)
             if prev:
                 mjd = max(mjd, float(prev[0][0]))
-                counts = tuple(a + int(b or 0) for a, b in zip(counts, prev[0][1:], strict=True))
+                counts = tuple(a + int(b or 0) for a, b in zip(counts, prev[0][1:4], strict=True))
+                # The registry keeps the first store's chunk: readers show a visit/detector
+                # once that one is complete (see .visibility), and do not hide it again.
+                first_chunk = chunk if prev[0][4] is None else min(chunk, int(prev[0][4]))
         reg = prepare(
             f"INSERT INTO {t('diadb_visit')} (visit, detector, visit_mjd_tai, stored_at, n_objects, "
             "n_sources, n_forced_sources, chunk_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        values = (batch.visit, batch.detector, mjd, _dt.datetime.now(_dt.UTC), *counts, chunk)
+        values = (batch.visit, batch.detector, mjd, _dt.datetime.now(_dt.UTC), *counts, first_chunk)
         run([(reg, values)], write=True)
+        self.visibility.remember(batch.visit, batch.detector, first_chunk)
         if keyed:
             key_reg = prepare(f"INSERT INTO {t('diadb_store_key')} (key, chunk_id, op) VALUES (?, ?, ?)")
             run([(key_reg, (batch.key, chunk, op))], write=True)
@@ -288,10 +306,14 @@ class Store:
             out += self.session.writes(partition_table(name, tp), sub, [PART], unset_nulls=True)
         return out
 
-    def _object_writes(self, objs: pa.Table) -> tuple[Statements, Statements]:
-        """(row writes, key-registry writes) of the new object versions."""
+    def _object_writes(
+        self, objs: pa.Table, visit: int, detector: int
+    ) -> tuple[Statements, Statements, Statements]:
+        """(row writes, deletes of moved objects' old latest rows, key-registry writes) of the new
+        object versions (which record the store that wrote them, where the layout has the
+        columns: see .visibility)."""
         if not objs.num_rows:
-            return [], []
+            return [], [], []
         layout, session = self.layout, self.session
         ids = np.asarray(objs.column("diaObjectId").to_numpy(), dtype=np.int64)
         start = np.asarray(objs.column("validityStartMjdTai").to_numpy(), dtype=np.float64)
@@ -299,6 +321,7 @@ class Store:
         part = layout.pixel(h29)
         prev = self.registry.lookup("DiaObject", pa.table({"diaObjectId": ids}))
         out: Statements = []
+        moves: Statements = []
         if prev.num_rows:
             prev_ids = np.asarray(prev.column("diaObjectId").to_numpy(), dtype=np.int64)
             order = np.argsort(ids)
@@ -332,9 +355,13 @@ class Store:
                     f"DELETE FROM {session.t(LATEST_TABLE)} WHERE {PART} = ? AND {q(HEALPIX_COLUMN)} = ? "
                     f"AND {q('diaObjectId')} = ?"
                 )
-                out += session.batches(stmt, gone, [PART], unset_nulls=False)
+                moves += session.batches(stmt, gone, [PART], unset_nulls=False)
         # Object tables are written with explicit nulls: a replaced row must lose old values.
         packed = layout.packer.pack("DiaObject", objs)
+        if layout.object_stores:
+            n = objs.num_rows
+            packed = packed.append_column(STORED_VISIT, pa.array(np.full(n, visit, np.int64)))
+            packed = packed.append_column(STORED_DETECTOR, pa.array(np.full(n, detector, np.int32)))
         out += session.writes(
             HISTORY_TABLE,
             packed.append_column(BUCKET, pa.array(layout.bucket(ids))),
@@ -353,4 +380,4 @@ class Store:
                 "validityStartMjdTai": start,
             }
         )
-        return out, session.writes("diadb_DiaObject_keys", keys, [BUCKET], unset_nulls=False)
+        return out, moves, session.writes("diadb_DiaObject_keys", keys, [BUCKET], unset_nulls=False)

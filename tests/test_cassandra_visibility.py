@@ -1,0 +1,155 @@
+"""Cassandra shows each store wholly or not at all (issue "Never a wrong answer", class 9).
+
+A store's rows reach Cassandra one batch at a time, with no transaction around them. Reads take
+a horizon (the newest change-log chunk id) first and show only the rows of stores registered
+with a chunk at or below it (``diadb.backends.cassandra.visibility``). These tests break stores
+at chosen points (before the chunk; half-way through the rows) and pin a read's horizon before
+a store completes; the 3-node test with a writer killed by SIGKILL is in ``test_cassandra.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import diadb
+from diadb.errors import StorageError
+from tests.helpers import Visit, make_visit, random_positions
+from tests.service_cassandra import fresh_url
+
+pytestmark = pytest.mark.slow
+
+EVERYWHERE = diadb.Box(0, 360, -90, 90)
+N = 200
+
+
+@pytest.fixture
+def db(request: pytest.FixtureRequest, official_schema: Any) -> Iterator[diadb.Apdb]:
+    apdb = diadb.Apdb.create(fresh_url(request), schema=official_schema)
+    try:
+        yield apdb
+    finally:
+        apdb.close()
+
+
+def _visits(schema: Any) -> tuple[Visit, Visit]:
+    """Visit 1 makes objects 1..N; visit 2 gives each a new version, moved (a new order-29
+    pixel), plus N new objects; each visit has sources and forced sources."""
+    ids = np.arange(1, N + 1)
+    ra, dec = random_positions(N, 5)
+    first = make_visit(schema, 1, 60000.0, ids, ra, dec)
+    both = np.concatenate([ids, ids + 10_000])
+    ra2, dec2 = random_positions(N, 6)
+    second = make_visit(
+        schema, 2, 60000.5, both, np.concatenate([ra + 1e-4, ra2]), np.concatenate([dec, dec2]), seed=3
+    )
+    return first, second
+
+
+def _store(db: diadb.Apdb, v: Visit) -> bool:
+    return db.store(v.mjd, v.objects, v.sources, v.forced, visit=v.visit, detector=0)
+
+
+def _sorted(t: pa.Table, key: str) -> pa.Table:
+    return t.take(pc.sort_indices(t, sort_keys=[(key, "ascending")]))
+
+
+def _assert_shows_only(db: diadb.Apdb, visible: list[Visit]) -> None:
+    """Reads show exactly the rows of ``visible`` (the last one's object versions)."""
+    mjd = 60001.0
+    got = db.get_sources(EVERYWHERE, mjd, columns=["diaSourceId", "visit"])
+    want = pa.concat_tables([v.sources for v in visible])
+    assert sorted(got.column("diaSourceId").to_pylist()) == sorted(want.column("diaSourceId").to_pylist())
+    forced = db.get_forced_sources(EVERYWHERE, mjd, columns=["diaObjectId", "visit"])
+    assert forced.num_rows == sum(v.forced.num_rows for v in visible)
+    assert set(forced.column("visit").to_pylist()) == {v.visit for v in visible}
+    objects = _sorted(db.get_objects(EVERYWHERE), "diaObjectId")
+    latest = _sorted(visible[-1].objects, "diaObjectId")
+    if len(visible) > 1:  # objects the last visit did not touch keep their earlier version
+        older = visible[0].objects.filter(
+            pc.invert(pc.is_in(visible[0].objects.column("diaObjectId"), latest.column("diaObjectId")))
+        )
+        latest = _sorted(pa.concat_tables([latest, older.cast(latest.schema)]), "diaObjectId")
+    assert objects.num_rows == latest.num_rows
+    for name in ("diaObjectId", "ra", "dec", "validityStartMjdTai", "validityEndMjdTai", "nDiaSources"):
+        want_values = latest.column(name).cast(objects.column(name).type).to_pylist()
+        assert objects.column(name).to_pylist() == want_values, name
+
+
+def test_a_store_that_fails_before_its_chunk_is_not_shown_and_its_retry_shows_it_whole(
+    db: diadb.Apdb, official_schema: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = _visits(official_schema)
+    assert _store(db, first)
+    log = db._backend.log  # type: ignore[attr-defined]
+
+    def fail(*args: Any, **kwargs: Any) -> int:
+        raise StorageError("injected: the change-log write failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(log, "take_chunk", fail)
+        with pytest.raises(StorageError, match="injected"):
+            _store(db, second)
+    # Every row of visit 2 is written (new object versions, moved objects' deletes, sources),
+    # but it has no chunk: nothing of it is shown, and each object shows its visit-1 version.
+    _assert_shows_only(db, [first])
+    assert not db.contains_visit_detector(2, 0)
+    # Another process (no cache of this one's) sees the same.
+    with diadb.Apdb.open(db.url) as other:
+        _assert_shows_only(other, [first])
+    assert _store(db, second)  # the retry completes the same store
+    _assert_shows_only(db, [first, second])
+    with diadb.Apdb.open(db.url) as other:
+        _assert_shows_only(other, [first, second])
+
+
+def test_a_store_broken_half_way_through_its_rows_is_not_shown(
+    db: diadb.Apdb, official_schema: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = _visits(official_schema)
+    assert _store(db, first)
+    session = db._backend.session  # type: ignore[attr-defined]
+    real_run = session.run
+
+    big_writes = []
+
+    def half(statements: Any, *, write: bool) -> Any:
+        # A store's big writes are its key claims, then its rows: every other batch of the
+        # rows is written, then it fails.
+        if write and len(statements) > 4:
+            big_writes.append(len(statements))
+            if len(big_writes) == 2:
+                real_run(statements[::2], write=True)
+                raise StorageError("injected: the connection dropped mid-store")
+        return real_run(statements, write=write)
+
+    with monkeypatch.context() as m:
+        m.setattr(session, "run", half)
+        with pytest.raises(StorageError, match="injected"):
+            _store(db, second)
+    assert len(big_writes) == 2
+    _assert_shows_only(db, [first])
+    with diadb.Apdb.open(db.url) as other:
+        _assert_shows_only(other, [first])
+        assert _store(other, second)  # completed by another process
+    _assert_shows_only(db, [first, second])
+
+
+def test_a_store_completed_after_a_read_began_is_not_shown_to_that_read(
+    db: diadb.Apdb, official_schema: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = _visits(official_schema)
+    assert _store(db, first)
+    visibility = db._backend.visibility  # type: ignore[attr-defined]
+    began = visibility.horizon()  # a read takes its horizon, then visit 2 is stored whole
+    with diadb.Apdb.open(db.url) as writer:
+        assert _store(writer, second)
+    with monkeypatch.context() as m:
+        m.setattr(visibility, "horizon", lambda: began)
+        _assert_shows_only(db, [first])  # the read's rows come after the store: still hidden
+    _assert_shows_only(db, [first, second])
