@@ -224,38 +224,77 @@ def test_packed_layout_reads_what_the_plain_layout_reads(cluster3, official_sche
                 db.close()
 
 
+#: Lines added to ``tests.test_processes.WRITER`` (after it opens the APDB): the ``stall``-th
+#: store writes every other batch of its rows, prints "mid" and waits to be killed.
+STALL = """
+import time
+store, session = db._backend.store, db._backend.session
+marks, real_writes, real_run, stores = set(), store._source_writes, session.run, [0]
+def source_writes(name, data):
+    out = real_writes(name, data)
+    if out:
+        marks.add(id(out[0][0]))
+    return out
+def run(statements, *, write):
+    if write and statements and id(statements[0][0]) in marks:
+        stores[0] += 1
+        if stores[0] == {stall}:
+            real_run(statements[::2], write=True)
+            print("mid", flush=True)
+            time.sleep(600)
+    return real_run(statements, write=write)
+store._source_writes, session.run = source_writes, run
+"""
+
+
 def test_a_writer_killed_mid_store_is_never_seen_in_part_on_three_nodes(cluster3, official_schema):
-    """A writer killed with SIGKILL at random moments of its stores, while a reader in another
-    process reads the field at QUORUM: no read shows part of a visit (sources, forced sources
-    or objects), nothing acknowledged is lost, and the killed visit, stored again, is whole."""
+    """A writer killed with SIGKILL half-way through the rows of a store (twice, while this
+    process and a reader process read at QUORUM), then at a random moment: no read shows part
+    of a visit (sources, forced sources or objects), nothing acknowledged is lost, and the
+    killed visit, stored again, is whole."""
     import subprocess
 
     from tests.test_processes import READER, WRITER, N, _script, _visit_counts
 
+    opened = "db = diadb.Apdb.open({url!r})\n"
+    assert opened in WRITER
+    stalling = WRITER.replace(
+        opened, opened + STALL.replace("{", "{{").replace("}", "}}").replace("{{stall}}", "{stall}")
+    )
     hosts, port = cluster3.rsplit(":", 1)
     url = f"cassandra://{hosts}:{port}/k_{uuid.uuid4().hex[:12]}?rf=3&consistency=QUORUM"
     diadb.Apdb.create(url, schema=official_schema).close()
     rng = np.random.default_rng(7)
     acknowledged: set[int] = set()
     first = 1
+    reader = subprocess.Popen(_script(READER, url=url, n=N), stdout=subprocess.PIPE, text=True)
     try:
-        reader = subprocess.Popen(_script(READER, url=url, n=N), stdout=subprocess.PIPE, text=True)
-        for _attempt in range(3):
+        for attempt in range(3):
+            stall = attempt < 2
             proc = subprocess.Popen(
-                _script(WRITER, url=url, n=N, first=first, count=200), stdout=subprocess.PIPE, text=True
+                _script(stalling if stall else WRITER, url=url, n=N, first=first, count=200, stall=2),
+                stdout=subprocess.PIPE,
+                text=True,
             )
             assert proc.stdout is not None
             line = proc.stdout.readline()  # one visit acknowledged, then a kill mid-store
-            if line.strip():
-                acknowledged.add(int(line))
-            time.sleep(float(rng.uniform(0.05, 0.6)))
+            acknowledged.add(int(line))
+            if stall:
+                assert proc.stdout.readline().strip() == "mid"
+                # Half of the next visit's rows are written and acknowledged: not shown.
+                counts = _visit_counts(url)
+                assert all(c == N for c in counts.values()), counts
+                assert set(counts) == acknowledged
+                time.sleep(2.0)  # the reader process reads meanwhile
+            else:
+                time.sleep(float(rng.uniform(0.05, 0.6)))
             os.kill(proc.pid, signal.SIGKILL)
             rest, _ = proc.communicate()
-            acknowledged.update(int(x) for x in rest.split())
+            acknowledged.update(int(x) for x in rest.split() if x != "mid")
             counts = _visit_counts(url)
             assert all(c == N for c in counts.values()), counts  # no partial visit
             assert acknowledged <= set(counts)  # nothing acknowledged is lost
-            first = max(max(counts), max(acknowledged, default=0)) + 1
+            first = max(max(counts), max(acknowledged)) + 1
         out, _ = reader.communicate(timeout=900)
         assert reader.returncode == 0 and out.strip() == "bad 0", out
         # The store killed last, stored again (as a pipeline retrying it would), is whole.
@@ -266,6 +305,9 @@ def test_a_writer_killed_mid_store_is_never_seen_in_part_on_three_nodes(cluster3
         counts = _visit_counts(url)
         assert all(c == N for c in counts.values()) and {first, first + 1} <= set(counts)
     finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.communicate()
         with diadb.Apdb.open(url) as db:
             db._backend.drop()  # type: ignore[attr-defined]
 

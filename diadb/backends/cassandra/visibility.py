@@ -5,7 +5,8 @@ time, and a store that fails and is never retried leaves part of its rows. What 
 have is an order (:mod:`.store`): every row, then its change-log chunk (a lightweight
 transaction whose ids are in commit order), then the visit registry (``diadb_visit``, which keeps
 the chunk id of the visit/detector's first store). So a read first takes the **horizon**, the
-newest chunk id (a ``SERIAL`` read, linearizable with the chunk transactions), and then shows a
+newest chunk id (one read at the read consistency: every id a replica holds was taken after its
+store's rows were acknowledged, and a process's horizons never go back), and then shows a
 row only if the store that wrote it (its ``visit``/``detector``, which every source row carries
 and object rows record in hidden columns) is registered with a chunk at or below the horizon:
 
@@ -48,15 +49,22 @@ class Visibility:
         # (visit, detector) -> the chunk id of its first store (0: registered before the log).
         self._chunks: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
+        # The newest horizon this process has used or chunk it has taken.
+        self._seen = 0
 
     def horizon(self) -> int:
-        """The newest chunk id, read before a read's rows (``SERIAL``)."""
-        return self.log.newest_chunk_id()
+        """The newest chunk id, read before a read's rows; never older than one this process
+        has seen or taken (so it reads its own stores, and never hides a store it showed)."""
+        newest = self.log.newest_chunk_id()
+        with self._lock:
+            self._seen = max(self._seen, newest)
+            return self._seen
 
     def remember(self, visit: int, detector: int, chunk: int) -> None:
         """A store this process just completed (no registry lookup needed for it)."""
         with self._lock:
             self._chunks.setdefault((int(visit), int(detector)), int(chunk))
+            self._seen = max(self._seen, int(chunk))
 
     def shown(self, visits: np.ndarray, detectors: np.ndarray, horizon: int) -> np.ndarray | None:
         """A mask of the rows whose store is complete at ``horizon``; None when all are."""
