@@ -230,8 +230,8 @@ STALL = """
 import time
 store, session = db._backend.store, db._backend.session
 marks, real_writes, real_run, stores = set(), store._source_writes, session.run, [0]
-def source_writes(name, data):
-    out = real_writes(name, data)
+def source_writes(*args):
+    out = real_writes(*args)
     if out:
         marks.add(id(out[0][0]))
     return out

@@ -132,8 +132,9 @@ class Layout:
         # The partition tables known to exist (a cache: checking the schema per store costs a query).
         self._partitions: set[str] = set()
         self._lock = threading.Lock()
-        #: Whether object rows record the store that wrote them (``STORED_VISIT``/``_DETECTOR``).
-        self.object_stores = False
+        #: Whether every row records the store that wrote it (``STORED_VISIT``/``_DETECTOR``):
+        #: keyspaces made before reads showed stores wholly (see .visibility) do not.
+        self.store_columns = False
 
     @classmethod
     def open(cls, session: CassandraSession, opts: Options, url: str, *, create: bool) -> Layout:
@@ -160,7 +161,7 @@ class Layout:
             id_bucket_bits=int(meta["cassandra.id_bucket_bits"]),
         )
         layout.packer.set(json.loads(meta.get("cassandra.packed_columns", "{}")))
-        layout.object_stores = meta.get("cassandra.object_stores") == "1"
+        layout.store_columns = meta.get("cassandra.store_columns") == "1"
         return layout
 
     @property
@@ -201,6 +202,12 @@ class Layout:
         cols = [f"{q(c.name)} {cql_type(c.datatype)}" for c in spec.columns if c.name not in packed]
         return cols + [f"{q(HEALPIX_COLUMN)} bigint"] + ([f"{PACKED} blob"] if packed else [])
 
+    def store_columns_ddl(self) -> list[str]:
+        """The hidden columns of object and source rows naming the store that wrote them (a
+        store's rows may be of other visits: reference stores mix them), so that reads show a
+        store wholly or not at all (see .visibility)."""
+        return [f"{STORED_VISIT} bigint", f"{STORED_DETECTOR} int"] if self.store_columns else []
+
     def key_table_ddl(self, name: str, key: Sequence[str], spec: TableSpec) -> str:
         """Primary-key registry: one column key -> bucketed; (id, a, b) -> partition (a, b)."""
         types = {c: cql_type(spec.column(c).datatype) for c in key}
@@ -228,10 +235,8 @@ class Layout:
             f"{{'class': 'NetworkTopologyStrategy', 'replication_factor': {self.rf}}}"
         )
         obj = schema.table("DiaObject")
-        # Object rows record the store that wrote them (hidden columns), so that reads show a
-        # store wholly or not at all (see .visibility); keyspaces made before lack them.
-        cols = [*self.columns_ddl(obj), f"{STORED_VISIT} bigint", f"{STORED_DETECTOR} int"]
-        self.object_stores = True
+        self.store_columns = True
+        cols = [*self.columns_ddl(obj), *self.store_columns_ddl()]
         ddl = [
             f"CREATE TABLE IF NOT EXISTS {t('diadb_metadata')} (key text PRIMARY KEY, value text)",
             f"CREATE TABLE IF NOT EXISTS {t('diadb_visit')} (visit bigint, detector int, "
@@ -255,7 +260,7 @@ class Layout:
             "cassandra.time_partition_days": repr(self.time_partition_days),
             "cassandra.id_bucket_bits": str(self.id_bucket_bits),
             "cassandra.packed_columns": json.dumps(self.packer.packed),
-            "cassandra.object_stores": "1",
+            "cassandra.store_columns": "1",
         }
         ins = self.session.prepare(f"INSERT INTO {t('diadb_metadata')} (key, value) VALUES (?, ?)")
         # The schema YAML is written last: its presence marks a complete APDB.
@@ -347,7 +352,8 @@ class Layout:
             spec = self.schema.table(name.rsplit("_", 1)[0])
             key = (q(HEALPIX_COLUMN), q(TIME_COLUMN), *(q(c) for c in spec.primary_key))
             self.session.ddl(
-                f"CREATE TABLE IF NOT EXISTS {self.session.t(name)} ({', '.join(self.columns_ddl(spec))}, "
+                f"CREATE TABLE IF NOT EXISTS {self.session.t(name)} "
+                f"({', '.join([*self.columns_ddl(spec), *self.store_columns_ddl()])}, "
                 f"{PART} int, PRIMARY KEY (({PART}), {', '.join(key)}))"
             )
             for index, column in (("_object", "diaObjectId"), ("_visit", "visit")):

@@ -116,8 +116,8 @@ class Reader:
         extra = [HEALPIX_COLUMN]
         # Which store wrote each row, to show each store wholly or not at all (.visibility);
         # the horizon is taken before any row is read.
-        stores = ("visit", "detector") if table != "DiaObject" else (STORED_VISIT, STORED_DETECTOR)
-        filtered = table != "DiaObject" or self.layout.object_stores
+        stores = (STORED_VISIT, STORED_DETECTOR)
+        filtered = self.layout.store_columns
         horizon = self.visibility.horizon() if filtered else 0
         if table != "DiaObject":
             extra.append(TIME_COLUMN)

@@ -147,8 +147,8 @@ class Store:
         self._storing = (batch.visit, batch.detector)
         # 0. every check (keys another store owns), and every statement built, before any write.
         claims = self._claims(batch)
-        rows = self._source_writes("DiaSource", batch.sources)
-        rows += self._source_writes("DiaForcedSource", batch.forced_sources)
+        rows = self._source_writes("DiaSource", batch.sources, batch)
+        rows += self._source_writes("DiaForcedSource", batch.forced_sources, batch)
         obj_rows, obj_moves, obj_keys = self._object_writes(batch.objects, batch.visit, batch.detector)
         op_key = f"store-key:{batch.key}" if keyed else f"store:{batch.visit}:{batch.detector}"
         op, after, _, retry = self.log.begin(op_key, None)
@@ -293,9 +293,10 @@ class Store:
                     return True
         return False
 
-    def _source_writes(self, name: str, data: pa.Table) -> Statements:
+    def _source_writes(self, name: str, data: pa.Table, batch: VisitBatch) -> Statements:
         if not data.num_rows:
             return []
+        data = self._with_store(data, batch.visit, batch.detector)
         tparts = self.layout.time_partition(data.column(TIME_COLUMN).to_numpy())
         self.layout.ensure_partitions_or_fail(name, np.unique(tparts))
         data = data.append_column(PART, pa.array(self.layout.pixel(data.column(HEALPIX_COLUMN).to_numpy())))
@@ -305,6 +306,14 @@ class Store:
             sub = data.take(pa.array(members))
             out += self.session.writes(partition_table(name, tp), sub, [PART], unset_nulls=True)
         return out
+
+    def _with_store(self, data: pa.Table, visit: int, detector: int) -> pa.Table:
+        """``data`` with the hidden columns naming the store that writes it (see .visibility)."""
+        if not self.layout.store_columns:
+            return data
+        n = data.num_rows
+        data = data.append_column(STORED_VISIT, pa.array(np.full(n, visit, np.int64)))
+        return data.append_column(STORED_DETECTOR, pa.array(np.full(n, detector, np.int32)))
 
     def _object_writes(
         self, objs: pa.Table, visit: int, detector: int
@@ -357,11 +366,7 @@ class Store:
                 )
                 moves += session.batches(stmt, gone, [PART], unset_nulls=False)
         # Object tables are written with explicit nulls: a replaced row must lose old values.
-        packed = layout.packer.pack("DiaObject", objs)
-        if layout.object_stores:
-            n = objs.num_rows
-            packed = packed.append_column(STORED_VISIT, pa.array(np.full(n, visit, np.int64)))
-            packed = packed.append_column(STORED_DETECTOR, pa.array(np.full(n, detector, np.int32)))
+        packed = self._with_store(layout.packer.pack("DiaObject", objs), visit, detector)
         out += session.writes(
             HISTORY_TABLE,
             packed.append_column(BUCKET, pa.array(layout.bucket(ids))),

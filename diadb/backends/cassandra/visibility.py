@@ -7,8 +7,9 @@ transaction whose ids are in commit order), then the visit registry (``diadb_vis
 the chunk id of the visit/detector's first store). So a read first takes the **horizon**, the
 newest chunk id (one read at the read consistency: every id a replica holds was taken after its
 store's rows were acknowledged, and a process's horizons never go back), and then shows a
-row only if the store that wrote it (its ``visit``/``detector``, which every source row carries
-and object rows record in hidden columns) is registered with a chunk at or below the horizon:
+row only if the store that wrote it (the visit/detector it was stored under, which every row
+records in two hidden columns: a reference store's rows may be of other visits) is registered
+with a chunk at or below the horizon:
 
 - such a store had every row acknowledged before its chunk was taken, hence before the read
   began, so the read finds all of them (at the write and read consistency levels in use);
@@ -21,8 +22,9 @@ stores it has not seen (a few per visit). Registry entries from before the chang
 chunk id and count as complete.
 
 Not covered (README): a second keyed store of a visit/detector already stored (the facade's
-``store`` appends) is shown in part while it runs, since its rows carry the same visit/detector
-as the first; daytime updates are not single steps either.
+``store`` appends) is shown in part while it runs, since its rows name the same visit/detector
+as the first; daytime updates are not single steps either; keyspaces made before the hidden
+columns are not filtered.
 """
 
 from __future__ import annotations
