@@ -116,28 +116,9 @@ class ChangeLog:
             self._chunk_bucket = b
             return b, last
 
-    def newest_chunk_id(self) -> int:
-        """The newest chunk id committed (0 before the first), read at the read consistency, not
-        ``SERIAL``: any id a replica holds was taken after its operation's rows were
-        acknowledged, so a read may show it (see :mod:`.visibility`), and at QUORUM every
-        completed id is seen. Not linearizable (a lagging replica gives an older id), so the
-        caller keeps its reads monotonic."""
-        if self._chunk_bucket is None:
-            self._chunk_head()
-        b = self._chunk_bucket or 0
-        stmt = self.session.prepare(
-            f"SELECT bucket, last_id FROM {self.session.t('diadb_chunk')} WHERE bucket = ? LIMIT 1"
-        )
-        while True:
-            (rows,) = self.session.run([(stmt, (b,))], write=False)
-            last = None if not rows or rows[0][1] is None else int(rows[0][1])
-            if last is not None and last >= ((b + 1) << CHUNK_BITS) - 1:
-                b += 1  # the bucket is full: the newest ids are in the next one
-                continue
-            if last is None:
-                return max(0, (b << CHUNK_BITS) - 1)
-            self._chunk_bucket = b
-            return last
+    def newest_bucket(self) -> int:
+        """The newest chunk bucket this process knows of (looked up once, then followed)."""
+        return self._chunk_head()[0] if self._chunk_bucket is None else self._chunk_bucket
 
     def _last_chunk_id(self) -> int:
         b, last = self._chunk_head()

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diadb.backends.cassandra.changelog import ChangeLog
+from diadb.backends.cassandra.changelog import CHUNK_BITS, ChangeLog
 from diadb.backends.cassandra.session import CassandraSession, Statements
 
 #: Visits per registry query (``visit IN ?``: one partition each, the coordinator fans out).
@@ -51,16 +51,35 @@ class Visibility:
         # (visit, detector) -> the chunk id of its first store (0: registered before the log).
         self._chunks: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
-        # The newest horizon this process has used or chunk it has taken.
+        # The newest horizon this process has used or chunk it has taken, and its bucket.
         self._seen = 0
+        self._bucket: int | None = None
 
     def horizon(self) -> int:
         """The newest chunk id, read before a read's rows; never older than one this process
         has seen or taken (so it reads its own stores, and never hides a store it showed)."""
-        newest = self.log.newest_chunk_id()
+        newest = self._newest_chunk_id()
         with self._lock:
             self._seen = max(self._seen, newest)
             return self._seen
+
+    def _newest_chunk_id(self) -> int:
+        """The newest chunk id committed (0 before the first), read at the read consistency, not
+        ``SERIAL``: any id a replica holds was taken after its operation's rows were
+        acknowledged, so a read may show it, and at QUORUM every completed id is seen. Not
+        linearizable (a lagging replica gives an older id): :meth:`horizon` keeps it monotonic."""
+        b = self._bucket if self._bucket is not None else self.log.newest_bucket()
+        stmt = self.session.prepare(
+            f"SELECT bucket, last_id FROM {self.session.t('diadb_chunk')} WHERE bucket = ? LIMIT 1"
+        )
+        while True:
+            (rows,) = self.session.run([(stmt, (b,))], write=False)
+            last = None if not rows or rows[0][1] is None else int(rows[0][1])
+            if last is not None and last >= ((b + 1) << CHUNK_BITS) - 1:
+                b += 1  # the bucket is full: the newest ids are in the next one
+                continue
+            self._bucket = b
+            return max(0, (b << CHUNK_BITS) - 1) if last is None else last
 
     def remember(self, visit: int, detector: int, chunk: int) -> None:
         """A store this process just completed (no registry lookup needed for it)."""
