@@ -63,8 +63,9 @@ BUCKET = "apdb_bucket"
 #: Which store call wrote a key (in the key registries).
 STORED_VISIT = "apdb_stored_visit"
 STORED_DETECTOR = "apdb_stored_detector"
-#: Their Felis types, where object rows carry them too.
+#: Source and object rows carry them too (hidden), so reads show each store wholly (.visibility).
 HIDDEN_TYPES = {STORED_VISIT: "long", STORED_DETECTOR: "int"}
+STORE_COLUMNS_DDL = (f"{STORED_VISIT} bigint", f"{STORED_DETECTOR} int")
 
 
 def partition_table(table: str, part: int) -> str:
@@ -202,12 +203,6 @@ class Layout:
         cols = [f"{q(c.name)} {cql_type(c.datatype)}" for c in spec.columns if c.name not in packed]
         return cols + [f"{q(HEALPIX_COLUMN)} bigint"] + ([f"{PACKED} blob"] if packed else [])
 
-    def store_columns_ddl(self) -> list[str]:
-        """The hidden columns of object and source rows naming the store that wrote them (a
-        store's rows may be of other visits: reference stores mix them), so that reads show a
-        store wholly or not at all (see .visibility)."""
-        return [f"{STORED_VISIT} bigint", f"{STORED_DETECTOR} int"] if self.store_columns else []
-
     def key_table_ddl(self, name: str, key: Sequence[str], spec: TableSpec) -> str:
         """Primary-key registry: one column key -> bucketed; (id, a, b) -> partition (a, b)."""
         types = {c: cql_type(spec.column(c).datatype) for c in key}
@@ -236,7 +231,7 @@ class Layout:
         )
         obj = schema.table("DiaObject")
         self.store_columns = True
-        cols = [*self.columns_ddl(obj), *self.store_columns_ddl()]
+        cols = [*self.columns_ddl(obj), *STORE_COLUMNS_DDL]
         ddl = [
             f"CREATE TABLE IF NOT EXISTS {t('diadb_metadata')} (key text PRIMARY KEY, value text)",
             f"CREATE TABLE IF NOT EXISTS {t('diadb_visit')} (visit bigint, detector int, "
@@ -351,9 +346,9 @@ class Layout:
                 continue
             spec = self.schema.table(name.rsplit("_", 1)[0])
             key = (q(HEALPIX_COLUMN), q(TIME_COLUMN), *(q(c) for c in spec.primary_key))
+            cols = [*self.columns_ddl(spec), *(STORE_COLUMNS_DDL if self.store_columns else ())]
             self.session.ddl(
-                f"CREATE TABLE IF NOT EXISTS {self.session.t(name)} "
-                f"({', '.join([*self.columns_ddl(spec), *self.store_columns_ddl()])}, "
+                f"CREATE TABLE IF NOT EXISTS {self.session.t(name)} ({', '.join(cols)}, "
                 f"{PART} int, PRIMARY KEY (({PART}), {', '.join(key)}))"
             )
             for index, column in (("_object", "diaObjectId"), ("_visit", "visit")):
