@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import count, repeat
 from typing import Any
 
 import numpy as np
@@ -109,15 +109,17 @@ class CassandraSession:
 
         # Connection attempts until the URL's timeout: one failed attempt (a node that just
         # started, or is busy) is not yet an unreachable cluster.
+        # At least 3 attempts: a pause of the whole machine (a VM suspended) expires the
+        # deadline and every timer at once.
         deadline = time.monotonic() + opts.timeout
-        while True:
+        for attempt in count():
             self._cluster = make_cluster()
             try:
                 self._session = self._cluster.connect()
                 break
             except Exception as e:
                 self._cluster.shutdown()
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline and attempt >= 2:
                     raise StorageError(f"cannot connect to Cassandra at {url.hosts}:{url.port}: {e}") from e
                 time.sleep(1.0)
         # A client that drops its Apdb without close() (the reference's interface has no close)
@@ -169,10 +171,21 @@ class CassandraSession:
                 cql += f" AND gc_grace_seconds = {int(self.opts.gc_grace_seconds)}"
             if self.opts.compaction is not None:
                 cql += f" AND compaction = {{'class': '{self.opts.compaction}'}}"
-        try:
-            self._session.execute(cql, timeout=120)
-        except Exception as e:
-            raise StorageError(f"Cassandra schema change failed ({cql[:120]}...): {e}") from e
+        from cassandra.cluster import NoHostAvailable
+
+        for attempt in range(3):
+            try:
+                self._session.execute(cql, timeout=120)
+                return
+            except NoHostAvailable as e:
+                # No connection answered (a node, or the whole machine, stalled): the statement
+                # (CREATE/DROP ... IF [NOT] EXISTS, ALTER) is sent again; an ALTER that had been
+                # applied reports its column as existing, which its callers accept.
+                if attempt == 2:
+                    raise StorageError(f"Cassandra schema change failed ({cql[:120]}...): {e}") from e
+                time.sleep(2.0)
+            except Exception as e:
+                raise StorageError(f"Cassandra schema change failed ({cql[:120]}...): {e}") from e
 
     def await_schema_agreement(self) -> None:
         """Wait (up to 10 s) until every node has the same schema: another client's new table
