@@ -129,7 +129,9 @@ class Reader:
         select_list = ", ".join(q(c) for c in packer.physical(table, fetch))
         ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
         ids = None if object_ids is None else np.unique(np.asarray(object_ids, dtype=np.int64))
-        physical = [LATEST_TABLE] if table == "DiaObject" else self.read_partitions(table, window)
+        # Source tables are time partitions, which another client may have made just now.
+        partitioned = table != "DiaObject"
+        physical = self.read_partitions(table, window) if partitioned else [LATEST_TABLE]
         statements: Statements = []
         slices = self.slices(ranges) if len(ranges) else None
         if len(ranges) and slices is None:
@@ -137,7 +139,7 @@ class Reader:
             for name in physical:
                 stmt = prepare(
                     f"SELECT {select_list} FROM {t(name)} WHERE token({PART}) > ? AND token({PART}) <= ?",
-                    table_may_be_new=table != "DiaObject",
+                    table_may_be_new=partitioned,
                 )
                 statements += [(stmt, tr) for tr in self.token_ranges()]
         elif slices is not None:
@@ -145,7 +147,7 @@ class Reader:
                 stmt = prepare(
                     f"SELECT {select_list} FROM {t(name)} WHERE {PART} = ? "
                     f"AND {q(HEALPIX_COLUMN)} >= ? AND {q(HEALPIX_COLUMN)} < ?",
-                    table_may_be_new=table != "DiaObject",
+                    table_may_be_new=partitioned,
                 )
                 statements += [(stmt, s) for s in slices]
         elif ids is not None and len(ids):
@@ -166,9 +168,9 @@ class Reader:
                 ]
         else:
             for name in physical:
-                new = table != "DiaObject"
-                statements.append((prepare(f"SELECT {select_list} FROM {t(name)}", table_may_be_new=new), ()))
-        results = self._run(statements, new_tables=table != "DiaObject")
+                stmt = prepare(f"SELECT {select_list} FROM {t(name)}", table_may_be_new=partitioned)
+                statements.append((stmt, ()))
+        results = self._run(statements, new_tables=partitioned)
         rows = [row for rs in results for row in rs] if len(results) > 1 else (results[0] if results else [])
         data = self.layout.decode(table, fetch, rows)
         mask = None
