@@ -78,6 +78,7 @@ class Compactor:
             objects=write_objects,
             wait=wait,
             pieces=compaction_pieces(tier.tile_order),
+            object_pieces=compaction_pieces(tier.snapshot_tile_order),
         )
         self.compacted_to = max(self.compacted_to, boundary)
         return created

@@ -65,13 +65,17 @@ class HistoryEngine(Protocol):
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
+        object_pieces: Sequence[Piece] | None = None,
     ) -> list[SegmentInfo]:
         """Atomically move rows older than ``boundary`` into segments written by ``write``,
         and (with ``objects``) replace the DiaObject snapshot by one that is current. Without
         ``wait``, return at once (nothing done) if another compaction holds the engine's
         compaction lock: the automatic compaction of one of many clients. ``pieces``: the sky
         ranges to fetch and write one after another, so memory is one piece's rows
-        (:mod:`diadb.history.pieces`); ``write`` and ``objects`` get whole tiles each time."""
+        (:mod:`diadb.history.pieces`); ``write`` and ``objects`` get whole tiles each time.
+        ``object_pieces``: the same for the DiaObject snapshot (default ``pieces``); a snapshot
+        whose segments do not each fit in one of them (written before it was cut by tile) is
+        rebuilt whole (``fits_pieces``)."""
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

@@ -23,6 +23,8 @@ from diadb.history.segment import SegmentInfo
 #: Order-29 pixels on the sphere; ``[0, NPIX29)`` is the whole sky.
 NPIX29 = 12 * 4**29
 PIECE_ORDER = 2
+#: The tile order of the DiaObject snapshot on databases whose segments are not cut by tile.
+SNAPSHOT_TILE_ORDER = 2
 
 Piece = tuple[int, int]
 WHOLE_SKY: tuple[Piece, ...] = ((0, NPIX29),)
@@ -35,6 +37,18 @@ def compaction_pieces(tile_order: int | None) -> list[Piece]:
     order = min(tile_order, PIECE_ORDER)
     shift = 2 * (29 - order)
     return [(i << shift, (i + 1) << shift) for i in range(12 * 4**order)]
+
+
+def snapshot_tile_order(tile_order: int | None) -> int:
+    """The tile order of the DiaObject snapshot: the segments' own, or ``SNAPSHOT_TILE_ORDER``."""
+    return SNAPSHOT_TILE_ORDER if tile_order is None else tile_order
+
+
+def fits_pieces(segments: Sequence[SegmentInfo], pieces: Sequence[Piece]) -> bool:
+    """Whether every segment lies inside one piece. A snapshot written before it was cut by tile
+    is one segment over the whole sky: it does not fit, and is rebuilt whole (once)."""
+    shift = piece_shift(pieces)
+    return shift is None or all(s.pix_min >> shift == s.pix_max >> shift for s in segments)
 
 
 def segments_in_piece(segments: Sequence[SegmentInfo], piece: Piece) -> list[SegmentInfo]:

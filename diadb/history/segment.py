@@ -267,6 +267,22 @@ def _check_written(
         view.release()
 
 
+def _in_order(data: pa.Table, columns: Sequence[str]) -> bool:
+    """Whether ``data`` is already sorted by the two ``columns`` (one vectorised pass): its sort
+    (a stable one) would then only copy it. Nulls, or other key shapes, answer False."""
+    if len(columns) != 2 or data.num_rows < 2:
+        return bool(data.num_rows < 2)
+    first, second = (data.column(c) for c in columns)
+    if first.null_count or second.null_count:
+        return False
+    a = np.asarray(first.to_numpy())
+    step = np.diff(a)
+    if (step < 0).any():
+        return False
+    tied = step == 0
+    return not tied.any() or not bool((np.diff(np.asarray(second.to_numpy()))[tied] < 0).any())
+
+
 def as_store(where: SegmentStore | Path) -> SegmentStore:
     """A store, or a directory of segment files as one (tests and tools)."""
     return FileSegmentStore(where) if isinstance(where, Path) else where
@@ -297,8 +313,11 @@ def write_segment(
     store = as_store(where)
     block_size = block_size or BLOCK_SIZE
     hook = fault if callable(fault) else (lambda step: None)
-    keys = [(c, "ascending") for c in (HEALPIX_COLUMN, *(order or (time_column,)))]
-    ordered = data if presorted else data.take(pc.sort_indices(data, keys))
+    columns = (HEALPIX_COLUMN, *(order or (time_column,)))
+    if presorted or _in_order(data, columns):
+        ordered = data  # no copy (a range scan of SQLite's clustered key comes in this order)
+    else:
+        ordered = data.take(pc.sort_indices(data, [(c, "ascending") for c in columns]))
     ordered = ordered.combine_chunks()
     name = segment_name(table, span, tile)
     digests, body_end = _stream_digests(ordered, block_size)

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from diadb.errors import ConfigError, StorageError
 from diadb.history.manifest import FaultHook
+from diadb.history.pieces import snapshot_tile_order
 from diadb.history.segment import (
     Int64Array,
     MappedSegment,
@@ -102,6 +103,8 @@ class HistoryTier:
         self.store = store
         self.span_days = span_days
         self.tile_order = tile_order
+        #: The DiaObject snapshot is cut by tile even when sources are not (pieces.py says why).
+        self.snapshot_tile_order = snapshot_tile_order(tile_order)
         self._open: collections.OrderedDict[str, tuple[MappedSegment, int]] = collections.OrderedDict()
         self._open_bytes = 0
         self._bounds: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
@@ -259,23 +262,28 @@ class HistoryTier:
             self._bounds[cache_key] = bounds
         return bounds
 
-    def tiles_of(self, pixels: npt.NDArray[Any]) -> Int64Array:
-        """The sky tile of each order-29 pixel (all 0 when segments are not cut by tile)."""
-        if self.tile_order is None:
+    def tiles_of(self, pixels: npt.NDArray[Any], order: int | None = None) -> Int64Array:
+        """The sky tile of order ``order`` (default: the segments' tile order) of each order-29
+        pixel; all 0 when that order is None (segments not cut by tile)."""
+        if order is None:
+            order = self.tile_order
+        if order is None:
             return np.zeros(len(pixels), dtype=np.int64)
-        return np.asarray(pixels, dtype=np.int64) >> (2 * (29 - self.tile_order))
+        return np.asarray(pixels, dtype=np.int64) >> (2 * (29 - order))
 
-    def _tile_label(self, tile: int) -> str:
-        return "" if self.tile_order is None else f"t{self.tile_order}.{tile}"
+    def _tile_label(self, tile: int, order: int | None = None) -> str:
+        order = self.tile_order if order is None else order
+        return "" if order is None else f"t{order}.{tile}"
 
     def write(self, table: str, rows: pa.Table, fault: FaultHook | None = None) -> list[SegmentInfo]:
         """Write ``rows`` as one segment per time span (and sky tile) they fall in."""
         span_index = np.floor(column_values(rows, TIME_COLUMN) / self.span_days).astype(np.int64)
         tiles = self.tiles_of(column_values(rows, HEALPIX_COLUMN))
-        cells = np.stack([span_index, tiles], axis=1)
+        cells = np.unique(np.stack([span_index, tiles], axis=1), axis=0)
         infos = []
-        for k, tile in np.unique(cells, axis=0):
-            part = rows.filter(pa.array((span_index == k) & (tiles == tile)))
+        for k, tile in cells:
+            # One cell (the usual compaction of one closed span): its rows as they are, no copy.
+            part = rows if len(cells) == 1 else rows.filter(pa.array((span_index == k) & (tiles == tile)))
             span = (float(k) * self.span_days, float(k + 1) * self.span_days)
             with _storage_errors(self.store):
                 infos.append(
@@ -302,17 +310,24 @@ class HistoryTier:
         them, a full rebuild), plus ``rows``, the engine's current rows of those ids. Returns the
         new segments and the old ones they replace (the others stay in the snapshot).
 
-        The snapshot is one segment per sky tile (one in all when segments are not cut by tile);
-        only the tiles that hold a changed id or a new row are rewritten, one after another, so
-        compaction holds at most one tile's rows in memory. Within a tile the old segment's kept
+        The snapshot is one segment per sky tile (of ``snapshot_tile_order``); only the tiles
+        that hold a changed id or a new row are rewritten, one after another, so compaction
+        holds at most one tile's rows in memory. Within a tile the old segment's kept
         rows stay in its pages and are only listed by position; one sort of the two key columns,
         then one gather of each column into the new segment. Run once per compaction span."""
+        order = self.snapshot_tile_order
         ids = np.asarray(column_values(rows, "diaObjectId"), dtype=np.int64)
-        new_tiles = self.tiles_of(column_values(rows, HEALPIX_COLUMN)) if rows.num_rows else ids[:0]
+        new_tiles = self.tiles_of(column_values(rows, HEALPIX_COLUMN), order) if rows.num_rows else ids[:0]
         by_tile: dict[int, SegmentInfo] = {}
         if changed is not None:
             for info in old:
-                by_tile[int(self.tiles_of(np.array([info.pix_min]))[0])] = info
+                tile, last = self.tiles_of(np.array([info.pix_min, info.pix_max]), order)
+                if tile != last:  # a snapshot from before tiles: the engine rebuilds it whole
+                    raise StorageError(
+                        f"DiaObject snapshot segment {self.store.location(info.name)} spans several "
+                        f"order-{order} tiles: it can only be replaced by a full rebuild"
+                    )
+                by_tile[int(tile)] = info
         replaced: list[SegmentInfo] = []
         created: list[SegmentInfo] = []
         touched = set(np.unique(new_tiles).tolist())
@@ -324,7 +339,7 @@ class HistoryTier:
                     touched.add(tile)
         for tile in sorted(touched):
             previous = by_tile.get(tile)
-            mine = rows.filter(pa.array(new_tiles == tile)) if self.tile_order is not None else rows
+            mine = rows.filter(pa.array(new_tiles == tile)) if len(touched) > 1 else rows
             written = self._write_object_tile(previous, changed, mine, tile, fault)
             if previous is not None:
                 replaced.append(previous)
@@ -378,7 +393,7 @@ class HistoryTier:
                 fault=fault,
                 order=("diaObjectId",),
                 presorted=True,
-                tile=self._tile_label(tile),
+                tile=self._tile_label(tile, self.snapshot_tile_order),
             )
 
     def sweep(self, live: Sequence[SegmentInfo], trash: Sequence[tuple[str, float]]) -> list[str]:

@@ -226,11 +226,13 @@ class CassandraHistory:
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
+        object_pieces: Sequence[Piece] | None = None,
     ) -> list[SegmentInfo]:
         """Under the compaction lease: drop engine tables a boundary old enough covers, sweep
         orphan blobs, write the segments of rows in ``[B, boundary)`` (fetched and written one
         sky piece after another on other engines; here in one pass, see below) and commit them with the new
-        boundary in one batch. ``objects`` is ignored (no DiaObject snapshot here yet)."""
+        boundary in one batch. ``objects`` and ``object_pieces`` are ignored (no DiaObject snapshot
+        here yet)."""
         hook = fault or (lambda step: None)
         lease = self.lease()
         if not lease.acquire(wait_s=60.0 if wait else 0.0, required=wait):

@@ -286,8 +286,11 @@ class PostgresBackend:
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
+        object_pieces: Sequence[Piece] | None = None,
     ) -> list[SegmentInfo]:
-        return self.history.compact_history(tables, boundary, write, sweep, fault, objects, wait, pieces)
+        return self.history.compact_history(
+            tables, boundary, write, sweep, fault, objects, wait, pieces, object_pieces
+        )
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

@@ -32,6 +32,7 @@ from diadb.history.pieces import (
     WHOLE_SKY,
     Piece,
     fetch_runs,
+    fits_pieces,
     piece_shift,
     pixel_counts,
     segments_in_piece,
@@ -188,6 +189,7 @@ class PostgresHistory:
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
+        object_pieces: Sequence[Piece] | None = None,
     ) -> list[SegmentInfo]:
         """Move every row older than ``boundary`` into segments, in one transaction holding the
         compaction lock; with ``objects``, also replace the DiaObject snapshot's changed tiles.
@@ -231,7 +233,8 @@ class PostgresHistory:
                             parameters=params(float(boundary)),
                         )
                 if objects is not None:
-                    created += self._refresh_object_snapshot(cur, objects, hook, pieces)
+                    snapshot_pieces = pieces if object_pieces is None else object_pieces
+                    created += self._refresh_object_snapshot(cur, objects, hook, snapshot_pieces)
                 hook("commit")
             return created
 
@@ -276,7 +279,7 @@ class PostgresHistory:
         columns = self._all_columns("DiaObject")
         changed: Int64Array | None
         shift = piece_shift(pieces)
-        if old and tracking:
+        if old and tracking and fits_pieces(old, pieces):
             changed = self._changed_ids()
             if not len(changed):
                 return []

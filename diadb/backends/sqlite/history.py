@@ -24,6 +24,7 @@ from diadb.history.pieces import (
     WHOLE_SKY,
     Piece,
     fetch_runs,
+    fits_pieces,
     piece_shift,
     pixel_counts,
     segments_in_piece,
@@ -115,6 +116,7 @@ class SqliteHistory:
         objects: ObjectSnapshotWriter | None = None,
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
+        object_pieces: Sequence[Piece] | None = None,
     ) -> list[SegmentInfo]:
         """Move every row older than ``boundary`` into segments, in one write transaction;
         with ``objects``, also replace the DiaObject snapshot (see ``layout.OBJECT_CHANGES_DDL``).
@@ -157,7 +159,8 @@ class SqliteHistory:
                     if moved:
                         cur.execute(f"DELETE FROM {q(table)} WHERE {tcol} < ?", [boundary])
                 if objects is not None:
-                    created += self._refresh_object_snapshot(cur, objects, hook, pieces)
+                    snapshot_pieces = pieces if object_pieces is None else object_pieces
+                    created += self._refresh_object_snapshot(cur, objects, hook, snapshot_pieces)
                 hook("commit")
             hook("committed")
         except self._conn.errors as e:
@@ -192,7 +195,7 @@ class SqliteHistory:
         )
         changed: Int64Array | None
         shift = piece_shift(pieces)
-        if old and tracking:
+        if old and tracking and fits_pieces(old, pieces):
             cur.execute(f"SELECT diaObjectId FROM {CHANGED_TABLE}")
             changed = np.asarray(cur.fetch_arrow_table().column(0).to_numpy(), np.int64)
             if not len(changed):
