@@ -63,7 +63,7 @@ def main() -> None:
             time.sleep(0.005)
 
     anon0 = anonymous_bytes()
-    sampler = threading.Thread(target=sample)
+    sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t = time.time()
     if not db.store(x.mjd, x.objects, x.sources, x.forced, visit=3):

@@ -153,3 +153,40 @@ def test_a_store_completed_after_a_read_began_is_not_shown_to_that_read(
         m.setattr(visibility, "horizon", lambda: began)
         _assert_shows_only(db, [first])  # the read's rows come after the store: still hidden
     _assert_shows_only(db, [first, second])
+
+
+def test_a_second_keyed_store_of_a_visit_is_not_shown_until_it_is_complete(
+    db: diadb.Apdb, official_schema: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keyed stores of one visit append (the lsst.dax.apdb facade's stores): the second one,
+    broken half-way through its rows, is hidden although its visit is shown, until a retry."""
+    first, second = _visits(official_schema)
+
+    def keyed(apdb: diadb.Apdb, v: Visit, key: str) -> bool:
+        return apdb.store(v.mjd, v.objects, v.sources, v.forced, visit=1, key=key)
+
+    assert keyed(db, first, "first")
+    session = db._backend.session  # type: ignore[attr-defined]
+    real_run = session.run
+    big_writes = []
+
+    def half(statements: Any, *, write: bool) -> Any:
+        if write and len(statements) > 4:  # the key claims, then the rows: half of them
+            big_writes.append(len(statements))
+            if len(big_writes) == 2:
+                real_run(statements[::2], write=True)
+                raise StorageError("injected: the connection dropped mid-store")
+        return real_run(statements, write=write)
+
+    with monkeypatch.context() as m:
+        m.setattr(session, "run", half)
+        with pytest.raises(StorageError, match="injected"):
+            keyed(db, second, "second")
+    assert len(big_writes) == 2
+    assert db.contains_visit_detector(1)  # shown: its first store is complete
+    _assert_shows_only(db, [first])
+    with diadb.Apdb.open(db.url) as other:
+        _assert_shows_only(other, [first])
+        assert keyed(other, second, "second")  # the retry, by another process
+    _assert_shows_only(db, [first, second])
+    assert not keyed(db, second, "second")

@@ -141,6 +141,17 @@ def test_source_key_already_stored_by_another_visit(apdb, visit):
     assert not apdb.contains_visit_detector(2)
 
 
+def test_a_keyed_store_reusing_another_keyed_stores_source_keys_is_refused(apdb, visit):
+    """Keyed stores of one visit append; each owns its rows' keys (on Cassandra too, where rows
+    record their store: a retry of the same key is told from another keyed store)."""
+    assert apdb.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=1, key="first")
+    with pytest.raises(CatalogError, match=r"DiaSource.diaSourceId: primary key already stored"):
+        again = visit.sources.slice(0, 3)
+        apdb.store(visit.mjd, visit.objects.slice(0, 0), again, None, visit=1, key="second")
+    assert apdb.get_sources(EVERYWHERE, visit.mjd).num_rows == visit.sources.num_rows
+    assert not apdb.store(visit.mjd, visit.objects, visit.sources, visit.forced, visit=1, key="first")
+
+
 def test_pandas_input_and_validity_end_rules(apdb, visit):
     df = visit.sources.to_pandas()
     objs = visit.objects.drop_columns(["validityStartMjdTai"]).to_pandas()

@@ -41,7 +41,7 @@ from diadb.times import TimeWindow
 
 HISTORY_TABLES = ("DiaSource", "DiaForcedSource")
 TIME_COLUMN = "midpointMjdTai"
-#: The latest versions of all DiaObjects, as of the last compaction: one segment (a cache of
+#: The latest versions of all DiaObjects, as of the last compaction: a segment per tile (a cache of
 #: the engine's latest-object table, which stays complete). The engine tracks the ids changed
 #: since; a read takes the snapshot's other rows, so ~95% of a field's objects come from here.
 OBJECT_TABLE = "DiaObject"

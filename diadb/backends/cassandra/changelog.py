@@ -50,6 +50,7 @@ from diadb.backends.cassandra.codec import q
 from diadb.backends.cassandra.layout import (
     BUCKET,
     HISTORY_TABLE,
+    KEYED_STORES,
     PART,
     TIME_COLUMN,
     Layout,
@@ -231,7 +232,7 @@ class ChangeLog:
         """Keyspaces made before keyed stores get their two tables on the first keyed store."""
         if self._keyed_ready:
             return
-        if not {"diadb_store_key", "diadb_chunk_member"} <= self.session.table_names():
+        if not {"diadb_store_key", "diadb_chunk_member", KEYED_STORES} <= self.session.table_names():
             for ddl in keyed_ddl(self.session.t):
                 self.session.ddl(ddl)
         self._keyed_ready = True

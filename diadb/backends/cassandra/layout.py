@@ -65,6 +65,8 @@ STORED_VISIT = "apdb_stored_visit"
 STORED_DETECTOR = "apdb_stored_detector"
 #: Source and object rows carry them too (hidden), so reads show each store wholly (.visibility).
 HIDDEN_TYPES = {STORED_VISIT: "long", STORED_DETECTOR: "int"}
+#: Keyed stores by the id their rows record (see .visibility), with their chunk once complete.
+KEYED_STORES = "diadb_keyed_store"
 STORE_COLUMNS_DDL = (f"{STORED_VISIT} bigint", f"{STORED_DETECTOR} int")
 
 
@@ -99,6 +101,7 @@ def keyed_ddl(t: Callable[[str], str]) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {t('diadb_chunk_member')} (visit bigint, detector int, op uuid, "
         "tbl text, k1 bigint, k2 bigint, k3 bigint, start double, "
         "PRIMARY KEY ((visit, detector), op, tbl, k1, k2, k3))",
+        f"CREATE TABLE IF NOT EXISTS {t(KEYED_STORES)} (store_id bigint PRIMARY KEY, chunk_id bigint)",
     ]
 
 

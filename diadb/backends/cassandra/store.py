@@ -23,6 +23,7 @@ from diadb.backends.cassandra.codec import groups, q, to_arrow
 from diadb.backends.cassandra.layout import (
     BUCKET,
     HISTORY_TABLE,
+    KEYED_STORES,
     PART,
     STORED_DETECTOR,
     STORED_VISIT,
@@ -31,7 +32,7 @@ from diadb.backends.cassandra.layout import (
     partition_table,
 )
 from diadb.backends.cassandra.session import CassandraSession, Statements
-from diadb.backends.cassandra.visibility import Visibility
+from diadb.backends.cassandra.visibility import KEYED_STORE, Visibility, recorded_store
 from diadb.backends.common.names import LATEST_TABLE, AlreadyStored
 from diadb.errors import StorageError
 from diadb.schema.model import HEALPIX_COLUMN
@@ -144,12 +145,15 @@ class Store:
             self._check_registry(batch)
         except AlreadyStored:
             return False
-        self._storing = (batch.visit, batch.detector)
+        # The store its rows and key claims record (a keyed store its own id: several keyed
+        # stores share a visit/detector).
+        shown_as = recorded_store(batch.visit, batch.detector, batch.key)
+        self._storing = shown_as
         # 0. every check (keys another store owns), and every statement built, before any write.
-        claims = self._claims(batch)
-        rows = self._source_writes("DiaSource", batch.sources, batch)
-        rows += self._source_writes("DiaForcedSource", batch.forced_sources, batch)
-        obj_rows, obj_moves, obj_keys = self._object_writes(batch.objects, batch.visit, batch.detector)
+        claims = self._claims(batch, shown_as)
+        rows = self._source_writes("DiaSource", batch.sources, shown_as)
+        rows += self._source_writes("DiaForcedSource", batch.forced_sources, shown_as)
+        obj_rows, obj_moves, obj_keys = self._object_writes(batch.objects, *shown_as)
         op_key = f"store-key:{batch.key}" if keyed else f"store:{batch.visit}:{batch.detector}"
         op, after, _, retry = self.log.begin(op_key, None)
         if keyed:
@@ -195,6 +199,10 @@ class Store:
         run([(reg, values)], write=True)
         self.visibility.remember(batch.visit, batch.detector, first_chunk)
         if keyed:
+            # Its rows are shown from now on (.visibility), then its key is known as stored.
+            shown = prepare(f"INSERT INTO {t(KEYED_STORES)} (store_id, chunk_id) VALUES (?, ?)")
+            run([(shown, (shown_as[0], chunk))], write=True)
+            self.visibility.remember(shown_as[0], KEYED_STORE, chunk)
             key_reg = prepare(f"INSERT INTO {t('diadb_store_key')} (key, chunk_id, op) VALUES (?, ?, ?)")
             run([(key_reg, (batch.key, chunk, op))], write=True)
         self.log.end(op_key)
@@ -222,8 +230,9 @@ class Store:
         if self.registry.contains_visit_detector(batch.visit, batch.detector):
             raise AlreadyStored
 
-    def _claims(self, batch: VisitBatch) -> Statements:
-        """Key-registry rows for the batch's sources; StorageError if another store owns one."""
+    def _claims(self, batch: VisitBatch, shown_as: tuple[int, int]) -> Statements:
+        """Key-registry rows for the batch's sources, owned by ``shown_as`` (the store its rows
+        record); StorageError if another store owns one."""
         out: Statements = []
         for name, data in (("DiaSource", batch.sources), ("DiaForcedSource", batch.forced_sources)):
             if not data.num_rows:
@@ -234,7 +243,7 @@ class Store:
                 # One key column (DiaSource): looked up where the rows go (one query per
                 # partition) rather than in the registry (one query per key bucket: sparse ids
                 # made that one query per row, ~3 s for 10k sources).
-                if self._taken_in_place(name, data, batch):
+                if self._taken_in_place(name, data, batch, shown_as):
                     raise StorageError(
                         f"{name}: primary key already stored by another visit (visit {batch.visit})"
                     )
@@ -243,16 +252,16 @@ class Store:
                 found = self.registry.lookup(name, keys)
             if found.num_rows:
                 mine = pc.and_(
-                    pc.equal(found.column(STORED_VISIT), batch.visit),
-                    pc.equal(found.column(STORED_DETECTOR), batch.detector),
+                    pc.equal(found.column(STORED_VISIT), shown_as[0]),
+                    pc.equal(found.column(STORED_DETECTOR), shown_as[1]),
                 )
                 if not pc.all(mine).as_py():
                     raise StorageError(
                         f"{name}: primary key already stored by another visit (visit {batch.visit})"
                     )
             n = keys.num_rows
-            claims = keys.append_column(STORED_VISIT, pa.array(np.full(n, batch.visit, np.int64)))
-            claims = claims.append_column(STORED_DETECTOR, pa.array(np.full(n, batch.detector, np.int32)))
+            claims = keys.append_column(STORED_VISIT, pa.array(np.full(n, shown_as[0], np.int64)))
+            claims = claims.append_column(STORED_DETECTOR, pa.array(np.full(n, shown_as[1], np.int32)))
             claims = claims.append_column(HEALPIX_COLUMN, data.column(HEALPIX_COLUMN))
             claims = claims.append_column(TIME_COLUMN, data.column(TIME_COLUMN))
             if len(pk) == 1:
@@ -264,10 +273,13 @@ class Store:
             out += self.session.writes(f"diadb_{name}_keys", claims, part, unset_nulls=False)
         return out
 
-    def _taken_in_place(self, name: str, data: pa.Table, batch: VisitBatch) -> bool:
+    def _taken_in_place(self, name: str, data: pa.Table, batch: VisitBatch, mine: tuple[int, int]) -> bool:
         """Whether a row of ``data`` has a key already stored by another visit at the same place
         (time partition, order-29 pixel): one ``IN`` query per Cassandra partition written."""
         key = self.layout.schema.table(name).primary_key[0]
+        # Rows name their store where the layout has the columns: a keyed store of the same
+        # visit (which may mix visits) is then told from this store's own earlier attempt.
+        hidden = f", {STORED_VISIT}, {STORED_DETECTOR}" if self.layout.store_columns else ""
         tparts = self.layout.time_partition(data.column(TIME_COLUMN).to_numpy())
         h29 = np.asarray(data.column(HEALPIX_COLUMN).to_numpy(), dtype=np.int64)
         pix = self.layout.pixel(h29)
@@ -278,7 +290,7 @@ class Store:
             if table not in known:  # the partition table is new: nothing stored there yet
                 continue
             stmt = self.session.prepare(
-                f"SELECT {q(key)}, visit, detector FROM {self.session.t(table)} WHERE {PART} = ? "
+                f"SELECT {q(key)}, visit, detector{hidden} FROM {self.session.t(table)} WHERE {PART} = ? "
                 f"AND {q(HEALPIX_COLUMN)} IN ?"
             )
             values = np.unique(h29[members])
@@ -286,17 +298,20 @@ class Store:
                 statements.append((stmt, (p, chunk.tolist())))
         ids = set(np.asarray(data.column(key).to_numpy(), dtype=np.int64).tolist())
         for rows in self.session.run(statements, write=False):
-            for k, visit, detector in rows:
-                if k in ids and (
-                    visit != batch.visit or (batch.detector != -1 and detector != batch.detector)
-                ):
+            for k, visit, detector, *store in rows:
+                if k not in ids:
+                    continue
+                if store and store[0] is not None:
+                    if (store[0], store[1]) != mine:
+                        return True
+                elif visit != batch.visit or (batch.detector != -1 and detector != batch.detector):
                     return True
         return False
 
-    def _source_writes(self, name: str, data: pa.Table, batch: VisitBatch) -> Statements:
+    def _source_writes(self, name: str, data: pa.Table, shown_as: tuple[int, int]) -> Statements:
         if not data.num_rows:
             return []
-        data = self._with_store(data, batch.visit, batch.detector)
+        data = self._with_store(data, *shown_as)
         tparts = self.layout.time_partition(data.column(TIME_COLUMN).to_numpy())
         self.layout.ensure_partitions_or_fail(name, np.unique(tparts))
         data = data.append_column(PART, pa.array(self.layout.pixel(data.column(HEALPIX_COLUMN).to_numpy())))

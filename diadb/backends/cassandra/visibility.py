@@ -21,14 +21,19 @@ cached for the process: after its first read of a field, a process asks the regi
 stores it has not seen (a few per visit). Registry entries from before the change log have no
 chunk id and count as complete.
 
-Not covered (README): a second keyed store of a visit/detector already stored (the facade's
-``store`` appends) is shown in part while it runs, since its rows name the same visit/detector
-as the first; daytime updates are not single steps either; keyspaces made before the hidden
+Keyed stores (``store(key=...)``: several may share a visit/detector, each appending) record
+instead their own store id, a 63-bit hash of the key, with the detector ``KEYED_STORE``; each is
+registered with its chunk in ``diadb_keyed_store`` once complete, so a second keyed store of a
+visit/detector already shown is hidden until it is complete too. (Keyed stores written before
+this recorded their visit/detector, and are shown with its first store.)
+
+Not covered (README): daytime updates are not single steps; keyspaces made before the hidden
 columns are not filtered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import numpy as np
@@ -36,10 +41,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.cassandra.changelog import CHUNK_BITS, ChangeLog
+from diadb.backends.cassandra.layout import KEYED_STORES
 from diadb.backends.cassandra.session import CassandraSession, Statements
 
 #: Visits per registry query (``visit IN ?``: one partition each, the coordinator fans out).
 VISITS_PER_QUERY = 100
+#: The detector recorded by the rows of a keyed store (whose visit column holds its store id):
+#: no real detector (those are >= 0; -1 is a whole visit).
+KEYED_STORE = -2
+
+
+def keyed_store_id(key: str) -> int:
+    """The id a keyed store's rows record: the key's 63-bit blake2b (the same on a retry)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+
+
+def recorded_store(visit: int, detector: int, key: str | None) -> tuple[int, int]:
+    """The (visit, detector) pair a store's rows record in their hidden columns."""
+    return (visit, detector) if key is None else (keyed_store_id(key), KEYED_STORE)
 
 
 class Visibility:
@@ -100,7 +120,8 @@ class Visibility:
             chunks = self._chunks
             ok = np.fromiter(
                 (
-                    chunks.get((v, d), horizon + 1) <= horizon or chunks.get((v, -1), horizon + 1) <= horizon
+                    chunks.get((v, d), horizon + 1) <= horizon
+                    or (d != KEYED_STORE and chunks.get((v, -1), horizon + 1) <= horizon)
                     for v, d in zip(uv.tolist(), ud.tolist(), strict=True)
                 ),
                 dtype=bool,
@@ -128,25 +149,38 @@ class Visibility:
     def _look_up(self, visits: np.ndarray, detectors: np.ndarray) -> None:
         """Ask the registry about the stores not known complete yet (one query per 100 visits)."""
         with self._lock:
-            unknown = sorted(
-                {
-                    v
-                    for v, d in zip(visits.tolist(), detectors.tolist(), strict=True)
-                    if (v, d) not in self._chunks and (v, -1) not in self._chunks
-                }
-            )
-        if not unknown:
+            pairs = [
+                (v, d)
+                for v, d in zip(visits.tolist(), detectors.tolist(), strict=True)
+                if (v, d) not in self._chunks and (d == KEYED_STORE or (v, -1) not in self._chunks)
+            ]
+        unknown = sorted({v for v, d in pairs if d != KEYED_STORE})
+        keyed = sorted({v for v, d in pairs if d == KEYED_STORE})
+        if not unknown and not keyed:
             return
-        stmt = self.session.prepare(
+        visits_stmt = self.session.prepare(
             f"SELECT visit, detector, chunk_id FROM {self.session.t('diadb_visit')} WHERE visit IN ?"
         )
-        statements: Statements = [
-            (stmt, (unknown[i : i + VISITS_PER_QUERY],)) for i in range(0, len(unknown), VISITS_PER_QUERY)
-        ]
-        found = [r for rs in self.session.run(statements, write=False) for r in rs]
+        statements: Statements = [(visits_stmt, (ids,)) for ids in _in_groups(unknown)]
+        if keyed:
+            # Rows of a keyed store exist only once its writer made this table.
+            keyed_stmt = self.session.prepare(
+                f"SELECT store_id, chunk_id FROM {self.session.t(KEYED_STORES)} WHERE store_id IN ?",
+                table_may_be_new=True,
+            )
+            statements += [(keyed_stmt, (ids,)) for ids in _in_groups(keyed)]
+        results = self.session.run(statements, write=False)
+        n_visits = len(statements) - len(_in_groups(keyed))
+        found = [tuple(r) for rs in results[:n_visits] for r in rs]
+        found += [(r[0], KEYED_STORE, r[1]) for rs in results[n_visits:] for r in rs]
         with self._lock:
             for visit, detector, chunk in found:
                 self._chunks.setdefault((int(visit), int(detector)), 0 if chunk is None else int(chunk))
+
+
+def _in_groups(values: list[int]) -> list[list[int]]:
+    """``values`` in lists of at most ``VISITS_PER_QUERY`` (one ``IN ?`` query each)."""
+    return [values[i : i + VISITS_PER_QUERY] for i in range(0, len(values), VISITS_PER_QUERY)]
 
 
 def rows_shown(
