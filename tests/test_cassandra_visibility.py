@@ -190,3 +190,55 @@ def test_a_second_keyed_store_of_a_visit_is_not_shown_until_it_is_complete(
         assert keyed(other, second, "second")  # the retry, by another process
     _assert_shows_only(db, [first, second])
     assert not keyed(db, second, "second")
+
+
+def test_an_object_moved_away_by_a_store_not_complete_stays_at_its_old_place(
+    db: diadb.Apdb, official_schema: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store moves every object 3 deg away: until it is complete a read of the old field
+    shows each object's old version there (its old row is marked, not deleted); once complete,
+    the old field is empty, even when the old rows were never deleted (a crash just after the
+    store registered)."""
+    ids = np.arange(1, N + 1)
+    ra, dec = random_positions(N, 5)
+    first = make_visit(official_schema, 1, 60000.0, ids, ra, dec)
+    second = make_visit(official_schema, 2, 60000.5, ids, ra + 3.0, dec, seed=3)
+    old_field, new_field = diadb.Box(53.9, 56.1, -31.1, -28.9), diadb.Box(56.9, 59.1, -31.1, -28.9)
+    assert _store(db, first)
+    log = db._backend.log  # type: ignore[attr-defined]
+
+    def fail(*args: Any, **kwargs: Any) -> int:
+        raise StorageError("injected: the change-log write failed")
+
+    def objects(apdb: diadb.Apdb, region: diadb.Region) -> pa.Table:
+        return _sorted(apdb.get_objects(region, columns=["diaObjectId", "ra", "dec"]), "diaObjectId")
+
+    with monkeypatch.context() as m:
+        m.setattr(log, "take_chunk", fail)
+        with pytest.raises(StorageError, match="injected"):
+            _store(db, second)
+
+    def before(apdb: diadb.Apdb) -> None:
+        got = objects(apdb, old_field)
+        assert got.column("diaObjectId").to_pylist() == ids.tolist()
+        assert np.allclose(got.column("ra").to_numpy(), first.objects.column("ra").to_numpy())
+        assert objects(apdb, new_field).num_rows == 0
+
+    def after(apdb: diadb.Apdb) -> None:
+        assert objects(apdb, old_field).num_rows == 0
+        assert objects(apdb, new_field).column("diaObjectId").to_pylist() == ids.tolist()
+        everywhere = objects(apdb, EVERYWHERE)
+        assert everywhere.column("diaObjectId").to_pylist() == ids.tolist()
+        assert np.allclose(everywhere.column("ra").to_numpy(), ra + 3.0)
+
+    before(db)
+    with diadb.Apdb.open(db.url) as other:
+        before(other)
+    # The retry completes it, but "crashes" before deleting the old rows: they stay, marked.
+    store = db._backend.store  # type: ignore[attr-defined]
+    real = store._object_writes
+    monkeypatch.setattr(store, "_object_writes", lambda *a: (*real(*a)[:3], []))
+    assert _store(db, second)
+    after(db)
+    with diadb.Apdb.open(db.url) as other:
+        after(other)

@@ -31,7 +31,7 @@ from diadb.backends.cassandra.layout import (
 )
 from diadb.backends.cassandra.session import CassandraSession, Statements
 from diadb.backends.cassandra.store import Registry
-from diadb.backends.cassandra.visibility import Visibility, rows_shown
+from diadb.backends.cassandra.visibility import Visibility, rows_shown, unmark_moved
 from diadb.backends.common.names import LATEST_TABLE
 from diadb.errors import StorageError
 from diadb.schema.model import HEALPIX_COLUMN
@@ -188,11 +188,16 @@ class Reader:
         if mask is not None and not mask.all():
             data = data.filter(pa.array(mask))
         if filtered and data.num_rows:
+            moved = None
+            if table == "DiaObject":  # old rows of moved objects, marked by their store
+                data, moved = unmark_moved(data, STORED_DETECTOR)
             shown = rows_shown(self.visibility, data, *stores, horizon)
-            if shown is not None:
-                hidden = data.filter(pa.array(~shown))
-                data = data.filter(pa.array(shown))
-                if table == "DiaObject":
+            if shown is not None or moved is not None:
+                ok = np.ones(data.num_rows, dtype=bool) if shown is None else shown
+                hidden = data.filter(pa.array(~ok))
+                # A marked row of a store shown is gone: its object lives at its new place.
+                data = data.filter(pa.array(ok if moved is None else ok & ~moved))
+                if table == "DiaObject" and hidden.num_rows:
                     data = self._with_previous_versions(
                         data, hidden, fetch, np.zeros((0, 2), np.int64) if any_place else ranges, ids, horizon
                     )

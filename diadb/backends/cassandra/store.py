@@ -32,7 +32,7 @@ from diadb.backends.cassandra.layout import (
     partition_table,
 )
 from diadb.backends.cassandra.session import CassandraSession, Statements
-from diadb.backends.cassandra.visibility import KEYED_STORE, Visibility, recorded_store
+from diadb.backends.cassandra.visibility import KEYED_STORE, Visibility, moved_mark, recorded_store
 from diadb.backends.common.names import LATEST_TABLE, AlreadyStored
 from diadb.errors import StorageError
 from diadb.schema.model import HEALPIX_COLUMN
@@ -153,7 +153,7 @@ class Store:
         claims = self._claims(batch, shown_as)
         rows = self._source_writes("DiaSource", batch.sources, shown_as)
         rows += self._source_writes("DiaForcedSource", batch.forced_sources, shown_as)
-        obj_rows, obj_moves, obj_keys = self._object_writes(batch.objects, *shown_as)
+        obj_rows, obj_moves, obj_keys, obj_gone = self._object_writes(batch.objects, *shown_as)
         op_key = f"store-key:{batch.key}" if keyed else f"store:{batch.visit}:{batch.detector}"
         op, after, _, retry = self.log.begin(op_key, None)
         if keyed:
@@ -167,8 +167,9 @@ class Store:
         run, prepare, t = self.session.run, self.session.prepare, self.session.t
         run(claims, write=True)
         run(rows + obj_rows, write=True)
-        # Moved objects leave their old place only once their new rows are acknowledged: until
-        # the store is complete a read shows the old version (see .visibility).
+        # Moved objects' old rows are marked as this store's once their new rows are
+        # acknowledged, and deleted once it is complete: until then a read shows the old
+        # version, after it the new one (see .visibility).
         run(obj_moves, write=True)
         run(obj_keys, write=True)
         chunk = self.log.take_chunk(
@@ -205,6 +206,8 @@ class Store:
             self.visibility.remember(shown_as[0], KEYED_STORE, chunk)
             key_reg = prepare(f"INSERT INTO {t('diadb_store_key')} (key, chunk_id, op) VALUES (?, ?, ?)")
             run([(key_reg, (batch.key, chunk, op))], write=True)
+        # A crash before this leaves marked rows, which reads drop (their store is shown).
+        run(obj_gone, write=True)
         self.log.end(op_key)
         self._storing = None
         return True
@@ -332,12 +335,13 @@ class Store:
 
     def _object_writes(
         self, objs: pa.Table, visit: int, detector: int
-    ) -> tuple[Statements, Statements, Statements]:
-        """(row writes, deletes of moved objects' old latest rows, key-registry writes) of the new
-        object versions (which record the store that wrote them, where the layout has the
-        columns: see .visibility)."""
+    ) -> tuple[Statements, Statements, Statements, Statements]:
+        """(row writes, marks of moved objects' old latest rows, key-registry writes, deletes of
+        those old rows) of the new object versions, which record the store that wrote them.
+        Where the layout has no such columns (older keyspaces), the old rows are deleted in
+        the marks' place (see .visibility)."""
         if not objs.num_rows:
-            return [], [], []
+            return [], [], [], []
         layout, session = self.layout, self.session
         ids = np.asarray(objs.column("diaObjectId").to_numpy(), dtype=np.int64)
         start = np.asarray(objs.column("validityStartMjdTai").to_numpy(), dtype=np.float64)
@@ -346,6 +350,7 @@ class Store:
         prev = self.registry.lookup("DiaObject", pa.table({"diaObjectId": ids}))
         out: Statements = []
         moves: Statements = []
+        gone: Statements = []
         if prev.num_rows:
             prev_ids = np.asarray(prev.column("diaObjectId").to_numpy(), dtype=np.int64)
             order = np.argsort(ids)
@@ -372,14 +377,27 @@ class Store:
                 out += session.batches(stmt, close, [BUCKET], unset_nulls=False)
             moved = prev_h != h29[at]
             if moved.any():
-                gone = pa.table(
+                old_rows = pa.table(
                     {PART: prev_part[moved], HEALPIX_COLUMN: prev_h[moved], "diaObjectId": prev_ids[moved]}
                 )
-                stmt = session.prepare(
-                    f"DELETE FROM {session.t(LATEST_TABLE)} WHERE {PART} = ? AND {q(HEALPIX_COLUMN)} = ? "
-                    f"AND {q('diaObjectId')} = ?"
-                )
-                moves += session.batches(stmt, gone, [PART], unset_nulls=False)
+                where = f"WHERE {PART} = ? AND {q(HEALPIX_COLUMN)} = ? AND {q('diaObjectId')} = ?"
+                delete = session.prepare(f"DELETE FROM {session.t(LATEST_TABLE)} {where}")
+                deletes = session.batches(delete, old_rows, [PART], unset_nulls=False)
+                if layout.store_columns:
+                    marked = f"SET {STORED_VISIT} = ?, {STORED_DETECTOR} = ?"
+                    mark = session.prepare(f"UPDATE {session.t(LATEST_TABLE)} {marked} {where}")
+                    n = old_rows.num_rows
+                    marks = pa.table(
+                        {
+                            STORED_VISIT: np.full(n, visit, np.int64),
+                            STORED_DETECTOR: np.full(n, moved_mark(detector), np.int32),
+                            **{c: old_rows.column(c) for c in old_rows.column_names},
+                        }
+                    )
+                    moves += session.batches(mark, marks, [PART], unset_nulls=False)
+                    gone += deletes
+                else:
+                    moves += deletes
         # Object tables are written with explicit nulls: a replaced row must lose old values.
         packed = self._with_store(layout.packer.pack("DiaObject", objs), visit, detector)
         out += session.writes(
@@ -400,4 +418,4 @@ class Store:
                 "validityStartMjdTai": start,
             }
         )
-        return out, moves, session.writes("diadb_DiaObject_keys", keys, [BUCKET], unset_nulls=False)
+        return out, moves, session.writes("diadb_DiaObject_keys", keys, [BUCKET], unset_nulls=False), gone

@@ -27,6 +27,12 @@ registered with its chunk in ``diadb_keyed_store`` once complete, so a second ke
 visit/detector already shown is hidden until it is complete too. (Keyed stores written before
 this recorded their visit/detector, and are shown with its first store.)
 
+An object that a store moves to another pixel keeps its old latest row until the store is
+complete: the store marks that row as its own (its detector shifted by ``MOVED``) instead of
+deleting it, and deletes it only after registering. A read treats a marked row as its store's:
+while the store is not shown, the row stands for the object's previous version (as any hidden
+object row does); once it is shown, the row is dropped (the object lives at its new place).
+
 Not covered (README): daytime updates are not single steps; keyspaces made before the hidden
 columns are not filtered.
 """
@@ -49,6 +55,16 @@ VISITS_PER_QUERY = 100
 #: The detector recorded by the rows of a keyed store (whose visit column holds its store id):
 #: no real detector (those are >= 0; -1 is a whole visit).
 KEYED_STORE = -2
+
+
+#: Added to the detector recorded on a moved object's old latest row (see the module docstring):
+#: far below any detector, whole-visit or keyed value.
+MOVED = -(1 << 20)
+
+
+def moved_mark(detector: int) -> int:
+    """The detector a store records on the old row of an object it moves."""
+    return detector + MOVED
 
 
 def keyed_store_id(key: str) -> int:
@@ -181,6 +197,19 @@ class Visibility:
 def _in_groups(values: list[int]) -> list[list[int]]:
     """``values`` in lists of at most ``VISITS_PER_QUERY`` (one ``IN ?`` query each)."""
     return [values[i : i + VISITS_PER_QUERY] for i in range(0, len(values), VISITS_PER_QUERY)]
+
+
+def unmark_moved(data: pa.Table, detector_column: str) -> tuple[pa.Table, np.ndarray | None]:
+    """``data`` with the marks of moved objects' old rows taken off their detector (so their
+    store is looked up), and which rows were marked (None: none)."""
+    column = data.column(detector_column)
+    marked = pc.fill_null(pc.less(column, MOVED // 2), False)
+    if not pc.any(marked).as_py():
+        return data, None
+    real = pc.if_else(marked, pc.subtract(column, pa.scalar(MOVED, column.type)), column)
+    index = data.schema.get_field_index(detector_column)
+    moved = np.asarray(marked.to_numpy(zero_copy_only=False), dtype=bool)
+    return data.set_column(index, data.schema.field(index), real), moved
 
 
 def rows_shown(
