@@ -42,7 +42,7 @@ import pandas as pd
 import pyarrow as pa
 
 from diadb.backends import Backend, Location, ReadTable, VisitBatch, locate, open_backend
-from diadb.backends.base import TimePartition, TimePartitioned
+from diadb.backends.base import Repairable, RepairReport, TimePartition, TimePartitioned
 from diadb.bulk import BulkLoader
 from diadb.changelog import ChangeLog
 from diadb.config import LAYOUT_VERSION, PIXELIZATION, ApdbConfig
@@ -646,6 +646,24 @@ class Apdb:
         if self._tier is None:
             return problems
         return problems + self._tier.verify(self.segments())
+
+    @timed("repair")
+    def repair(self, *, min_age_s: float = 600.0) -> RepairReport:
+        """Settle the operations that did not finish and were recorded at least ``min_age_s``
+        ago (an operation still running is left alone).
+
+        On Cassandra, where a store or a daytime call is many writes, a daytime call that
+        failed and was never retried is applied again from its recorded plan (complete then);
+        a store that had registered is marked finished; a store that never registered is hidden
+        from reads and reported, to be stored again (only its input can complete it). On
+        SQLite and PostgreSQL each operation is one transaction: there is nothing to repair.
+        """
+        if not min_age_s >= 0:
+            raise ConfigError(f"min_age_s must be >= 0, got {min_age_s}")
+        if not isinstance(self._backend, Repairable):
+            return RepairReport()
+        self._writable()
+        return self._backend.repair(float(min_age_s))
 
     @timed("prune", rows=report_rows)
     def prune(self, now: Any = None, *, dry_run: bool = False) -> dict[str, dict[str, int]]:

@@ -1,4 +1,4 @@
-"""The operators' commands of ``diadb``: ``status``, ``metadata``, ``chunks``, ``partitions`` and
+"""The operators' commands of ``diadb``: ``status``, ``repair``, ``metadata``, ``chunks``, ``partitions`` and
 ``index``, with the meaning of ``apdb-cli``'s (``metadata``, ``replication list-chunks|delete-chunks``,
 ``partition show-temporal|extend-temporal|delete-temporal``, ``list-index``) on diadb's names.
 
@@ -31,6 +31,7 @@ index_app = typer.Typer(help="The label index named by DIADB_INDEX_URI (label ->
 def register(app: typer.Typer) -> None:
     """Add the operators' commands to ``app``."""
     command(app, "status")(status)
+    command(app, "repair")(repair)
     for name, group in (
         ("metadata", metadata_app),
         ("chunks", chunks_app),
@@ -69,6 +70,37 @@ def status(
         report = collect(db, Thresholds(backlog_days, partition_days), now_mjd=now)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
     if report["actions"]:
+        raise typer.Exit(code=1)
+
+
+# ---- repair ----------------------------------------------------------------------------
+def repair(
+    url: URL,
+    as_json: AS_JSON = False,
+    min_age: Annotated[
+        float, typer.Option(help="Seconds an unfinished operation must be old (younger ones may be running).")
+    ] = 600.0,
+) -> None:
+    """Settle operations that did not finish (Cassandra: daytime calls are applied again from
+    their recorded plan; stores that never registered are listed, to be stored again). Exit
+    status 1 when such a store is left."""
+    from dataclasses import asdict
+
+    from diadb.apdb import Apdb
+
+    with Apdb.open(url) as db:
+        report = db.repair(min_age_s=min_age)
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=2))
+    else:
+        typer.echo(
+            f"completed {len(report.completed_updates)} daytime update(s), "
+            f"finished {len(report.finished_stores)} store(s), "
+            f"{len(report.incomplete_stores)} incomplete store(s), {report.in_progress} in progress"
+        )
+        for key in report.incomplete_stores:
+            typer.echo(f"INCOMPLETE {key}: hidden from reads; store it again to complete it")
+    if report.incomplete_stores:
         raise typer.Exit(code=1)
 
 

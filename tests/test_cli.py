@@ -5,6 +5,7 @@ list, create ahead and drop)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,7 @@ FOREIGN_FILE_CALLS = {
     "partitions show": lambda f, t: ["partitions", "show", f],
     "partitions create": lambda f, t: ["partitions", "create", f, "--ahead", "2"],
     "partitions drop": lambda f, t: ["partitions", "drop", f, "--before", "60000"],
+    "repair": lambda f, t: ["repair", f, "--min-age", "0"],
     "status": lambda f, t: ["status", f],
     "status --json": lambda f, t: ["status", "--json", f],
     "metadata show": lambda f, t: ["metadata", "show", f],
@@ -121,6 +123,22 @@ def test_the_installed_command_on_a_foreign_file(foreign: Path) -> None:
 
 
 # ---- partitions ----------------------------------------------------------------------
+def test_repair_on_sqlite_has_nothing_to_do(tmp_path: Path, official_schema: ApdbSchema) -> None:
+    """Each store and daytime call is one transaction there (Cassandra's repair is tested in
+    tests/test_cassandra_visibility.py); a negative age is refused."""
+    url = tmp_path / "a.db"
+    diadb.Apdb.create(str(url), schema=official_schema).close()
+    result = _invoke(["repair", url, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "completed_updates": [],
+        "finished_stores": [],
+        "incomplete_stores": [],
+        "in_progress": 0,
+    }
+    _assert_one_line_error(_invoke(["repair", url, "--min-age", "-1"]), "min_age_s must be >= 0")
+
+
 def test_partitions_on_sqlite_is_a_clear_error(tmp_path: Path, official_schema: ApdbSchema) -> None:
     url = str(tmp_path / "apdb.db")
     diadb.Apdb.create(url, schema=official_schema).close()

@@ -254,6 +254,28 @@ class TimePartitioned(Protocol):
         """Drop the partitions that end at or before ``before_mjd``; their names."""
 
 
+@dataclass(frozen=True)
+class RepairReport:
+    """What ``Apdb.repair`` found of operations that did not finish (their ``op`` keys)."""
+
+    #: Daytime calls applied again from their recorded plan: complete now.
+    completed_updates: list[str] = field(default_factory=list)
+    #: Stores that had registered but not cleared their record: complete, record cleared.
+    finished_stores: list[str] = field(default_factory=list)
+    #: Stores that never registered: hidden from reads; store them again to complete them.
+    incomplete_stores: list[str] = field(default_factory=list)
+    #: Records younger than the grace, left alone (perhaps still running).
+    in_progress: int = 0
+
+
+@runtime_checkable
+class Repairable(Protocol):
+    """A backend whose stores and daytime calls are not single transactions (Cassandra)."""
+
+    def repair(self, min_age_s: float) -> RepairReport:
+        """Settle the operations that did not finish, recorded at least ``min_age_s`` ago."""
+
+
 @runtime_checkable
 class BulkLoading(Protocol):
     """A backend that loads many visits in one transaction (``Apdb.load_history``)."""

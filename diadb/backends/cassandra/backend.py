@@ -25,13 +25,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diadb.backends.base import Int64Array, ReadTable, TableStats, TimePartition, TimeWindow, VisitBatch
+from diadb.backends.base import (
+    Int64Array,
+    ReadTable,
+    RepairReport,
+    TableStats,
+    TimePartition,
+    TimeWindow,
+    VisitBatch,
+)
 from diadb.backends.cassandra.changelog import ChangeLog
 from diadb.backends.cassandra.chunk_rows import ChunkReader
 from diadb.backends.cassandra.daytime import Daytime
 from diadb.backends.cassandra.history import CassandraHistory
 from diadb.backends.cassandra.layout import Layout
 from diadb.backends.cassandra.read import Reader
+from diadb.backends.cassandra.repair import repair
 from diadb.backends.cassandra.session import CassandraSession
 from diadb.backends.cassandra.store import Registry, Store
 from diadb.backends.cassandra.url import parse_options, parse_url
@@ -95,6 +104,9 @@ class CassandraBackend:
         """Whether the history tier is on, and its cache bound (the engine's own options are
         in the URL)."""
         self.history.configure(config)
+
+    def repair(self, min_age_s: float) -> RepairReport:
+        return repair(self.session, self.log, self.registry, self.store, min_age_s)
 
     def counters(self) -> dict[str, int]:
         """Event counters since open: none (neither the driver's retries nor the re-sends of

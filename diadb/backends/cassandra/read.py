@@ -273,10 +273,11 @@ class Reader:
             values = pa.array(np.where(reopened, np.nan, end), mask=reopened | np.isnan(end))
             prev = prev.set_column(col, "validityEndMjdTai", values.cast(prev.schema.field(col).type))
         h = np.asarray(prev.column(HEALPIX_COLUMN).to_numpy(), dtype=np.int64)
-        inside = np.ones(len(h), dtype=bool)
+        # A version closed otherwise (a daytime set_validity_end shown) has no open version.
+        inside = reopened | np.isnan(end)
         if len(ranges):
             pos = np.searchsorted(ranges[:, 0], h, side="right") - 1
-            inside = (pos >= 0) & (h < ranges[np.clip(pos, 0, None), 1])
+            inside &= (pos >= 0) & (h < ranges[np.clip(pos, 0, None), 1])
         if ids is not None:
             inside &= np.isin(prev.column("diaObjectId").to_numpy(), ids)
         prev = prev.filter(pa.array(inside)).select(data.column_names)
