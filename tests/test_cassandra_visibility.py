@@ -99,6 +99,10 @@ def test_a_store_that_fails_before_its_chunk_is_not_shown_and_its_retry_shows_it
     # but it has no chunk: nothing of it is shown, and each object shows its visit-1 version.
     _assert_shows_only(db, [first])
     assert not db.contains_visit_detector(2, 0)
+    # The daytime dedup scan shows the same objects (visit 1's versions, none of visit 2's).
+    dedup = db.get_objects_for_dedup(59999.0, columns=["diaObjectId", "validityStartMjdTai"])
+    assert sorted(dedup.column("diaObjectId").to_pylist()) == list(range(1, N + 1))
+    assert set(dedup.column("validityStartMjdTai").to_pylist()) == {60000.0}
     # Another process (no cache of this one's) sees the same.
     with diadb.Apdb.open(db.url) as other:
         _assert_shows_only(other, [first])

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -50,7 +51,7 @@ from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweep
 from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import SegmentStore
-from diadb.schema.model import ApdbSchema, ColumnSpec
+from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, ColumnSpec
 
 
 class CassandraBackend:
@@ -226,7 +227,14 @@ class CassandraBackend:
         return self.daytime.set_validity_end(object_ids, when_mjd, missing_ok)
 
     def objects_since(self, since_mjd: float) -> pa.Table:
-        return self.daytime.objects_since(since_mjd)
+        """Latest versions that started at or after ``since_mjd``, each store's wholly or not
+        at all (through the reader's visibility filter)."""
+        cols = [*self.layout.schema.table("DiaObject").column_names, HEALPIX_COLUMN]
+        found = self.reader.select(
+            "DiaObject", np.zeros((0, 2), np.int64), cols, started_since=float(since_mjd)
+        )
+        # A hidden store's object shows its previous version, which may have started earlier.
+        return found.filter(pc.greater_equal(found.column("validityStartMjdTai"), float(since_mjd)))
 
     def count_unassociated(self) -> int:
         return self.daytime.count_unassociated()

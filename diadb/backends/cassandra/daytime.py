@@ -23,7 +23,6 @@ from diadb.backends.cassandra.changelog import ChangeLog, digest
 from diadb.backends.cassandra.codec import q, to_arrow
 from diadb.backends.cassandra.history import CassandraHistory
 from diadb.backends.cassandra.layout import (
-    HISTORY_TABLE,
     PART,
     TIME_COLUMN,
     Layout,
@@ -393,17 +392,6 @@ class Daytime:
             plan = {"kind": "set_validity_end", "when": when_mjd, "payloads": [payload], "objects": objects}
         _, done = self.log.run_update(op_key, "set_validity_end", when_mjd, plan)
         return 0 if done is None else len(done.get("objects", []))
-
-    def objects_since(self, since_mjd: float) -> pa.Table:
-        """Latest versions of objects whose version started at or after ``since_mjd`` (a scan)."""
-        spec = self.layout.schema.table(HISTORY_TABLE)
-        cols = [*spec.column_names, HEALPIX_COLUMN]
-        stmt = self.session.prepare(
-            f"SELECT {', '.join(q(c) for c in self.layout.packer.physical(HISTORY_TABLE, cols))} FROM "
-            f"{self.session.t(LATEST_TABLE)} WHERE {q('validityStartMjdTai')} >= ? ALLOW FILTERING"
-        )
-        (rows,) = self.session.run([(stmt, (float(since_mjd),))], write=False)
-        return self.layout.decode(HISTORY_TABLE, cols, rows)
 
     def count_unassociated(self) -> int:
         stmt = self.session.prepare(

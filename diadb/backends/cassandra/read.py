@@ -107,10 +107,12 @@ class Reader:
         window: TimeWindow | None = None,
         object_ids: Int64Array | None = None,
         any_place: bool = False,
+        started_since: float | None = None,
     ) -> pa.Table:
         """Rows of ``table`` in ``ranges`` (or of ``object_ids``), each store's wholly or not at
         all (``any_place``: the ranges only locate ``object_ids``' latest rows, so a previous
-        version may lie elsewhere)."""
+        version may lie elsewhere). ``started_since`` (DiaObject, no ranges nor ids): only
+        versions whose validity started then or later, filtered by the server (a scan)."""
         packer, prepare, t = self.layout.packer, self.session.prepare, self.session.t
         want = list(columns)
         extra = [HEALPIX_COLUMN]
@@ -166,6 +168,11 @@ class Reader:
                 statements += [
                     (stmt, (chunk.tolist(),)) for chunk in np.array_split(ids, -(-len(ids) // 500))
                 ]
+        elif started_since is not None and table == "DiaObject":
+            where = f"WHERE {q('validityStartMjdTai')} >= ? ALLOW FILTERING"
+            statements.append(
+                (prepare(f"SELECT {select_list} FROM {t(LATEST_TABLE)} {where}"), (started_since,))
+            )
         else:
             for name in physical:
                 stmt = prepare(f"SELECT {select_list} FROM {t(name)}", table_may_be_new=partitioned)
