@@ -9,6 +9,7 @@ a store completes; the 3-node test with a writer killed by SIGKILL is in ``test_
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,28 @@ def _store(db: diadb.Apdb, v: Visit) -> bool:
 
 def _sorted(t: pa.Table, key: str) -> pa.Table:
     return t.take(pc.sort_indices(t, sort_keys=[(key, "ascending")]))
+
+
+@contextlib.contextmanager
+def _broken_half_way(db: diadb.Apdb, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Inside, a store breaks half-way through its rows: its big writes are its key claims,
+    then its rows, of which every other batch is written before it fails. Yields the sizes
+    of the big writes seen."""
+    session = db._backend.session  # type: ignore[attr-defined]
+    real_run = session.run
+    big_writes: list[int] = []
+
+    def half(statements: Any, *, write: bool) -> Any:
+        if write and len(statements) > 4:
+            big_writes.append(len(statements))
+            if len(big_writes) == 2:
+                real_run(statements[::2], write=True)
+                raise StorageError("injected: the connection dropped mid-store")
+        return real_run(statements, write=write)
+
+    with monkeypatch.context() as m:
+        m.setattr(session, "run", half)
+        yield big_writes
 
 
 def _assert_shows_only(db: diadb.Apdb, visible: list[Visit]) -> None:
@@ -117,25 +140,8 @@ def test_a_store_broken_half_way_through_its_rows_is_not_shown(
 ) -> None:
     first, second = _visits(official_schema)
     assert _store(db, first)
-    session = db._backend.session  # type: ignore[attr-defined]
-    real_run = session.run
-
-    big_writes = []
-
-    def half(statements: Any, *, write: bool) -> Any:
-        # A store's big writes are its key claims, then its rows: every other batch of the
-        # rows is written, then it fails.
-        if write and len(statements) > 4:
-            big_writes.append(len(statements))
-            if len(big_writes) == 2:
-                real_run(statements[::2], write=True)
-                raise StorageError("injected: the connection dropped mid-store")
-        return real_run(statements, write=write)
-
-    with monkeypatch.context() as m:
-        m.setattr(session, "run", half)
-        with pytest.raises(StorageError, match="injected"):
-            _store(db, second)
+    with _broken_half_way(db, monkeypatch) as big_writes, pytest.raises(StorageError, match="injected"):
+        _store(db, second)
     assert len(big_writes) == 2
     _assert_shows_only(db, [first])
     with diadb.Apdb.open(db.url) as other:
@@ -170,22 +176,8 @@ def test_a_second_keyed_store_of_a_visit_is_not_shown_until_it_is_complete(
         return apdb.store(v.mjd, v.objects, v.sources, v.forced, visit=1, key=key)
 
     assert keyed(db, first, "first")
-    session = db._backend.session  # type: ignore[attr-defined]
-    real_run = session.run
-    big_writes = []
-
-    def half(statements: Any, *, write: bool) -> Any:
-        if write and len(statements) > 4:  # the key claims, then the rows: half of them
-            big_writes.append(len(statements))
-            if len(big_writes) == 2:
-                real_run(statements[::2], write=True)
-                raise StorageError("injected: the connection dropped mid-store")
-        return real_run(statements, write=write)
-
-    with monkeypatch.context() as m:
-        m.setattr(session, "run", half)
-        with pytest.raises(StorageError, match="injected"):
-            keyed(db, second, "second")
+    with _broken_half_way(db, monkeypatch) as big_writes, pytest.raises(StorageError, match="injected"):
+        keyed(db, second, "second")
     assert len(big_writes) == 2
     assert db.contains_visit_detector(1)  # shown: its first store is complete
     _assert_shows_only(db, [first])

@@ -178,6 +178,7 @@ class Visibility:
             f"SELECT visit, detector, chunk_id FROM {self.session.t('diadb_visit')} WHERE visit IN ?"
         )
         statements: Statements = [(visits_stmt, (ids,)) for ids in _in_groups(unknown)]
+        n_visits = len(statements)
         if keyed:
             # Rows of a keyed store exist only once its writer made this table.
             keyed_stmt = self.session.prepare(
@@ -186,7 +187,6 @@ class Visibility:
             )
             statements += [(keyed_stmt, (ids,)) for ids in _in_groups(keyed)]
         results = self.session.run(statements, write=False)
-        n_visits = len(statements) - len(_in_groups(keyed))
         found = [tuple(r) for rs in results[:n_visits] for r in rs]
         found += [(r[0], KEYED_STORE, r[1]) for rs in results[n_visits:] for r in rs]
         with self._lock:
