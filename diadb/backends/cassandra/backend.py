@@ -105,6 +105,7 @@ class CassandraBackend:
         """Whether the history tier is on, and its cache bound (the engine's own options are
         in the URL)."""
         self.history.configure(config)
+        self.store.time_check = self.history.check_store_time if self.history.enabled else None
 
     def repair(self, min_age_s: float) -> RepairReport:
         return repair(self.session, self.log, self.registry, self.store, min_age_s)
@@ -135,7 +136,8 @@ class CassandraBackend:
         return self.store.existing_keys(table, keys)
 
     def store_visit(self, batch: VisitBatch) -> bool:
-        self.history.check_store_time(batch.visit_mjd_tai)
+        if self.history.enabled:
+            self.history.guard.ensure()  # a keyspace made before it gets its column and table
         return self.store.store_visit(batch)
 
     def contains_visit_detector(self, visit: int, detector: int) -> bool:

@@ -202,7 +202,9 @@ class ChangeLog:
         )
 
     # ---- pending operations --------------------------------------------------------
-    def begin(self, op_key: str, plan: str | None) -> tuple[uuid.UUID, int, str | None, bool]:
+    def begin(
+        self, op_key: str, plan: str | None, visit_mjd_tai: float | None = None
+    ) -> tuple[uuid.UUID, int, str | None, bool]:
         """(operation id, newest chunk id before it, its recorded plan, whether it is a retry)."""
         stmt = self.session.prepare(
             f"SELECT op, from_id, plan FROM {self.session.t('diadb_pending')} WHERE op_key = ?"
@@ -213,10 +215,12 @@ class ChangeLog:
             return op, int(after), recorded, True
         op = uuid.uuid4()
         after = self._last_chunk_id()
-        ins = self.session.prepare(
-            f"INSERT INTO {self.session.t('diadb_pending')} (op_key, op, from_id, plan) VALUES (?, ?, ?, ?)"
-        )
-        self.session.run([(ins, (op_key, op, after, plan))], write=True)
+        cols, values = ["op_key", "op", "from_id", "plan"], [op_key, op, after, plan]
+        if visit_mjd_tai is not None:  # a store, tier on (.store_guard)
+            cols, values = [*cols, "visit_mjd_tai"], [*values, float(visit_mjd_tai)]
+        table, marks = self.session.t("diadb_pending"), ", ".join("?" * len(cols))
+        ins = self.session.prepare(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})")
+        self.session.run([(ins, tuple(values))], write=True)
         return op, after, plan, False
 
     def _pending(self, op_key: str) -> bool:

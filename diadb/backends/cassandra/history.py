@@ -16,7 +16,8 @@ in the same step that records their segments. Visibility is carried by a **bound
   commit is long done by then.
 - One compactor at a time: a lease (a lightweight transaction with a TTL, ``segments.Lease``).
   Daytime updates take the same lease, so none changes an engine row while a compaction copies it.
-- A store older than ``B`` would be hidden by the clip, so it is refused (:meth:`check_store_time`).
+- A store older than ``B`` would be hidden by the clip, so it is refused (:meth:`check_store_time`),
+  and a compaction holds ``B`` back to the oldest store in progress (:mod:`.store_guard`).
 
 Not here yet: the DiaObject snapshot (objects are read from the engine's latest table, as with the
 tier off), so ``compact_history`` ignores ``objects``.
@@ -42,8 +43,8 @@ from diadb.backends.cassandra.layout import PART, TIME_COLUMN, Layout
 from diadb.backends.cassandra.read import Reader
 from diadb.backends.cassandra.segments import FORCED_OVERLAY, SOURCE_OVERLAY, CassandraBlobs, Lease, blob_ddl
 from diadb.backends.cassandra.session import CassandraSession
+from diadb.backends.cassandra.store_guard import StoreGuard, guard_ddl
 from diadb.config import ApdbConfig
-from diadb.errors import CatalogError
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
 from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
@@ -75,6 +76,7 @@ def history_ddl(session: CassandraSession) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {t(TRASH)} (bucket int, name text, dropped_at double, "
         "PRIMARY KEY (bucket, name))",
         *blob_ddl(session),
+        *guard_ddl(session),
         f'CREATE TABLE IF NOT EXISTS {t(SOURCE_OVERLAY)} ({PART} int, "diaSourceId" bigint, '
         '"_healpix_29" bigint, "midpointMjdTai" double, "diaObjectId" bigint, "ssObjectId" bigint, '
         '"ssObjectReassocTimeMjdTai" double, "timeWithdrawnMjdTai" double, '
@@ -109,6 +111,7 @@ class CassandraHistory:
         self._cache_bytes = 0
         self._local = threading.local()
         self.enabled = False
+        self.guard = StoreGuard(session)
 
     def configure(self, config: ApdbConfig) -> None:
         self._cache_bytes = int(config.history_cache_mb * 1e6)
@@ -202,14 +205,10 @@ class CassandraHistory:
         return TimeWindow(max(window.start, start), window.end)
 
     def check_store_time(self, visit_mjd: float) -> None:
-        b = self.boundary()
-        if visit_mjd < b:
-            raise CatalogError(
-                "DiaSource",
-                "midpointMjdTai",
-                f"a visit at MJD {visit_mjd} is older than the compacted history (before MJD {b}, "
-                f"keyspace {self.session.keyspace}): visits are stored in time order",
-            )
+        """CatalogError if a store (its pending record written) is older than the boundary or a
+        running compaction's (see :mod:`.store_guard`)."""
+        if self.enabled:
+            self.guard.check_store(visit_mjd, self.boundary())
 
     def list_segments(self, table: str | None = None) -> list[SegmentInfo]:
         segments = self._manifest().segments
@@ -246,6 +245,14 @@ class CassandraHistory:
             self._forget_trash(done)
             if boundary <= current.boundary:
                 return []
+            # Announced before anything is read; then no store in progress is passed.
+            self.guard.ensure()
+            self.guard.announce(boundary, lease.ttl_s)
+            hook("announced")
+            boundary = self.guard.held_back(boundary)
+            if boundary <= current.boundary:
+                return []
+            self.guard.announce(boundary, lease.ttl_s)  # stores above it need not wait
             start = current.boundary if math.isfinite(current.boundary) else -math.inf
             window = TimeWindow(
                 float(np.nextafter(start, -np.inf)) if math.isfinite(start) else -math.inf,
@@ -263,10 +270,13 @@ class CassandraHistory:
                     created += write(table, rows)
                 del rows
                 lease.renew()  # a compaction longer than the TTL keeps its lease
+                self.guard.announce(boundary, lease.ttl_s)  # and its intent
             hook("commit")
             lease.renew()  # still ours: no other compactor can have started meanwhile
             self._commit(created, boundary)
         finally:
+            if self.guard.announced:
+                self.guard.withdraw()
             lease.release()
         hook("committed")
         return created

@@ -87,7 +87,7 @@ def change_log_ddl(t: Callable[[str], str]) -> list[str]:
         'bigint, "validityStartMjdTai" double, PRIMARY KEY ((visit, detector), "diaObjectId", '
         '"validityStartMjdTai"))',
         f"CREATE TABLE IF NOT EXISTS {t('diadb_pending')} (op_key text PRIMARY KEY, op uuid, from_id bigint, "
-        "plan text)",
+        "plan text, visit_mjd_tai double)",
         *keyed_ddl(t),
     ]
 

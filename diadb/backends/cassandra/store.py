@@ -12,6 +12,7 @@ is complete (:mod:`.visibility`: that order is what lets them).
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +35,7 @@ from diadb.backends.cassandra.layout import (
 from diadb.backends.cassandra.session import CassandraSession, Statements
 from diadb.backends.cassandra.visibility import KEYED_STORE, Visibility, moved_mark, recorded_store
 from diadb.backends.common.names import LATEST_TABLE, AlreadyStored
-from diadb.errors import StorageError
+from diadb.errors import CatalogError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN
 
 
@@ -120,6 +121,9 @@ class Store:
         # The visit/detector of the store in progress, or of the last one that failed: its key
         # claims are its own, so that it may be retried (see existing_keys).
         self._storing: tuple[int, int] | None = None
+        # With the history tier on: refuses a visit that a compaction passes (.store_guard),
+        # called once the store's pending record, which then holds its visit time, is written.
+        self.time_check: Callable[[float], None] | None = None
 
     def existing_keys(self, table: str, keys: pa.Table) -> pa.Table:
         """Keys already stored, except those claimed by the store in progress (or that last
@@ -155,7 +159,16 @@ class Store:
         rows += self._source_writes("DiaForcedSource", batch.forced_sources, shown_as)
         obj_rows, obj_moves, obj_keys, obj_gone = self._object_writes(batch.objects, *shown_as)
         op_key = f"store-key:{batch.key}" if keyed else f"store:{batch.visit}:{batch.detector}"
-        op, after, _, retry = self.log.begin(op_key, None)
+        timed = self.time_check is not None
+        op, after, _, retry = self.log.begin(op_key, None, batch.visit_mjd_tai if timed else None)
+        if self.time_check is not None:
+            try:
+                self.time_check(batch.visit_mjd_tai)
+            except CatalogError:
+                if not retry:
+                    self.log.end(op_key)  # nothing of it was written
+                self._storing = None
+                raise
         if keyed:
             # Other keyed stores share this visit/detector: the chunk lists its own rows.
             rows += self.log.member_writes(batch, op)

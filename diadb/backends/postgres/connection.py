@@ -392,6 +392,12 @@ class Connection:
         cur.execute("SELECT pg_advisory_xact_lock($1::integer, 0)", parameters=params(self.lock_space))
         cur.fetchall()
 
+    def hold_off_compaction(self, cur: Any) -> None:
+        """Take the compaction lock shared (a compaction holds it alone): a daytime change to
+        source rows then never lands between a compaction's read of a row and its delete."""
+        cur.execute("SELECT pg_advisory_xact_lock_shared($1::integer, 1)", parameters=params(self.lock_space))
+        cur.fetchall()
+
     def exists(self) -> bool:
         """Whether the schema holds an APDB (its metadata table)."""
         t = self.fetch(

@@ -81,6 +81,7 @@ class Daytime:
         cols = ", ".join(f"s.{q(c)}" for c in CURRENT_COLUMNS)
 
         def work(cur: Any) -> int:
+            self.conn.hold_off_compaction(cur)
             # The rows are locked (in the order given) so that two daytime calls moving the same
             # source serialise, and the second one sees the first one's values.
             cur.execute(
@@ -239,6 +240,7 @@ class Daytime:
         keyset = f"unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS k({', '.join(FORCED_KEY)})"
 
         def work(cur: Any) -> int:
+            self.conn.hold_off_compaction(cur)
             cur.execute(
                 f"SELECT {cols} FROM {keyset} JOIN {table} f ON {match} FOR UPDATE OF f",
                 parameters=params(*binds),

@@ -22,10 +22,17 @@ import pyarrow as pa
 from diadb.backends.base import Int64Array, TimeWindow
 from diadb.backends.common.names import LATEST_TABLE
 from diadb.backends.common.packing import RowPacker
-from diadb.backends.postgres.connection import Connection, ids, params, q
+from diadb.backends.postgres.connection import Connection, ids, params, pg_type, q
 from diadb.backends.postgres.layout import TIME_COLUMN
 from diadb.backends.postgres.read import Reader
 from diadb.backends.postgres.segments import PostgresBlobs, blob_ddl
+from diadb.backends.postgres.tracking import (
+    CHANGED_TABLE,
+    forget_sql,
+    numbered_sql,
+    tracking_ddl,
+    upgrade_ddl,
+)
 from diadb.config import ApdbConfig
 from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
 from diadb.history.pieces import (
@@ -44,7 +51,6 @@ from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
 from diadb.sky.healpix import in_ranges
 from diadb.updates import MUTABLE_SOURCE_COLUMNS
 
-CHANGED_TABLE = "diadb_object_changed"
 _SEGMENT_COLUMNS = (
     "table_name", "name", "t_min", "t_max", "span_start", "span_end",
     "pix_min", "pix_max", "rows", "bytes", "checksum",
@@ -83,30 +89,6 @@ def history_ddl(conn: Connection) -> list[str]:
     ]
 
 
-def _tracking_ddl(conn: Connection) -> list[str]:
-    """Change tracking of the latest-object table: one statement-level trigger per event, with
-    a transition table (one INSERT per statement, not per row: a store replaces thousands)."""
-    changed, latest = conn.t(CHANGED_TABLE), conn.t(LATEST_TABLE)
-    function = conn.t("diadb_note_object_changes")
-    body = (
-        f"BEGIN IF TG_OP = 'DELETE' THEN INSERT INTO {changed} SELECT \"diaObjectId\" FROM changed_rows "
-        f'ON CONFLICT DO NOTHING; ELSE INSERT INTO {changed} SELECT "diaObjectId" FROM changed_rows '
-        "ON CONFLICT DO NOTHING; END IF; RETURN NULL; END"
-    )
-    ddl = [
-        f'CREATE TABLE IF NOT EXISTS {changed} ("diaObjectId" BIGINT PRIMARY KEY)',
-        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $body${body}$body$",
-    ]
-    for event, rows in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
-        name = q(f"diadb_object_changed_{event.lower()}")
-        ddl.append(f"DROP TRIGGER IF EXISTS {name} ON {latest}")
-        ddl.append(
-            f"CREATE TRIGGER {name} AFTER {event} ON {latest} REFERENCING {rows} TABLE AS changed_rows "
-            f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
-        )
-    return ddl
-
-
 class PostgresHistory:
     """The manifest and the moves of rows between the engine and the segments."""
 
@@ -116,6 +98,7 @@ class PostgresHistory:
         self.packer = packer
         self._schema = schema  # () -> ApdbSchema
         self._cache_bytes = 0
+        self._notes_numbered = False  # known to carry numbers (.tracking)
 
     def configure(self, config: ApdbConfig) -> None:
         self._cache_bytes = int(config.history_cache_mb * 1e6)
@@ -215,7 +198,7 @@ class PostgresHistory:
                         parameters=params((pa.array(done, pa.string()), pa.string())),
                     )
                 for table in tables:
-                    moved = 0
+                    key = self._primary_key(table)
                     for piece in self._source_runs(table, boundary, pieces):
                         cover = np.array([piece], np.int64)
                         rows = self.reader.select(table, cover, self._all_columns(table), window=before)  # type: ignore[arg-type]
@@ -223,24 +206,62 @@ class PostgresHistory:
                         if rows.num_rows == 0:
                             continue
                         infos = write(table, rows)
+                        read = rows.select(key)
                         del rows
                         self._record(cur, infos)
                         created += infos
-                        moved += 1
-                    if moved:
-                        cur.execute(
-                            f"DELETE FROM {self.conn.t(table)} WHERE {q(TIME_COLUMN[table])} < $1::float8",
-                            parameters=params(float(boundary)),
-                        )
+                        # Exactly the rows read: a store committed since (a late visit's rows,
+                        # older than the boundary) stays in the engine, to be moved next time.
+                        self._delete_rows(cur, table, read)
                 if objects is not None:
                     snapshot_pieces = pieces if object_pieces is None else object_pieces
                     created += self._refresh_object_snapshot(cur, objects, hook, snapshot_pieces)
                 hook("commit")
             return created
 
+        if objects is not None:
+            self._number_notes()
         created = self.conn.run("compaction", work)
         hook("committed")
         return created
+
+    def _primary_key(self, table: str) -> list[str]:
+        """The physical table's primary key (see ``layout``: pixel, time, then the schema's)."""
+        return [HEALPIX_COLUMN, TIME_COLUMN[table], *self._schema().table(table).primary_key]
+
+    def _delete_rows(self, cur: Any, table: str, keys: pa.Table) -> None:
+        """Delete the rows of ``keys`` (primary-key columns, bound as arrays and unnested)."""
+        binds: list[Any] = []
+        arrays: list[str] = []
+        for i, c in enumerate(keys.column_names):
+            arrow_t, pg_t = pg_type(keys.schema.field(c).type)
+            binds.append((keys.column(c).combine_chunks().cast(arrow_t), arrow_t))
+            arrays.append(f"${i + 1}::{pg_t}[]")
+        names = ", ".join(q(c) for c in keys.column_names)
+        match = " AND ".join(f"t.{q(c)} = k.{q(c)}" for c in keys.column_names)
+        cur.execute(
+            f"DELETE FROM {self.conn.t(table)} t USING unnest({', '.join(arrays)}) AS k({names}) "
+            f"WHERE {match}",
+            parameters=params(*binds),
+        )
+
+    def _number_notes(self) -> None:
+        """Tracking made before the notes' numbers gets them, in its own short transaction."""
+        if self._notes_numbered:
+            return
+        tracked = self.conn.fetch(
+            "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL",
+            [self.conn.namespace, CHANGED_TABLE],
+        )
+        numbered = self.conn.fetch(numbered_sql(self.conn), [self.conn.namespace])
+        if tracked.column(0)[0].as_py() and not numbered.column(0)[0].as_py():
+
+            def work(cur: Any) -> None:
+                for stmt in upgrade_ddl(self.conn):
+                    cur.execute(stmt)
+
+            self.conn.run("numbering of the object change notes", work)
+        self._notes_numbered = True
 
     def _piece_counts(self, table: str, shift: int, where: str, settings: dict[str, str]) -> dict[int, int]:
         """Rows per sky piece of a physical table (one aggregate over its rows)."""
@@ -280,7 +301,7 @@ class PostgresHistory:
         changed: Int64Array | None
         shift = piece_shift(pieces)
         if old and tracking and fits_pieces(old, pieces):
-            changed = self._changed_ids()
+            changed, numbers = self._changed_notes()
             if not len(changed):
                 return []
             # Where each changed row lives now (two columns), then its rows a piece at a time.
@@ -289,7 +310,7 @@ class PostgresHistory:
             at_pixels = np.asarray(where.column(HEALPIX_COLUMN).to_numpy(), np.int64)
             counts = {} if shift is None else pixel_counts(at_pixels, shift)
         else:
-            for stmt in _tracking_ddl(self.conn):
+            for stmt in tracking_ddl(self.conn):
                 cur.execute(stmt)
             changed = None
             counts = {} if shift is None else self._piece_counts(LATEST_TABLE, shift, "", {})
@@ -313,12 +334,22 @@ class PostgresHistory:
             replaced += gone
         self._record(cur, created)
         self._trash(cur, replaced)
-        cur.execute(f"DELETE FROM {self.conn.t(CHANGED_TABLE)}")
+        if changed is None:
+            # Tracking was (re)made in this transaction, whose trigger DDL locks the table:
+            # no store changed a row since this snapshot read it.
+            cur.execute(f"DELETE FROM {self.conn.t(CHANGED_TABLE)}")
+        else:
+            cur.execute(forget_sql(self.conn), parameters=params(ids(changed), ids(numbers)))
         return created
 
     def _changed_ids(self) -> Int64Array:
         t = self.conn.fetch(f'SELECT "diaObjectId" FROM {self.conn.t(CHANGED_TABLE)}')
         return np.asarray(t.column(0).to_numpy(), np.int64)
+
+    def _changed_notes(self) -> tuple[Int64Array, Int64Array]:
+        """The changed ids and their notes' numbers (see ``.tracking``)."""
+        t = self.conn.fetch(f'SELECT "diaObjectId", seq FROM {self.conn.t(CHANGED_TABLE)}')
+        return np.asarray(t.column(0).to_numpy(), np.int64), np.asarray(t.column(1).to_numpy(), np.int64)
 
     def _changed_rows(self, columns: Sequence[str], ranges: Int64Array | None) -> pa.Table:
         """The latest rows of the changed ids (in the cover's bounds when ``ranges`` is given)."""
