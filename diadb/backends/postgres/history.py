@@ -22,7 +22,7 @@ import pyarrow as pa
 from diadb.backends.base import Int64Array, TimeWindow
 from diadb.backends.common.names import LATEST_TABLE
 from diadb.backends.common.packing import RowPacker
-from diadb.backends.postgres.connection import Connection, ids, params, pg_type, q
+from diadb.backends.postgres.connection import Connection, ids, params, q
 from diadb.backends.postgres.layout import TIME_COLUMN
 from diadb.backends.postgres.read import Reader
 from diadb.backends.postgres.segments import PostgresBlobs, blob_ddl
@@ -179,7 +179,6 @@ class PostgresHistory:
         Rows are fetched and written one sky piece after another (``diadb.history.pieces``).
         Without ``wait``, nothing is done when another compaction holds the lock."""
         hook = fault or (lambda step: None)
-        before = TimeWindow(float("-inf"), float(np.nextafter(boundary, -np.inf)))
 
         def work(cur: Any) -> list[SegmentInfo]:
             created: list[SegmentInfo] = []
@@ -198,21 +197,15 @@ class PostgresHistory:
                         parameters=params((pa.array(done, pa.string()), pa.string())),
                     )
                 for table in tables:
-                    key = self._primary_key(table)
                     for piece in self._source_runs(table, boundary, pieces):
-                        cover = np.array([piece], np.int64)
-                        rows = self.reader.select(table, cover, self._all_columns(table), window=before)  # type: ignore[arg-type]
+                        rows = self._take_rows(table, piece, boundary)
                         hook("read")
                         if rows.num_rows == 0:
                             continue
                         infos = write(table, rows)
-                        read = rows.select(key)
                         del rows
                         self._record(cur, infos)
                         created += infos
-                        # Exactly the rows read: a store committed since (a late visit's rows,
-                        # older than the boundary) stays in the engine, to be moved next time.
-                        self._delete_rows(cur, table, read)
                 if objects is not None:
                     snapshot_pieces = pieces if object_pieces is None else object_pieces
                     created += self._refresh_object_snapshot(cur, objects, hook, snapshot_pieces)
@@ -225,25 +218,26 @@ class PostgresHistory:
         hook("committed")
         return created
 
-    def _primary_key(self, table: str) -> list[str]:
-        """The physical table's primary key (see ``layout``: pixel, time, then the schema's)."""
-        return [HEALPIX_COLUMN, TIME_COLUMN[table], *self._schema().table(table).primary_key]
-
-    def _delete_rows(self, cur: Any, table: str, keys: pa.Table) -> None:
-        """Delete the rows of ``keys`` (primary-key columns, bound as arrays and unnested)."""
-        binds: list[Any] = []
-        arrays: list[str] = []
-        for i, c in enumerate(keys.column_names):
-            arrow_t, pg_t = pg_type(keys.schema.field(c).type)
-            binds.append((keys.column(c).combine_chunks().cast(arrow_t), arrow_t))
-            arrays.append(f"${i + 1}::{pg_t}[]")
-        names = ", ".join(q(c) for c in keys.column_names)
-        match = " AND ".join(f"t.{q(c)} = k.{q(c)}" for c in keys.column_names)
-        cur.execute(
-            f"DELETE FROM {self.conn.t(table)} t USING unnest({', '.join(arrays)}) AS k({names}) "
-            f"WHERE {match}",
-            parameters=params(*binds),
+    def _take_rows(self, table: str, piece: Piece, boundary: float) -> pa.Table:
+        """Delete a piece's rows older than ``boundary`` and return them, in one statement of
+        the compaction's transaction (``DELETE ... RETURNING``). Reading, then deleting every row
+        older than the boundary, would also delete what a store committed in between (a late
+        visit's rows) or a daytime change made meanwhile; a row is moved exactly as it is taken."""
+        physical = self.packer.physical(table, self._all_columns(table))
+        returning = ", ".join(f"t.{q(c)}" for c in physical)
+        pix, tcol = q(HEALPIX_COLUMN), q(TIME_COLUMN[table])
+        sql = (
+            f"DELETE FROM {self.conn.t(table)} AS t WHERE t.{pix} >= current_setting('diadb.p1')::bigint "
+            f"AND t.{pix} < current_setting('diadb.p2')::bigint "
+            f"AND t.{tcol} < current_setting('diadb.p3')::float8 RETURNING {returning}"
         )
+        settings = {
+            "diadb.p1": str(int(piece[0])),
+            "diadb.p2": str(int(piece[1])),
+            "diadb.p3": repr(float(boundary)),
+        }
+        taken = self.conn.read(f"compaction of {table}", sql, settings)
+        return self.packer.expand(table, taken, self._all_columns(table))
 
     def _number_notes(self) -> None:
         """Tracking made before the notes' numbers gets them, in its own short transaction."""
