@@ -312,6 +312,60 @@ def test_a_writer_killed_mid_store_is_never_seen_in_part_on_three_nodes(cluster3
             db._backend.drop()  # type: ignore[attr-defined]
 
 
+def test_the_history_tier_survives_a_node_killed_mid_compaction(cluster3, official_schema):
+    """The tier on 3 nodes at QUORUM: a compaction whose third node is killed after it read the
+    first span goes on and commits on two; stores and reads go on; after the node is back and
+    repaired, the blobs check and every read is exact."""
+    hosts, port = cluster3.rsplit(":", 1)
+    url = f"cassandra://{hosts}:{port}/h_{uuid.uuid4().hex[:12]}?rf=3&consistency=QUORUM"
+    db = diadb.Apdb.create(
+        url, schema=official_schema, history_tier=True, history_auto_compact=False, history_tile_order=5
+    )
+    try:
+        ids = np.arange(1, 101)
+        ra, dec = random_positions(len(ids), 31)
+        visits = [
+            make_visit(official_schema, k, 60000.0 + 3.0 * k, ids, ra + 1e-5 * k, dec, seed=k)
+            for k in range(1, 8)
+        ]
+        for v in visits[:6]:
+            assert db.store(v.mjd, v.objects, v.sources, v.forced, visit=v.visit)
+        killed: list[int] = []
+
+        def kill_at_first_read(step: str) -> None:
+            if step == "read" and not killed:
+                killed.append(_kill_node(3))
+
+        created = db.compact(boundary=visits[5].mjd, fault=kill_at_first_read)
+        assert killed and created  # the compaction committed with one node of three gone
+        moved = sum(s.rows for s in db.segments() if s.table == "DiaSource")
+        assert moved == 5 * len(ids)  # visits 1-5 (the boundary is visit 6's time)
+        v = visits[6]
+        assert db.store(v.mjd, v.objects, v.sources, v.forced, visit=v.visit)  # node 3 still down
+
+        def exact() -> None:
+            assert db.verify() == []
+            _assert_same(db.get_objects(EVERYWHERE), visits[-1].objects, ["diaObjectId"])
+            sent = pa.concat_tables([v.sources for v in visits])
+            _assert_same(db.get_sources(EVERYWHERE, visits[-1].mjd, months=1000), sent, ["diaSourceId"])
+            forced = pa.concat_tables([v.forced for v in visits])
+            got = db.get_forced_sources(EVERYWHERE, visits[-1].mjd, months=1000)
+            _assert_same(got, forced, ["diaForcedSourceId"])
+
+        exact()
+        script("up", "--nodes", "3")  # restarts the node that is not running
+        keyspace = url.rsplit("/", 1)[1].split("?", 1)[0]
+        script("nodetool", "--nodes", "3", "--node", "3", "repair", "--full", keyspace, timeout=900)
+        exact()
+        assert db.compact(boundary=1e9)  # and the next compaction, on three nodes again
+        exact()
+    finally:
+        try:
+            db._backend.drop()  # type: ignore[attr-defined]
+        finally:
+            db.close()
+
+
 def test_time_partitions_are_listed_made_ahead_and_dropped(request, official_schema):
     """``TimePartitioned`` on the session's node: the partitions of stored visits (by table, then
     start), more made ahead for ``[start, end)``, and the old ones dropped whole."""
