@@ -142,9 +142,10 @@ class Lease:
                     [self.name, self.owner],
                 )
             )
-            if rows and bool(rows[0][0]):
-                return True
             holder = str(rows[0][2]) if rows and len(rows[0]) > 2 else ""
+            # Ours already: a retry of this insert after a timeout whose first try applied.
+            if rows and (bool(rows[0][0]) or holder == self.owner):
+                return True
             if _dead_here(holder):
                 self.session.execute(f"DELETE FROM {t} WHERE name = %s IF owner = %s", [self.name, holder])
                 continue

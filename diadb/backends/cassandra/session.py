@@ -34,29 +34,31 @@ def _columnar_factory(colnames: list[str], rows: list[tuple[Any, ...]]) -> list[
 
 def retry_policy() -> Any:
     """Retry timeouts and unavailable errors on the next host, up to 3 times: every statement
-    diadb sends is idempotent, and a node that just died is not yet known as down."""
+    diadb sends is idempotent, and a node that just died is not yet known as down. A retry
+    keeps the statement's own consistency (``None``): the level an error reports is SERIAL
+    for a lightweight transaction's Paxos phase, which a node refuses as a commit level."""
     from cassandra.policies import RetryPolicy  # type: ignore[import-untyped]
 
     class RetryIdempotent(RetryPolicy):  # type: ignore[misc]
         def on_read_timeout(
             self, query: Any, consistency: Any, *args: Any, retry_num: int = 0, **kw: Any
         ) -> Any:
-            return (self.RETRY_NEXT_HOST, consistency) if retry_num < 3 else (self.RETHROW, None)
+            return (self.RETRY_NEXT_HOST, None) if retry_num < 3 else (self.RETHROW, None)
 
         def on_write_timeout(
             self, query: Any, consistency: Any, *args: Any, retry_num: int = 0, **kw: Any
         ) -> Any:
-            return (self.RETRY_NEXT_HOST, consistency) if retry_num < 3 else (self.RETHROW, None)
+            return (self.RETRY_NEXT_HOST, None) if retry_num < 3 else (self.RETHROW, None)
 
         def on_unavailable(
             self, query: Any, consistency: Any, *args: Any, retry_num: int = 0, **kw: Any
         ) -> Any:
-            return (self.RETRY_NEXT_HOST, consistency) if retry_num < 3 else (self.RETHROW, None)
+            return (self.RETRY_NEXT_HOST, None) if retry_num < 3 else (self.RETHROW, None)
 
         def on_request_error(
             self, query: Any, consistency: Any, *args: Any, retry_num: int = 0, **kw: Any
         ) -> Any:
-            return (self.RETRY_NEXT_HOST, consistency) if retry_num < 3 else (self.RETHROW, None)
+            return (self.RETRY_NEXT_HOST, None) if retry_num < 3 else (self.RETHROW, None)
 
     return RetryIdempotent()
 
