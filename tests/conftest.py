@@ -11,8 +11,8 @@ from diadb.schema import ApdbSchema, load_schema
 
 # Every backend variant runs the shared suite (test_store_read.py, test_validation.py).
 # SQLite: the default (history tier on, 7-day segments), one where nearly every row lives in
-# segments, and one without the tier. PostgreSQL: its default, and nearly every row in segments
-# (blobs in the server).
+# segments, and one without the tier. PostgreSQL and Cassandra: their default (the tier off),
+# and nearly every row in segments (blobs in the server).
 BACKENDS = [
     "sqlite",
     "sqlite-segments",
@@ -20,6 +20,7 @@ BACKENDS = [
     "postgresql",
     "postgresql-segments",
     "cassandra",
+    "cassandra-segments",
 ]
 #: Nearly every row in 1-day history segments cut by order-5 sky tiles.
 SEGMENTS = {
@@ -32,6 +33,7 @@ CREATE_OPTIONS: dict[str, dict[str, Any]] = {
     "sqlite-segments": SEGMENTS,
     "sqlite-engine-only": {"history_tier": False},
     "postgresql-segments": SEGMENTS,
+    "cassandra-segments": SEGMENTS,
 }
 
 
@@ -48,7 +50,7 @@ def make_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest | None
 
         assert request is not None, "a PostgreSQL URL needs the test's request"
         return fresh_url(request)
-    if backend == "cassandra":  # a fresh keyspace on the session's node (tests/service_cassandra.py)
+    if backend.startswith("cassandra"):  # a fresh keyspace on the session's node (tests/service_cassandra.py)
         from tests.service_cassandra import fresh_url as fresh_keyspace_url
 
         assert request is not None, "a Cassandra URL needs the test's request"

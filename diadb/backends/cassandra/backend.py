@@ -148,7 +148,13 @@ class CassandraBackend:
 
     # ---- retention and time partitions ---------------------------------------------
     def count_before(self, table: str, cutoff_mjd: float) -> int:
-        return self.layout.count_before(table, cutoff_mjd)
+        """Engine rows older than ``cutoff_mjd``, not counting the copies below the tier's
+        boundary (those rows are in segments, and counted there) that wait to be dropped."""
+        boundary = self.history.boundary()
+        n = self.layout.count_before(table, cutoff_mjd)
+        if math.isfinite(boundary):
+            n -= self.layout.count_before(table, min(boundary, cutoff_mjd))
+        return n
 
     def delete_before(self, table: str, cutoff_mjd: float) -> int:
         return self.layout.delete_before(table, cutoff_mjd)
