@@ -26,6 +26,7 @@ tier off), so ``compact_history`` ignores ``objects``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -53,6 +54,7 @@ from diadb.history.tier import TRASH_GRACE_S
 from diadb.schema.model import HEALPIX_COLUMN
 from diadb.updates import MUTABLE_SOURCE_COLUMNS
 
+log = logging.getLogger(__name__)
 MANIFEST = "diadb_segment"
 TRASH = "diadb_segment_trash"
 #: Order-4 sky tiles, as on PostgreSQL (see the measurement there): a detector's read fetches
@@ -275,9 +277,13 @@ class CassandraHistory:
             lease.renew()  # still ours: no other compactor can have started meanwhile
             self._commit(created, boundary)
         finally:
-            if self.guard.announced:
-                self.guard.withdraw()
-            lease.release()
+            try:
+                if self.guard.announced:
+                    self.guard.withdraw()
+            except Exception as e:  # it expires with the lease's TTL; the outcome stands
+                log.warning("the compaction's announced boundary was not withdrawn: %s", e)
+            finally:
+                lease.release()
         hook("committed")
         return created
 
