@@ -437,4 +437,8 @@ def test_an_apdb_dropped_without_close_shuts_its_cluster_down(request, official_
     assert not cluster.is_shutdown
     del db
     gc.collect()
+    # The finaliser shuts it down in a thread of its own (never in the collecting thread).
+    deadline = time.monotonic() + 60
+    while not cluster.is_shutdown and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert cluster.is_shutdown

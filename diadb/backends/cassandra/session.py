@@ -126,8 +126,9 @@ class CassandraSession:
                 time.sleep(1.0)
         # A client that drops its Apdb without close() (the reference's interface has no close)
         # would otherwise leave the driver's threads, connections and heartbeats running for
-        # the life of the process; the finaliser shuts the cluster down when this is collected.
-        self._shutdown = weakref.finalize(self, _shutdown_quietly, self._cluster)
+        # the life of the process; the finaliser shuts the cluster down when this is collected
+        # (in a thread of its own, see _shutdown_in_background); close() shuts it down at once.
+        self._shutdown = weakref.finalize(self, _shutdown_in_background, self._cluster)
         self._session.default_fetch_size = 20_000
 
     def n_hosts(self) -> int:
@@ -320,9 +321,22 @@ class CassandraSession:
         return out
 
     def close(self) -> None:
-        self._shutdown()
+        if self._shutdown.detach() is not None:  # not yet shut down
+            _shutdown_quietly(self._cluster)
 
 
 def _shutdown_quietly(cluster: Any) -> None:
     with contextlib.suppress(Exception):
         cluster.shutdown()
+
+
+def _shutdown_in_background(cluster: Any) -> None:
+    """The finaliser of a session dropped without ``close``. It runs in whichever thread the
+    garbage collector interrupts, possibly a driver thread inside ``ThreadPoolExecutor.submit``,
+    which holds ``concurrent.futures``' global lock; a shutdown there joins threads that wait for
+    that lock, a deadlock (it hung a CI run). So the shutdown runs in a thread of its own."""
+    worker = threading.Thread(target=_shutdown_quietly, args=(cluster,), name="diadb-shutdown", daemon=True)
+    try:
+        worker.start()
+    except RuntimeError:  # the interpreter is exiting (no new threads): no driver call runs then
+        _shutdown_quietly(cluster)
