@@ -23,6 +23,7 @@ import diadb
 from diadb.backends.cassandra import store_guard
 from diadb.errors import CatalogError, StorageError
 from tests.helpers import make_visit, random_positions
+from tests.test_cassandra_visibility import _broken_half_way
 from tests.test_history import EVERYWHERE
 from tests.test_history_server import ENGINES, fresh_url
 
@@ -158,22 +159,8 @@ def test_a_cassandra_compaction_holds_back_for_a_store_in_progress(request, offi
     try:
         # Visit 5's store breaks after its pending record (with its visit time) and its key
         # claims, half-way through its rows: a store in progress, to a compactor.
-        session = tiered._backend.session  # type: ignore[attr-defined]
-        real_run = session.run
-        writes: list[int] = []
-
-        def half(statements: Any, *, write: bool) -> Any:
-            if write and len(statements) > 4:
-                writes.append(len(statements))
-                if len(writes) == 2:
-                    real_run(statements[::2], write=True)
-                    raise StorageError("injected: the connection dropped mid-store")
-            return real_run(statements, write=write)
-
-        with monkeypatch.context() as m:
-            m.setattr(session, "run", half)
-            with pytest.raises(StorageError, match="injected"):
-                _store(tiered, 5)
+        with _broken_half_way(tiered, monkeypatch), pytest.raises(StorageError, match="injected"):
+            _store(tiered, 5)
         visit_5 = 60000.0 + 5 * 2.5
         tiered.compact(boundary=1e9)
         assert max(s.t_max for s in tiered.segments() if s.table == "DiaSource") < visit_5
@@ -182,11 +169,8 @@ def test_a_cassandra_compaction_holds_back_for_a_store_in_progress(request, offi
         assert _store(plain, 5)
         _same_reads(tiered, plain)
         # A store whose record is older than STALE_STORE_S is taken for dead: not waited for.
-        with monkeypatch.context() as m:
-            m.setattr(session, "run", half)
-            writes.clear()
-            with pytest.raises(StorageError, match="injected"):
-                _store(tiered, 6)
+        with _broken_half_way(tiered, monkeypatch), pytest.raises(StorageError, match="injected"):
+            _store(tiered, 6)
         monkeypatch.setattr(store_guard, "STALE_STORE_S", -1.0)
         tiered.compact(boundary=1e9)
         assert tiered._backend.history.boundary() == 1e9  # type: ignore[attr-defined]
