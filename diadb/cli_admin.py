@@ -82,8 +82,9 @@ def repair(
     ] = 600.0,
 ) -> None:
     """Settle operations that did not finish (Cassandra: daytime calls are applied again from
-    their recorded plan; stores that never registered are listed, to be stored again). Exit
-    status 1 when such a store is left."""
+    their recorded plan; a store that took its chunk is registered; one that did not has every
+    row it wrote removed, and is listed, to be stored again). Exit status 1 when a store was
+    removed or is left incomplete."""
     from dataclasses import asdict
 
     from diadb.apdb import Apdb
@@ -96,11 +97,14 @@ def repair(
         typer.echo(
             f"completed {len(report.completed_updates)} daytime update(s), "
             f"finished {len(report.finished_stores)} store(s), "
+            f"removed {len(report.removed_stores)} store(s) never completed, "
             f"{len(report.incomplete_stores)} incomplete store(s), {report.in_progress} in progress"
         )
+        for key in report.removed_stores:
+            typer.echo(f"REMOVED {key}: it never completed; its rows are gone; store it again")
         for key in report.incomplete_stores:
             typer.echo(f"INCOMPLETE {key}: hidden from reads; store it again to complete it")
-    if report.incomplete_stores:
+    if report.removed_stores or report.incomplete_stores:
         raise typer.Exit(code=1)
 
 

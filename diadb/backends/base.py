@@ -260,9 +260,12 @@ class RepairReport:
 
     #: Daytime calls applied again from their recorded plan: complete now.
     completed_updates: list[str] = field(default_factory=list)
-    #: Stores that had registered but not cleared their record: complete, record cleared.
+    #: Stores that had registered, or taken their chunk, but not cleared their record: complete now.
     finished_stores: list[str] = field(default_factory=list)
-    #: Stores that never registered: hidden from reads; store them again to complete them.
+    #: Stores that never took their chunk: every row they wrote is removed; store them again.
+    removed_stores: list[str] = field(default_factory=list)
+    #: Stores recorded by an older diadb that never registered: hidden from reads, their rows
+    #: left in place; store them again to complete them.
     incomplete_stores: list[str] = field(default_factory=list)
     #: Records younger than the grace, left alone (perhaps still running).
     in_progress: int = 0

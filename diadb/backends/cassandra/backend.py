@@ -108,7 +108,7 @@ class CassandraBackend:
         self.store.time_check = self.history.check_store_time if self.history.enabled else None
 
     def repair(self, min_age_s: float) -> RepairReport:
-        return repair(self.session, self.log, self.registry, self.store, min_age_s)
+        return repair(self.session, self.layout, self.log, self.registry, self.store, min_age_s)
 
     def counters(self) -> dict[str, int]:
         """Event counters since open: none (neither the driver's retries nor the re-sends of

@@ -125,7 +125,7 @@ class ChangeLog:
         b, last = self._chunk_head()
         return last if last is not None else max(0, (b << CHUNK_BITS) - 1)
 
-    def _find_chunk(self, op: uuid.UUID, after: int) -> int | None:
+    def find_chunk(self, op: uuid.UUID, after: int) -> int | None:
         """The chunk taken by operation ``op`` (id > ``after``), if any."""
         head, _ = self._chunk_head()
         stmt = self.session.prepare(
@@ -155,7 +155,7 @@ class ChangeLog:
         from cassandra.query import BatchStatement  # type: ignore[import-untyped]
 
         if retry:
-            found = self._find_chunk(op, after)
+            found = self.find_chunk(op, after)
             if found is not None:
                 return found
         take = self.session.prepare(
@@ -180,7 +180,7 @@ class ChangeLog:
             try:
                 result = self.session.execute(batch, timeout=60)
             except Exception as e:  # a timed-out LWT may still have been applied
-                found = self._find_chunk(op, after)
+                found = self.find_chunk(op, after)
                 if found is not None:
                     return found
                 raise StorageError(

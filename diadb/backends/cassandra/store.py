@@ -12,6 +12,8 @@ is complete (:mod:`.visibility`: that order is what lets them).
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -33,7 +35,14 @@ from diadb.backends.cassandra.layout import (
     partition_table,
 )
 from diadb.backends.cassandra.session import CassandraSession, Statements
-from diadb.backends.cassandra.visibility import KEYED_STORE, Visibility, moved_mark, recorded_store
+from diadb.backends.cassandra.undo import confirm_pending, record_plan, where_written, widened
+from diadb.backends.cassandra.visibility import (
+    KEYED_STORE,
+    Visibility,
+    keyed_store_id,
+    moved_mark,
+    recorded_store,
+)
 from diadb.backends.common.names import LATEST_TABLE, AlreadyStored
 from diadb.errors import CatalogError, StorageError
 from diadb.schema.model import HEALPIX_COLUMN
@@ -154,13 +163,20 @@ class Store:
         shown_as = recorded_store(batch.visit, batch.detector, batch.key)
         self._storing = shown_as
         # 0. every check (keys another store owns), and every statement built, before any write.
-        claims = self._claims(batch, shown_as)
+        first_claims, source_claims = self._claims(batch, shown_as)
         rows = self._source_writes("DiaSource", batch.sources, shown_as)
         rows += self._source_writes("DiaForcedSource", batch.forced_sources, shown_as)
         obj_rows, obj_moves, obj_keys, obj_gone = self._object_writes(batch.objects, *shown_as)
         op_key = f"store-key:{batch.key}" if keyed else f"store:{batch.visit}:{batch.detector}"
         timed = self.time_check is not None
-        op, after, _, retry = self.log.begin(op_key, None, batch.visit_mjd_tai if timed else None)
+        # The record says where the store writes, so that a repair can remove a store that
+        # never completes (.undo).
+        plan = where_written(self.layout, batch, shown_as)
+        op, after, recorded, retry = self.log.begin(
+            op_key, json.dumps(plan), batch.visit_mjd_tai if timed else None
+        )
+        if retry:
+            record_plan(self.session, op_key, widened(recorded, plan))
         if self.time_check is not None:
             try:
                 self.time_check(batch.visit_mjd_tai)
@@ -169,39 +185,69 @@ class Store:
                     self.log.end(op_key)  # nothing of it was written
                 self._storing = None
                 raise
+        # Its object versions are listed before any is written: for the replica, and for a
+        # repair that removes the store.
         if keyed:
             # Other keyed stores share this visit/detector: the chunk lists its own rows.
-            rows += self.log.member_writes(batch, op)
+            listing = self.log.member_writes(batch, op)
         else:
-            rows += self.log.chunk_object_writes(batch.visit, batch.detector, batch.objects)
-        # 1. claim the source keys; 2. the rows; 3. where the latest object versions now live;
+            listing = self.log.chunk_object_writes(batch.visit, batch.detector, batch.objects)
+        # 1. the listing and the multi-column key claims; 2. the rows; 3. where the latest
+        # object versions now live, and the DiaSource key claims (after their rows: their
+        # uniqueness is checked on the rows, and a repair finds the claims through the rows);
         # 4. the chunk (its id taken last, in commit order); 5. the visit registry (and the
         # store key, last: its presence means the keyed store is complete).
-        run, prepare, t = self.session.run, self.session.prepare, self.session.t
-        run(claims, write=True)
+        run = self.session.run
+        run(first_claims + listing, write=True)
         run(rows + obj_rows, write=True)
         # Moved objects' old rows are marked as this store's once their new rows are
         # acknowledged, and deleted once it is complete: until then a read shows the old
         # version, after it the new one (see .visibility).
-        run(obj_moves, write=True)
+        run(obj_moves + source_claims, write=True)
         run(obj_keys, write=True)
+        # A repair that removed this store (it took too long) deleted its record: stop here.
+        confirm_pending(self.session, op_key, op)
         chunk = self.log.take_chunk(
             op, after, "store", batch.visit, batch.detector, batch.visit_mjd_tai, retry=retry
         )
         counts = (batch.objects.num_rows, batch.sources.num_rows, batch.forced_sources.num_rows)
-        mjd = batch.visit_mjd_tai
+        self.register(batch.visit, batch.detector, batch.key, op, chunk, batch.visit_mjd_tai, counts)
+        # A crash before this leaves marked rows, which reads drop (their store is shown).
+        run(obj_gone, write=True)
+        self.log.end(op_key)
+        self._storing = None
+        return True
+
+    def register(
+        self,
+        visit: int,
+        detector: int,
+        key: str | None,
+        op: uuid.UUID,
+        chunk: int,
+        mjd: float,
+        counts: tuple[int, int, int],
+    ) -> None:
+        """The last steps of a store whose rows are all written and whose chunk is taken: the
+        visit registry (and, keyed, the keyed-store and store-key registries). A repair
+        completes a store that died after taking its chunk with this too (.undo)."""
+        run, prepare, t = self.session.run, self.session.prepare, self.session.t
         first_chunk = chunk
-        if keyed:
+        if key is not None:
             # Keyed stores of one visit/detector add up (read, then write: not atomic; a
             # crash between this and the key registry below counts a retried store twice).
             stmt = prepare(
                 f"SELECT visit_mjd_tai, n_objects, n_sources, n_forced_sources, chunk_id FROM "
                 f"{t('diadb_visit')} WHERE visit = ? AND detector = ?"
             )
-            (prev,) = run([(stmt, (batch.visit, batch.detector))], write=False)
+            (prev,) = run([(stmt, (visit, detector))], write=False)
             if prev:
                 mjd = max(mjd, float(prev[0][0]))
-                counts = tuple(a + int(b or 0) for a, b in zip(counts, prev[0][1:4], strict=True))
+                counts = (
+                    counts[0] + int(prev[0][1] or 0),
+                    counts[1] + int(prev[0][2] or 0),
+                    counts[2] + int(prev[0][3] or 0),
+                )
                 # The registry keeps the first store's chunk: readers show a visit/detector
                 # once that one is complete (see .visibility), and do not hide it again.
                 first_chunk = chunk if prev[0][4] is None else min(chunk, int(prev[0][4]))
@@ -209,21 +255,17 @@ class Store:
             f"INSERT INTO {t('diadb_visit')} (visit, detector, visit_mjd_tai, stored_at, n_objects, "
             "n_sources, n_forced_sources, chunk_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        values = (batch.visit, batch.detector, mjd, _dt.datetime.now(_dt.UTC), *counts, first_chunk)
+        values = (visit, detector, mjd, _dt.datetime.now(_dt.UTC), *counts, first_chunk)
         run([(reg, values)], write=True)
-        self.visibility.remember(batch.visit, batch.detector, first_chunk)
-        if keyed:
+        self.visibility.remember(visit, detector, first_chunk)
+        if key is not None:
             # Its rows are shown from now on (.visibility), then its key is known as stored.
+            store_id = keyed_store_id(key)
             shown = prepare(f"INSERT INTO {t(KEYED_STORES)} (store_id, chunk_id) VALUES (?, ?)")
-            run([(shown, (shown_as[0], chunk))], write=True)
-            self.visibility.remember(shown_as[0], KEYED_STORE, chunk)
+            run([(shown, (store_id, chunk))], write=True)
+            self.visibility.remember(store_id, KEYED_STORE, chunk)
             key_reg = prepare(f"INSERT INTO {t('diadb_store_key')} (key, chunk_id, op) VALUES (?, ?, ?)")
-            run([(key_reg, (batch.key, chunk, op))], write=True)
-        # A crash before this leaves marked rows, which reads drop (their store is shown).
-        run(obj_gone, write=True)
-        self.log.end(op_key)
-        self._storing = None
-        return True
+            run([(key_reg, (key, chunk, op))], write=True)
 
     def contains_store_key(self, key: str) -> bool:
         """Whether a store was made with this idempotency key."""
@@ -246,10 +288,12 @@ class Store:
         if self.registry.contains_visit_detector(batch.visit, batch.detector):
             raise AlreadyStored
 
-    def _claims(self, batch: VisitBatch, shown_as: tuple[int, int]) -> Statements:
+    def _claims(self, batch: VisitBatch, shown_as: tuple[int, int]) -> tuple[Statements, Statements]:
         """Key-registry rows for the batch's sources, owned by ``shown_as`` (the store its rows
-        record); StorageError if another store owns one."""
+        record): (those of multi-column keys, those of DiaSource's one-column key); StorageError
+        if another store owns one."""
         out: Statements = []
+        one_column: Statements = []
         for name, data in (("DiaSource", batch.sources), ("DiaForcedSource", batch.forced_sources)):
             if not data.num_rows:
                 continue
@@ -286,8 +330,12 @@ class Store:
                 part = [BUCKET]
             else:
                 part = pk[1:]
-            out += self.session.writes(f"diadb_{name}_keys", claims, part, unset_nulls=False)
-        return out
+            claimed = self.session.writes(f"diadb_{name}_keys", claims, part, unset_nulls=False)
+            if len(pk) == 1:
+                one_column += claimed
+            else:
+                out += claimed
+        return out, one_column
 
     def _taken_in_place(self, name: str, data: pa.Table, batch: VisitBatch, mine: tuple[int, int]) -> bool:
         """Whether a row of ``data`` has a key already stored by another visit at the same place
