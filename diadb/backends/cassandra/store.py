@@ -6,7 +6,8 @@ the object key registry, then its change-log chunk (one lightweight transaction,
 completed by storing the same visit again (every write is an idempotent upsert, and the retry
 reuses the chunk the failed attempt may have taken). There are no multi-partition transactions:
 a store that is never retried leaves its partial rows in place, and readers hide them until it
-is complete (:mod:`.visibility`: that order is what lets them).
+is complete (:mod:`.visibility`: that order is what lets them); ``diadb repair`` then removes
+them, found through where the store recorded it would write (:mod:`.undo`).
 """
 
 from __future__ import annotations
