@@ -198,10 +198,13 @@ class StoreUndo:
                 before = [k for k, s in zip(kept, starts, strict=True) if s < start]
                 if before:
                     stale.add(int(before[-1][at.h29]))
-                # The version before it, if this store closed it, ends where the next one left starts.
+                # The version before it, if this store closed it, ends where the next one left
+                # starts.
                 if before and before[-1][at.end] == start:
                     prev_start = float(before[-1][at.start])
-                    ends[prev_start] = next((s for s in starts if s > start), None)
+                    # With none left after it, it takes the store's version's end: a daytime
+                    # set_validity_end made while the store was hidden closed that one.
+                    ends[prev_start] = next((s for s in starts if s > start), r[at.end])
                     fixes.append((writes.set_end, (ends[prev_start], bucket, oid, prev_start)))
                 deletes.append((writes.version_delete, (bucket, oid, start)))
             # The one latest row left is the newest version's, at its place.
@@ -214,7 +217,10 @@ class StoreUndo:
                 new = list(kept[-1])
                 new[at.end] = ends.get(starts[-1], new[at.end])
                 part = int(self.layout.pixel(np.asarray([place]))[0])
-                fixes.append((writes.latest, (*new, part)))
+                if new[at.end] is None:
+                    fixes.append((writes.latest, (*new, part)))
+                else:  # closed (by that daytime call): no latest row, as set_validity_end leaves it
+                    fixes.append((writes.latest_delete, (part, place, oid)))
                 fixes.append((writes.key, (bucket, oid, part, place, new[at.start])))
         # No fix writes a row another one deletes; the store's versions go once all are written.
         self.session.run(fixes, write=True)
