@@ -133,6 +133,7 @@ def test_repair_on_sqlite_has_nothing_to_do(tmp_path: Path, official_schema: Apd
     assert json.loads(result.stdout) == {
         "completed_updates": [],
         "finished_stores": [],
+        "removed_stores": [],
         "incomplete_stores": [],
         "in_progress": 0,
     }
