@@ -50,23 +50,37 @@ _JPLL = np.array([1, 3, 5, 7, 0, 2, 4, 6, 1, 3, 5, 7], dtype=np.float64)
 
 def cover(test: CapTest, depth: int) -> Int64Array:
     """Sorted, merged order-29 ranges of the cells (at most ``depth`` deep) ``test`` may meet."""
+    return cover_with_inner(test, depth)[0]
+
+
+def cover_with_inner(test: CapTest, depth: int) -> tuple[Int64Array, Int64Array]:
+    """The cover (:func:`cover`) and its *inner* part: the ranges of the cells ``test`` says the
+    region contains. A point whose pixel lies in an inner range is inside the region, so a read
+    tests exactly only the rows of the other (boundary) ranges. Tests say "contains" with a
+    margin of ``PAD_DEG`` inwards, beyond the rounding of the exact test and of HEALPix."""
     depth = int(np.clip(depth, 0, ORDER))
     cells = np.arange(12, dtype=np.int64)
     level = 0
     kept_cells: list[Int64Array] = []
     kept_depths: list[Int64Array] = []
+    inner_cells: list[Int64Array] = []
+    inner_depths: list[Int64Array] = []
 
-    def keep(pix: Int64Array, d: int) -> None:
+    def keep(pix: Int64Array, d: int, inner: bool = False) -> None:
         kept_cells.append(pix)
         kept_depths.append(np.full(len(pix), d, dtype=np.int64))
+        if inner:
+            inner_cells.append(pix)
+            inner_depths.append(kept_depths[-1])
 
     while cells.size:
         centres, reach = cell_caps(cells, level)
         may_meet, contains = test(centres, reach)
         if level == depth:
-            keep(cells[may_meet], level)
+            keep(cells[may_meet & contains], level, inner=True)
+            keep(cells[may_meet & ~contains], level)
             break
-        keep(cells[may_meet & contains], level)
+        keep(cells[may_meet & contains], level, inner=True)
         split = cells[may_meet & ~contains]
         if 4 * split.size > _MAX_CELLS:
             keep(split, level)
@@ -78,9 +92,13 @@ def cover(test: CapTest, depth: int) -> Int64Array:
         children = np.arange(4**step, dtype=np.int64)
         cells = (split[:, None] * 4**step + children).ravel()
         level += step
-    if not kept_cells:
+    return _ranges(kept_cells, kept_depths), _ranges(inner_cells, inner_depths)
+
+
+def _ranges(cells: list[Int64Array], depths: list[Int64Array]) -> Int64Array:
+    if not cells or not sum(len(c) for c in cells):
         return np.zeros((0, 2), dtype=np.int64)
-    return cells_to_ranges(np.concatenate(kept_cells), np.concatenate(kept_depths))
+    return cells_to_ranges(np.concatenate(cells), np.concatenate(depths))
 
 
 # ---- HEALPix geometry ---------------------------------------------------------------------
@@ -174,7 +192,7 @@ def circle_test(centre: FloatArray, radius_deg: float) -> CapTest:
 
     def test(centres: FloatArray, reach: FloatArray) -> tuple[BoolArray, BoolArray]:
         distance = angle_deg(centres, centre)
-        return distance - reach <= radius_deg + PAD_DEG, distance + reach <= radius_deg
+        return distance - reach <= radius_deg + PAD_DEG, distance + reach <= radius_deg - PAD_DEG
 
     return test
 
@@ -188,7 +206,7 @@ def convex_test(normals: FloatArray) -> CapTest:
         signed = np.degrees(np.arcsin(np.clip(centres @ unit.T, -1.0, 1.0)))  # (cells, edges)
         r = reach[:, None]
         may_meet: BoolArray = np.all(signed >= -r - PAD_DEG, axis=1)
-        contains: BoolArray = np.all(signed >= r, axis=1)
+        contains: BoolArray = np.all(signed >= r + PAD_DEG, axis=1)
         return may_meet, contains
 
     return test
@@ -203,7 +221,7 @@ def box_test(ra_min_deg: float, ra_width_deg: float, dec_min_deg: float, dec_max
         ra, dec = vectors_to_radec(centres)
         lo, hi = dec - reach, dec + reach
         may_meet = (lo <= dec_max_deg + PAD_DEG) & (hi >= dec_min_deg - PAD_DEG)
-        contains = (lo >= dec_min_deg) & (hi <= dec_max_deg)
+        contains = (lo >= dec_min_deg + PAD_DEG) & (hi <= dec_max_deg - PAD_DEG)
         if ra_width_deg >= 360.0:
             return may_meet, contains
         pole = (hi >= 90.0) | (lo <= -90.0)
@@ -212,7 +230,7 @@ def box_test(ra_min_deg: float, ra_width_deg: float, dec_min_deg: float, dec_max
         half = np.where(pole | ~(ratio < 1.0), 180.0, np.degrees(np.arcsin(np.clip(ratio, 0.0, 1.0))))
         offset = np.mod(ra - ra_min_deg, 360.0)
         in_ra = (offset <= ra_width_deg + half + PAD_DEG) | (offset >= 360.0 - half - PAD_DEG)
-        within = ~pole & (offset - half >= 0.0) & (offset + half <= ra_width_deg)
+        within = ~pole & (offset - half >= PAD_DEG) & (offset + half <= ra_width_deg - PAD_DEG)
         return may_meet & in_ra, contains & within
 
     return test

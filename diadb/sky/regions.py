@@ -41,15 +41,20 @@ class Region(ABC):
         """A rough diameter, used to choose the depth of the pixel cover."""
 
     @abstractmethod
-    def _cover(self, depth: int) -> Int64Array:
-        """Order-29 ranges that contain the region, computed at ``depth``."""
+    def _cover(self, depth: int) -> tuple[Int64Array, Int64Array]:
+        """Order-29 ranges that contain the region, computed at ``depth``, and the part of them
+        inside it (:func:`diadb.sky.cover.cover_with_inner`)."""
 
     def pixel_ranges(self, refinement: int = DEFAULT_REFINEMENT) -> Int64Array:
         """Sorted, merged ``[lo, hi)`` order-29 pixel ranges covering the region (a superset).
 
         Cached: a pipeline reads objects, sources and forced sources of one region in turn."""
-        ranges = _cover_cached(self, refinement)
-        return ranges.copy()
+        return _cover_cached(self, refinement)[0].copy()
+
+    def inner_ranges(self, refinement: int = DEFAULT_REFINEMENT) -> Int64Array:
+        """The ranges of :meth:`pixel_ranges` whose every point is inside the region: a row whose
+        pixel lies in one needs no exact test (reads test only the others). Cached likewise."""
+        return _cover_cached(self, refinement)[1].copy()
 
 
 @dataclass(frozen=True)
@@ -84,11 +89,12 @@ class Circle(Region):
     def size_deg(self) -> float:
         return 2.0 * self.radius_deg
 
-    def _cover(self, depth: int) -> Int64Array:
+    def _cover(self, depth: int) -> tuple[Int64Array, Int64Array]:
         centre = unit_vectors(self.ra_deg, self.dec_deg)
-        return cover.cover(
-            cover.circle_test(centre, max(self.radius_deg, healpix.MIN_COVER_RADIUS_DEG)), depth
-        )
+        radius = max(self.radius_deg, healpix.MIN_COVER_RADIUS_DEG)
+        ranges, inner = cover.cover_with_inner(cover.circle_test(centre, radius), depth)
+        # A cone under the smallest cover radius is covered as a larger one: none of it is inner.
+        return ranges, inner if radius == self.radius_deg else inner[:0]
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,8 @@ class Box(Region):
         cos_dec = max(math.cos(math.radians(self.dec_min_deg)), math.cos(math.radians(self.dec_max_deg)))
         return max(dec_width, self._ra_width() * cos_dec)
 
-    def _cover(self, depth: int) -> Int64Array:
-        return cover.cover(
+    def _cover(self, depth: int) -> tuple[Int64Array, Int64Array]:
+        return cover.cover_with_inner(
             cover.box_test(self.ra_min_deg, self._ra_width(), self.dec_min_deg, self.dec_max_deg), depth
         )
 
@@ -184,12 +190,12 @@ class Polygon(Region):
         centre /= np.linalg.norm(centre)
         return 2.0 * float(np.degrees(np.arccos(np.clip(v @ centre, -1.0, 1.0)).max()))
 
-    def _cover(self, depth: int) -> Int64Array:
-        return cover.cover(cover.convex_test(self._inward_normals()), depth)
+    def _cover(self, depth: int) -> tuple[Int64Array, Int64Array]:
+        return cover.cover_with_inner(cover.convex_test(self._inward_normals()), depth)
 
 
 @functools.lru_cache(maxsize=512)
-def _cover_cached(region: Region, refinement: int) -> Int64Array:
+def _cover_cached(region: Region, refinement: int) -> tuple[Int64Array, Int64Array]:
     return region._cover(healpix.depth_for_size(region.size_deg(), refinement))
 
 
