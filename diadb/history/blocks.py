@@ -100,6 +100,9 @@ _legacy_lock = threading.Lock()
 #: A string or binary column: (offsets buffer at, bytes per offset, the offsets, data buffer at
 #: or -1 when it has no bytes).
 _Variable = tuple[int, int, npt.NDArray[Any], int]
+#: Where some columns' bytes are: fixed-width offsets and widths (n, 1), bitmap offsets (n, 1),
+#: string columns, buffers checked whole.
+_Layout = tuple[Int64Array, Int64Array, Int64Array, list[_Variable], list[tuple[int, int]]]
 
 
 class _Columns:
@@ -138,6 +141,9 @@ class MappedSegment:
         self._verified = np.zeros(len(digests), dtype=bool)
         self.complete = seal is None  # every block checked (an old segment: checked whole)
         self._columns: dict[str, _Columns] = {}
+        self._layouts: dict[tuple[str, ...], _Layout] = {}
+        #: Tables of some of its columns, kept for the reader (``tier.select_columns``).
+        self.selections: dict[tuple[str, ...], pa.Table] = {}
         self._names: set[str] = set()
         self._head_end = 0
 
@@ -257,25 +263,13 @@ class MappedSegment:
         """Check ``columns`` at the row runs ``[a, b)``."""
         if self.complete or not a.size:
             return
-        fixed: list[tuple[int, int]] = []
-        bitmaps: list[int] = []
-        variable: list[_Variable] = []
-        whole: list[tuple[int, int]] = []
-        for name in dict.fromkeys(columns):
-            spec = self._spec(name)
-            if spec is not None:
-                fixed += spec.fixed
-                bitmaps += spec.bitmaps
-                variable += spec.variable
-                whole += spec.whole
+        at, widths, bits_at, variable, whole = self._layout(columns)
         starts: list[Int64Array] = []
         stops: list[Int64Array] = []
-        if fixed:
-            at, widths = (np.array(v, dtype=np.int64)[:, None] for v in zip(*fixed, strict=True))
+        if at.size:
             starts.append((at + a * widths).ravel())
             stops.append((at + b * widths).ravel())
-        if bitmaps:
-            bits_at = np.array(bitmaps, dtype=np.int64)[:, None]
+        if bits_at.size:
             starts.append((bits_at + (a >> 3)).ravel())
             stops.append((bits_at + ((b - 1) >> 3) + 1).ravel())
         for offsets_at, width, _, _ in variable:
@@ -291,6 +285,30 @@ class MappedSegment:
             data_starts = [at_ + offsets[a].astype(np.int64) for offsets, at_ in strings]
             data_stops = [at_ + offsets[b].astype(np.int64) for offsets, at_ in strings]
             self._check_ranges(np.concatenate(data_starts), np.concatenate(data_stops))
+
+    def _layout(self, columns: Sequence[str]) -> _Layout:
+        """Where the bytes of ``columns`` are, as arrays (kept per column list: a reader asks for
+        the same few lists, and building them cost more than the checks on small reads)."""
+        key = tuple(columns)
+        layout = self._layouts.get(key)
+        if layout is not None:
+            return layout
+        fixed: list[tuple[int, int]] = []
+        bitmaps: list[int] = []
+        variable: list[_Variable] = []
+        whole: list[tuple[int, int]] = []
+        for name in dict.fromkeys(columns):
+            spec = self._spec(name)
+            if spec is not None:
+                fixed += spec.fixed
+                bitmaps += spec.bitmaps
+                variable += spec.variable
+                whole += spec.whole
+        pairs = np.array(fixed, dtype=np.int64).reshape(-1, 2)
+        layout = (pairs[:, :1], pairs[:, 1:], np.array(bitmaps, dtype=np.int64)[:, None], variable, whole)
+        if len(self._layouts) < 16:
+            self._layouts[key] = layout
+        return layout
 
     def check(self, columns: Sequence[str], rows: Int64Array) -> None:
         """Check the bytes of ``columns`` (those the file has) at ``rows`` before they are read.

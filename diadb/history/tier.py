@@ -212,7 +212,7 @@ class HistoryTier:
                 idx = idx[~np.isin(column_values(data, "diaObjectId")[idx], exclude_ids)]
             if idx.size:
                 segment.check(columns, idx)
-                pieces.append((select_columns(data, columns), idx))
+                pieces.append((_selection(segment, columns), idx))
         return pieces
 
     def find_rows(
@@ -459,6 +459,19 @@ def _storage_errors(store: SegmentStore) -> Iterator[None]:
         yield
     except OSError as e:
         raise StorageError(f"writing a history segment in {store.location('')} failed: {e}") from e
+
+
+def _selection(segment: MappedSegment, columns: Sequence[str]) -> pa.Table:
+    """``select_columns`` of a segment's table, kept on the segment for the next read of the
+    same columns (selecting ~100 columns by name cost ~0.1 ms a segment: a third of a
+    detector-sized read of 50 segments)."""
+    key = tuple(columns)
+    table = segment.selections.get(key)
+    if table is None:
+        table = select_columns(segment.table, columns)
+        if len(segment.selections) < 8:
+            segment.selections[key] = table
+    return table
 
 
 def select_columns(data: pa.Table, columns: Sequence[str]) -> pa.Table:

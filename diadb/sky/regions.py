@@ -173,15 +173,22 @@ class Polygon(Region):
         return unit_vectors(arr[:, 0], arr[:, 1])
 
     def _inward_normals(self) -> FloatArray:
+        return self._normals_t.T
+
+    @functools.cached_property
+    def _normals_t(self) -> FloatArray:
+        """The edges' inward normals, transposed: computed once (a detector's read tests
+        its polygon once per segment; the cross products cost more than the test)."""
         v = self._vectors()
         normals = np.cross(v, np.roll(v, -1, axis=0))
         if normals[0] @ v.sum(axis=0) < 0:
             normals = -normals
-        return normals
+        result: FloatArray = np.ascontiguousarray(normals.T)
+        return result
 
     def contains(self, ra_deg: npt.ArrayLike, dec_deg: npt.ArrayLike) -> BoolArray:
         p = unit_vectors(ra_deg, dec_deg)
-        result: BoolArray = np.all(p @ self._inward_normals().T >= 0.0, axis=-1)
+        result: BoolArray = np.all(p @ self._normals_t >= 0.0, axis=-1)
         return result
 
     def size_deg(self) -> float:
