@@ -40,6 +40,11 @@ class ApdbConfig:
     #: A span is compacted into segments once it ended at least this many days before the
     #: newest stored visit.
     history_compact_lag_days: float = 1.0
+    #: Once this many consecutive spans (aligned on multiples of their total width) are compacted,
+    #: a later compaction merges their segments of each table and tile into one
+    #: (``diadb.history.merging``): a 12-month read then touches ~16 segments per tile, not ~52.
+    #: 1: never merge. Databases made before this option get the default when opened.
+    history_merge_spans: int = 4
     #: Compact automatically after a store when a span closes (else: ``Apdb.compact``).
     history_auto_compact: bool = True
     #: Segments are cut by HEALPix tiles of this order as well as by time span, so that one
@@ -66,6 +71,10 @@ class ApdbConfig:
             raise ConfigError(f"history_span_days must be in (0, 366], got {self.history_span_days}")
         if self.history_compact_lag_days < 0.0 or self.retention_grace_days < 0.0:
             raise ConfigError("history_compact_lag_days and retention_grace_days must be >= 0")
+        if isinstance(self.history_merge_spans, bool) or not isinstance(self.history_merge_spans, int):
+            raise ConfigError(f"history_merge_spans must be an integer, got {self.history_merge_spans!r}")
+        if not (1 <= self.history_merge_spans <= 64):
+            raise ConfigError(f"history_merge_spans must be in [1, 64], got {self.history_merge_spans}")
         if self.history_tile_order is not None and not (-1 <= self.history_tile_order <= 12):
             raise ConfigError(
                 f"history_tile_order must be in [-1, 12] or None, got {self.history_tile_order}"

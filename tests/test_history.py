@@ -208,11 +208,18 @@ def test_sigkill_at_every_compaction_step_keeps_every_row_once(tmp_path, officia
         assert again.verify() == []
         moved = sum(s.rows for s in again.segments() if s.table != "DiaObject")
         assert moved == (1500 if step == "committed" else 0)
+        before = {s.name for s in again.segments()}
         again.compact(boundary=1e9)  # finishes the job and sweeps the crash's orphan files
         live = {s.name for s in again.segments()}
     assert _rows_per_visit(url) == (expected, expected)
     files = {p.name for p in Path(url + ".history").iterdir()}
-    assert files == live  # no temporary or orphan file is left
+    # No temporary or orphan file is left; after "committed" the second compaction merged the
+    # two spans' segments, whose files wait in the trash for readers that listed them.
+    assert files == live | (before - live)
+    if step == "committed":  # two of the three spans are in one 28-day group: merged
+        for table in ("DiaSource", "DiaForcedSource"):
+            assert [n.split("-")[0] for n in before - live].count(table) == 2
+            assert sum(1 for n in live if n.startswith(table + "-")) == 2
 
 
 READ_WHILE_COMPACTING = textwrap.dedent(
@@ -263,21 +270,27 @@ def test_retention_drops_whole_segments_then_their_files(tmp_path, official_sche
     cutoff = 60060.0 - 30.0 - 5.0
     preview = db.prune(dry_run=True)
     assert db.get_sources(EVERYWHERE, 60060.0, months=100).num_rows == len(before)  # dry run changed nothing
-    expected_gone = int((before < cutoff).sum())
+    # Whole segments go: a merged group of spans (history_merge_spans) reaching past the cutoff stays.
+    kept_from = min(s.span_start for s in db.segments() if s.table == "DiaSource" and s.span_end > cutoff)
+    going = {s.name for s in db.segments() if s.table != "DiaObject" and s.span_end <= cutoff}
+    assert kept_from <= cutoff
+    expected_gone = int((before < kept_from).sum())
     assert preview["DiaSource"]["rows"] == expected_gone > 0
     report = db.prune()
     assert report == preview
     after = db.get_sources(EVERYWHERE, 60060.0, months=100, columns=["midpointMjdTai"]).column(0).to_numpy()
-    assert len(after) == len(before) - expected_gone and after.min() >= cutoff
+    assert len(after) == len(before) - expected_gone and after.min() >= kept_from
     directory = Path(url + ".history")
     dropped = report["DiaSource"]["segments"] + report["DiaForcedSource"]["segments"]
     assert dropped > 0
     # Files stay for a grace period (a reader may have listed them), then the next compaction deletes them.
-    # (Replaced DiaObject snapshots wait in the same trash.)
-    source_files = [f for f in directory.iterdir() if not f.name.startswith("DiaObject-")]
-    assert len(source_files) == len([s for s in db.segments() if s.table != "DiaObject"]) + dropped
+    # (So do the segments merged into larger ones, and replaced DiaObject snapshots.)
+    files = {f.name for f in directory.iterdir()}
+    assert len(going) == dropped and going <= files and {s.name for s in db.segments()} <= files
+    assert not going & {s.name for s in db.segments()}
     monkeypatch.setattr(tier_module, "TRASH_GRACE_S", 0.0)
-    db.compact()
+    db.compact()  # sweeps the trash, and may merge spans (their files go to the trash)
+    db.compact()  # sweeps that: nothing left to merge
     assert len(list(directory.iterdir())) == len(db.segments())
     db.close()
 

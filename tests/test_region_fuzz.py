@@ -367,3 +367,39 @@ def test_cell_geometry_matches_cdshealpix(depth):
     )
     c, r = cover.cell_caps(pix, depth)
     assert np.all(cover.angle_deg(_xyz(pra, pdec), c) <= r)
+
+
+# ---- the inner part of a cover ----------------------------------------------------------------
+@settings(FUZZ, max_examples=150)
+@given(region=regions, seed=st.integers(0, 2**16))
+def test_inner_ranges_hold_only_points_inside(region, seed):
+    """Reads skip the exact test for rows whose pixel lies in an inner range, so every point
+    there must be inside: the probe points (the edge included) and the centres of random
+    order-29 pixels drawn from the inner ranges themselves."""
+    from cdshealpix import nested
+
+    ranges, inner = region.pixel_ranges(), region.inner_ranges()
+    assert inner.dtype == np.int64 and inner.ndim == 2
+    if not len(inner):
+        return
+    assert np.all(inner[:, 0] < inner[:, 1]) and np.all(in_ranges(inner[:, 0], ranges))
+    assert np.all(in_ranges(inner[:, 1] - 1, ranges))
+    ra, dec = probe_points(region, seed)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(inner), 2000)
+    pixels = inner[pick, 0] + (rng.random(2000) * (inner[pick, 1] - inner[pick, 0])).astype(np.int64)
+    lon, lat = nested.healpix_to_lonlat(pixels.astype(np.uint64), 29)
+    ra = np.concatenate([ra, np.asarray(lon.deg, float) % 360.0])
+    dec = np.concatenate([dec, np.asarray(lat.deg, float)])
+    in_inner = in_ranges(radec_to_healpix29(ra, dec), inner)
+    assert in_inner.sum() > 0
+    outside = in_inner & ~region.contains(ra, dec)
+    assert not outside.any(), f"{int(outside.sum())} points of inner cells are outside, e.g. {ra[outside][:3]}"
+    expected, edge = brute_force(region, ra, dec)
+    assert not (in_inner & ~expected & ~edge).any()
+
+
+def test_tiny_circles_have_no_inner_part():
+    """Below the smallest cover radius a circle is covered as a larger one: none of it is inner."""
+    assert len(Circle(55.0, -30.0, 1e-8).inner_ranges()) == 0
+    assert len(Circle(55.0, -30.0, 1.75).inner_ranges()) > 0

@@ -13,6 +13,8 @@ The procedure, owned here, is the same on every engine that implements
 3. **Faults**: a crash at any step before the commit leaves the rows in the engine and at most an
    orphan file, which the next compaction's sweep (run inside its transaction) deletes; files of
    dropped segments go to a trash and are deleted after :data:`~diadb.history.tier.TRASH_GRACE_S`.
+4. **Merges**: in the same step, the segments of long-closed spans are merged into fewer, larger
+   ones (:mod:`diadb.history.merging`).
 
 Automatic compaction runs after a committed store; its failure never changes that store's
 outcome (see :meth:`Compactor.after_store`).
@@ -26,6 +28,7 @@ import pyarrow as pa
 
 from diadb.config import ApdbConfig
 from diadb.history.manifest import FaultHook, HistoryEngine
+from diadb.history.merging import span_merger
 from diadb.history.pieces import compaction_pieces
 from diadb.history.segment import Int64Array, SegmentInfo
 from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, compaction_boundary
@@ -79,6 +82,7 @@ class Compactor:
             wait=wait,
             pieces=compaction_pieces(tier.tile_order),
             object_pieces=compaction_pieces(tier.snapshot_tile_order),
+            merge=span_merger(tier, schema, self._config.history_merge_spans, fault),
         )
         self.compacted_to = max(self.compacted_to, boundary)
         return created

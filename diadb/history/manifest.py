@@ -30,6 +30,9 @@ SegmentSweeper = Callable[[list[SegmentInfo], list[tuple[str, float]]], list[str
 ObjectSnapshotWriter = Callable[
     [list[SegmentInfo], Int64Array | None, pa.Table], tuple[list[SegmentInfo], list[SegmentInfo]]
 ]
+#: Merges closed spans' segments (``diadb.history.merging``): (the committed live segments of the
+#: source tables, the boundary every older row is below) -> (merged segments, those they replace).
+SegmentMerger = Callable[[list[SegmentInfo], float], tuple[list[SegmentInfo], list[SegmentInfo]]]
 #: Tests only: called with a step's name before each step of a compaction, to crash there.
 FaultHook = Callable[[str], None]
 
@@ -66,6 +69,7 @@ class HistoryEngine(Protocol):
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
         object_pieces: Sequence[Piece] | None = None,
+        merge: SegmentMerger | None = None,
     ) -> list[SegmentInfo]:
         """Atomically move rows older than ``boundary`` into segments written by ``write``,
         and (with ``objects``) replace the DiaObject snapshot by one that is current. Without
@@ -75,7 +79,10 @@ class HistoryEngine(Protocol):
         (:mod:`diadb.history.pieces`); ``write`` and ``objects`` get whole tiles each time.
         ``object_pieces``: the same for the DiaObject snapshot (default ``pieces``); a snapshot
         whose segments do not each fit in one of them (written before it was cut by tile) is
-        rebuilt whole (``fits_pieces``)."""
+        rebuilt whole (``fits_pieces``). ``merge``: given the source tables' segments live when
+        the compaction began, merges closed spans; its segments are recorded and those they
+        replace trashed in the same commit (the segments this compaction writes are merged by
+        a later one: a server engine's new blobs are not visible to other sessions yet)."""
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

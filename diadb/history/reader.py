@@ -235,6 +235,8 @@ def sort_indices(data: pa.Table, order: Sequence[str]) -> pa.Array:
     whether it did; if not (a late store compacted into an older span, keys tied on pixel and
     time, nulls), Arrow sorts on every column. Measured on a 12-month field read of 457k
     DiaSources: 12 ms against 47 ms."""
+    if data.num_rows < 2:
+        return pa.array(np.arange(data.num_rows, dtype=np.int64))
     keys = [data.column(c) for c in order]
     if any(k.null_count for k in keys) or not pa.types.is_integer(keys[0].type):
         return pc.sort_indices(data, sort_keys=[(c, "ascending") for c in order])

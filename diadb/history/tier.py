@@ -294,6 +294,21 @@ class HistoryTier:
         order = self.tile_order if order is None else order
         return "" if order is None else f"t{order}.{tile}"
 
+    def checked_tables(self, infos: Sequence[SegmentInfo]) -> list[pa.Table]:
+        """The segments' tables, every block of each checked (a merge copies them whole)."""
+        return [segment.checked_table() for segment in self._segments(infos)]
+
+    def tile_label_of(self, pixel: int) -> str:
+        """The tile label in the name of a segment holding ``pixel``."""
+        return self._tile_label(int(self.tiles_of(np.array([pixel]))[0]))
+
+    def write_rows(
+        self, table: str, rows: pa.Table, span: tuple[float, float], label: str, fault: FaultHook | None
+    ) -> SegmentInfo:
+        """One segment of ``rows`` (sorted by pixel and time, else sorted here) for ``span``."""
+        with _storage_errors(self.store):
+            return write_segment(self.store, table, rows, TIME_COLUMN, span, fault=fault, tile=label)
+
     def write(self, table: str, rows: pa.Table, fault: FaultHook | None = None) -> list[SegmentInfo]:
         """Write ``rows`` as one segment per time span (and sky tile) they fall in."""
         span_index = np.floor(column_values(rows, TIME_COLUMN) / self.span_days).astype(np.int64)

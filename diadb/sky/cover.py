@@ -212,8 +212,11 @@ def convex_test(normals: FloatArray) -> CapTest:
     return test
 
 
-def box_test(ra_min_deg: float, ra_width_deg: float, dec_min_deg: float, dec_max_deg: float) -> CapTest:
-    """Caps an ra/dec box (``ra_width_deg`` from ``ra_min_deg`` eastwards) may meet and contains.
+def box_test(
+    ra_min_deg: float, ra_width_deg: float, dec_min_deg: float, dec_max_deg: float, full_ra: bool = True
+) -> CapTest:
+    """Caps an ra/dec box (``ra_width_deg`` from ``ra_min_deg`` eastwards) may meet and contains
+    (``full_ra``: the box's exact test takes every ra, not only a width of 360 deg).
     A cap of radius rho at declination d spans d +- rho, and ra +- asin(sin rho / cos d)
     unless it holds a pole."""
 
@@ -222,8 +225,10 @@ def box_test(ra_min_deg: float, ra_width_deg: float, dec_min_deg: float, dec_max
         lo, hi = dec - reach, dec + reach
         may_meet = (lo <= dec_max_deg + PAD_DEG) & (hi >= dec_min_deg - PAD_DEG)
         contains = (lo >= dec_min_deg + PAD_DEG) & (hi <= dec_max_deg - PAD_DEG)
-        if ra_width_deg >= 360.0:
+        if ra_width_deg >= 360.0 and full_ra:
             return may_meet, contains
+        # (A box 360 deg wide by rounding, e.g. from ra 1e-308 to 360, still leaves out ra = 0:
+        # its cells there are not contained, and their rows get the exact test.)
         pole = (hi >= 90.0) | (lo <= -90.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.sin(np.radians(np.minimum(reach, 90.0))) / np.cos(np.radians(dec))

@@ -140,7 +140,14 @@ class Box(Region):
 
     def _cover(self, depth: int) -> tuple[Int64Array, Int64Array]:
         return cover.cover_with_inner(
-            cover.box_test(self.ra_min_deg, self._ra_width(), self.dec_min_deg, self.dec_max_deg), depth
+            cover.box_test(
+                self.ra_min_deg,
+                self._ra_width(),
+                self.dec_min_deg,
+                self.dec_max_deg,
+                full_ra=self.ra_min_deg == 0.0 and self.ra_max_deg == 360.0,
+            ),
+            depth,
         )
 
 

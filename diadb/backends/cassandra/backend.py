@@ -47,7 +47,13 @@ from diadb.backends.cassandra.store import Registry, Store
 from diadb.backends.cassandra.url import parse_options, parse_url
 from diadb.backends.cassandra.visibility import Visibility
 from diadb.config import ApdbConfig
-from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.manifest import (
+    FaultHook,
+    ObjectSnapshotWriter,
+    SegmentMerger,
+    SegmentSweeper,
+    SegmentWriter,
+)
 from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import SegmentStore
@@ -289,9 +295,10 @@ class CassandraBackend:
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
         object_pieces: Sequence[Piece] | None = None,
+        merge: SegmentMerger | None = None,
     ) -> list[SegmentInfo]:
         return self.history.compact_history(
-            tables, boundary, write, sweep, fault, objects, wait, pieces, object_pieces
+            tables, boundary, write, sweep, fault, objects, wait, pieces, object_pieces, merge
         )
 
     def select_changed_objects(

@@ -46,7 +46,13 @@ from diadb.backends.cassandra.segments import FORCED_OVERLAY, SOURCE_OVERLAY, Ca
 from diadb.backends.cassandra.session import CassandraSession
 from diadb.backends.cassandra.store_guard import StoreGuard, guard_ddl
 from diadb.config import ApdbConfig
-from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.manifest import (
+    FaultHook,
+    ObjectSnapshotWriter,
+    SegmentMerger,
+    SegmentSweeper,
+    SegmentWriter,
+)
 from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import BlobSegmentStore, SegmentStore
@@ -228,6 +234,7 @@ class CassandraHistory:
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
         object_pieces: Sequence[Piece] | None = None,
+        merge: SegmentMerger | None = None,
     ) -> list[SegmentInfo]:
         """Under the compaction lease: drop engine tables a boundary old enough covers, sweep
         orphan blobs, write the segments of rows in ``[B, boundary)`` (fetched and written one
@@ -273,9 +280,13 @@ class CassandraHistory:
                 del rows
                 lease.renew()  # a compaction longer than the TTL keeps its lease
                 self.guard.announce(boundary, lease.ttl_s)  # and its intent
+            gone: list[SegmentInfo] = []
+            if merge is not None:
+                made, gone = merge([s for s in current.segments if s.table in tables], boundary)
+                created += made
             hook("commit")
             lease.renew()  # still ours: no other compactor can have started meanwhile
-            self._commit(created, boundary)
+            self._commit(created, boundary, gone)
         finally:
             try:
                 if self.guard.announced:
@@ -287,9 +298,21 @@ class CassandraHistory:
         hook("committed")
         return created
 
-    def _commit(self, infos: Sequence[SegmentInfo], boundary: float) -> None:
-        """The new entries and the boundary: one logged batch of the manifest's one partition."""
+    def _commit(
+        self, infos: Sequence[SegmentInfo], boundary: float, gone: Sequence[SegmentInfo] = ()
+    ) -> None:
+        """The new entries, the removal of the ``gone`` ones (merged into new ones) and the
+        boundary: one logged batch of the manifest's one partition. The gone blobs enter the
+        trash first: a crash after that leaves them live (the sweep never deletes a live blob,
+        and forgets their trash entries once past the grace), and once the batch applies, a
+        reader that listed them just before still finds them during the grace."""
         from cassandra.query import BatchStatement, BatchType  # type: ignore[import-untyped]
+
+        if gone:
+            trash = self.session.prepare(
+                f"INSERT INTO {self.session.t(TRASH)} (bucket, name, dropped_at) VALUES (0, ?, ?)"
+            )
+            self.session.run([(trash, (g.name, time.time())) for g in gone], write=True)
 
         cols = ", ".join(["bucket", "name", *_FIELDS, "recorded_at"])
         entry = self.session.prepare(
@@ -303,6 +326,12 @@ class CassandraHistory:
         for info in infos:
             values = [getattr(info, "table" if f == "table_name" else f) for f in _FIELDS]
             batch.add(entry, (0, info.name, *values, now))
+        if gone:
+            drop = self.session.prepare(
+                f"DELETE FROM {self.session.t(MANIFEST)} WHERE bucket = 0 AND name = ?"
+            )
+            for g in gone:
+                batch.add(drop, (g.name,))
         batch.add(static, (float(boundary), now))
         self.session.execute(batch)
 

@@ -26,7 +26,13 @@ from diadb.backends.postgres.store import Store
 from diadb.backends.postgres.url import parse
 from diadb.config import ApdbConfig
 from diadb.errors import ConfigError, StorageError
-from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.manifest import (
+    FaultHook,
+    ObjectSnapshotWriter,
+    SegmentMerger,
+    SegmentSweeper,
+    SegmentWriter,
+)
 from diadb.history.pieces import WHOLE_SKY, Piece
 from diadb.history.segment import SegmentInfo
 from diadb.history.store import SegmentStore
@@ -287,9 +293,10 @@ class PostgresBackend:
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
         object_pieces: Sequence[Piece] | None = None,
+        merge: SegmentMerger | None = None,
     ) -> list[SegmentInfo]:
         return self.history.compact_history(
-            tables, boundary, write, sweep, fault, objects, wait, pieces, object_pieces
+            tables, boundary, write, sweep, fault, objects, wait, pieces, object_pieces, merge
         )
 
     def select_changed_objects(

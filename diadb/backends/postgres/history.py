@@ -34,7 +34,13 @@ from diadb.backends.postgres.tracking import (
     upgrade_ddl,
 )
 from diadb.config import ApdbConfig
-from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.manifest import (
+    FaultHook,
+    ObjectSnapshotWriter,
+    SegmentMerger,
+    SegmentSweeper,
+    SegmentWriter,
+)
 from diadb.history.pieces import (
     WHOLE_SKY,
     Piece,
@@ -173,6 +179,7 @@ class PostgresHistory:
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
         object_pieces: Sequence[Piece] | None = None,
+        merge: SegmentMerger | None = None,
     ) -> list[SegmentInfo]:
         """Move every row older than ``boundary`` into segments, in one transaction holding the
         compaction lock; with ``objects``, also replace the DiaObject snapshot's changed tiles.
@@ -190,7 +197,8 @@ class PostgresHistory:
                     return []  # another process is compacting
                 trash = self.conn.fetch(f"SELECT name, dropped_at FROM {self.conn.t('diadb_segment_trash')}")
                 pairs = list(zip(trash.column(0).to_pylist(), trash.column(1).to_pylist(), strict=True))
-                done = sweep(self.list_segments(), pairs)
+                live = self.list_segments()
+                done = sweep(live, pairs)
                 if done:
                     cur.execute(
                         f"DELETE FROM {self.conn.t('diadb_segment_trash')} WHERE name = ANY($1::text[])",
@@ -206,6 +214,11 @@ class PostgresHistory:
                         del rows
                         self._record(cur, infos)
                         created += infos
+                if merge is not None:
+                    made, gone = merge([s for s in live if s.table in tables], boundary)
+                    self._record(cur, made)
+                    self._trash(cur, gone)
+                    created += made
                 if objects is not None:
                     snapshot_pieces = pieces if object_pieces is None else object_pieces
                     created += self._refresh_object_snapshot(cur, objects, hook, snapshot_pieces)

@@ -42,6 +42,7 @@ from diadb.history.manifest import (
     FaultHook,
     HistoryEngine,
     ObjectSnapshotWriter,
+    SegmentMerger,
     SegmentSweeper,
     SegmentWriter,
 )
@@ -239,9 +240,10 @@ class SqliteBackend:
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
         object_pieces: Sequence[Piece] | None = None,
+        merge: SegmentMerger | None = None,
     ) -> list[SegmentInfo]:
         return self._history.compact_history(
-            tables, boundary, write, sweep, fault, objects, wait, pieces, object_pieces
+            tables, boundary, write, sweep, fault, objects, wait, pieces, object_pieces, merge
         )
 
     def select_changed_objects(

@@ -19,7 +19,13 @@ from diadb.backends.sqlite.connection import SqliteConnection, q
 from diadb.backends.sqlite.layout import CHANGED_TABLE, OBJECT_CHANGES_DDL, TIME_COLUMN
 from diadb.backends.sqlite.url import history_directory
 from diadb.errors import StorageError
-from diadb.history.manifest import FaultHook, ObjectSnapshotWriter, SegmentSweeper, SegmentWriter
+from diadb.history.manifest import (
+    FaultHook,
+    ObjectSnapshotWriter,
+    SegmentMerger,
+    SegmentSweeper,
+    SegmentWriter,
+)
 from diadb.history.pieces import (
     WHOLE_SKY,
     Piece,
@@ -117,6 +123,7 @@ class SqliteHistory:
         wait: bool = True,
         pieces: Sequence[Piece] = WHOLE_SKY,
         object_pieces: Sequence[Piece] | None = None,
+        merge: SegmentMerger | None = None,
     ) -> list[SegmentInfo]:
         """Move every row older than ``boundary`` into segments, in one write transaction;
         with ``objects``, also replace the DiaObject snapshot (see ``layout.OBJECT_CHANGES_DDL``).
@@ -134,7 +141,8 @@ class SqliteHistory:
             with self._conn.transaction() as cur:
                 trash = self._conn.fetch("SELECT name, dropped_at FROM diadb_segment_trash")
                 trash_list = list(zip(trash.column(0).to_pylist(), trash.column(1).to_pylist(), strict=True))
-                for name in sweep(self.list_segments(), trash_list):
+                live = self.list_segments()
+                for name in sweep(live, trash_list):
                     cur.execute("DELETE FROM diadb_segment_trash WHERE name = ?", [name])
                 for table in tables:
                     tcol = q(TIME_COLUMN[table])
@@ -158,6 +166,12 @@ class SqliteHistory:
                         moved += 1
                     if moved:
                         cur.execute(f"DELETE FROM {q(table)} WHERE {tcol} < ?", [boundary])
+                if merge is not None:
+                    made, gone = merge([s for s in live if s.table in tables], boundary)
+                    for info in made:
+                        record_segment(cur, info)
+                    self._trash_segments(cur, gone)
+                    created += made
                 if objects is not None:
                     snapshot_pieces = pieces if object_pieces is None else object_pieces
                     created += self._refresh_object_snapshot(cur, objects, hook, snapshot_pieces)
@@ -251,14 +265,19 @@ class SqliteHistory:
             replaced += gone
         for info in created:
             record_segment(cur, info)
+        self._trash_segments(cur, replaced)
+        cur.execute(f"DELETE FROM {CHANGED_TABLE}")
+        return created
+
+    @staticmethod
+    def _trash_segments(cur: Any, infos: Sequence[SegmentInfo]) -> None:
+        """Inside a compaction: take segments out of the manifest, their files to the trash."""
         now = time.time()
-        for info in replaced:
+        for info in infos:
             cur.execute(
                 "INSERT OR IGNORE INTO diadb_segment_trash (name, dropped_at) VALUES (?, ?)", [info.name, now]
             )
             cur.execute("DELETE FROM diadb_segment WHERE segment_id = ?", [info.segment_id])
-        cur.execute(f"DELETE FROM {CHANGED_TABLE}")
-        return created
 
     def select_changed_objects(
         self, ranges: Int64Array, columns: Sequence[str]

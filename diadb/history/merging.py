@@ -1,0 +1,117 @@
+"""Span merges: fewer, larger history segments once their spans are long closed.
+
+Compaction writes one segment per table, time span (``history_span_days``, 7 days) and sky tile.
+At 12-month depth that is ~52 segments per table and tile, and every read pays for each one it
+touches (a map or a blob fetch, the pixel search, the checksum bookkeeping, a gather per
+column): a detector-sized read was almost all such fixed costs. So once a *group* of
+``history_merge_spans`` consecutive spans (aligned on multiples of the group's width, so that a
+span belongs to exactly one group, however often the merge runs) lies wholly below the
+compaction boundary, its segments of one table and tile become one segment whose span is the
+group's. A later compaction of a late store's rows into such a span adds a segment to the group,
+which the next merge folds in again.
+
+A merge runs inside a compaction, under the same engine transaction or lease: the engine records
+the merged segments and sends those they replace to the trash in the step that commits the
+compaction (``HistoryEngine.compact_history``'s ``merge``), so a reader sees either the old
+segments or the merged one, never both and never neither; a crash before that step leaves the
+merged file an orphan the next compaction's sweep deletes. Merged bytes are checked whole
+first: a damaged segment fails the compaction, it is never copied into a new one.
+
+What it changes: retention drops whole segments, so with merged groups of 28 days the history
+kept beyond the window grows by up to that much before a group goes (reads still stop at the
+window); a group over ``MAX_MERGED_BYTES`` stays unmerged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from diadb.history.manifest import FaultHook, SegmentMerger
+from diadb.history.segment import SegmentInfo
+from diadb.history.tier import HISTORY_TABLES, HistoryTier, column_values, select_columns
+from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
+
+#: A merge whose inputs hold more bytes than this is not made: the merged rows are held in memory
+#: once while they are written (the inputs are mapped, or fetched blobs).
+MAX_MERGED_BYTES = 1 << 30
+
+
+def plan_merges(
+    segments: Sequence[SegmentInfo],
+    boundary: float,
+    span_days: float,
+    factor: int,
+    tiles_of: Callable[[int], int],
+) -> list[tuple[tuple[float, float], list[SegmentInfo]]]:
+    """The groups to merge: ``(the group's span, its segments oldest first)`` for each table,
+    group of ``factor`` spans wholly below ``boundary`` and sky tile holding two segments or more."""
+    if factor < 2 or not math.isfinite(boundary):
+        return []
+    width = span_days * factor
+    groups: dict[tuple[str, int, int], list[SegmentInfo]] = {}
+    for info in segments:
+        if info.table not in HISTORY_TABLES:
+            continue
+        g = math.floor((info.span_start + info.span_end) / 2.0 / width)
+        start, end = g * width, (g + 1) * width
+        # Rounding of the span bounds (multiples of span_days) is far below a day.
+        fits = info.span_start >= start - 1e-6 and info.span_end <= end + 1e-6
+        tile = tiles_of(info.pix_min)
+        if not fits or end > boundary or tiles_of(info.pix_max) != tile:
+            continue
+        groups.setdefault((info.table, g, tile), []).append(info)
+    plans = []
+    for (_, g, _), members in sorted(groups.items()):
+        if len(members) >= 2 and sum(m.bytes for m in members) <= MAX_MERGED_BYTES:
+            plans.append(((g * width, (g + 1) * width), sorted(members, key=lambda m: (m.t_min, m.name))))
+    return plans
+
+
+def merge_group(
+    tier: HistoryTier,
+    schema: ApdbSchema,
+    span: tuple[float, float],
+    members: Sequence[SegmentInfo],
+    fault: FaultHook | None = None,
+) -> SegmentInfo:
+    """One segment holding every row of ``members`` (one table and tile), for ``span``.
+
+    Each input is sorted by pixel then time and they come oldest first, so a stable sort of
+    their concatenation by pixel alone orders it by pixel and time; ``write_segment`` checks that
+    order in one pass (and sorts fully if spans overlap in time, e.g. a late store's segment)."""
+    table = members[0].table
+    spec = schema.table(table)
+    columns = [*spec.column_names, HEALPIX_COLUMN]
+    parts = [spec.cast(select_columns(data, columns)) for data in tier.checked_tables(members)]
+    rows = pa.concat_tables(parts).combine_chunks()
+    order = np.argsort(column_values(rows, HEALPIX_COLUMN), kind="stable")
+    rows = rows.take(pa.array(order))
+    label = tier.tile_label_of(members[0].pix_min)
+    return tier.write_rows(table, rows, span, label, fault)
+
+
+def span_merger(
+    tier: HistoryTier, schema: ApdbSchema, factor: int, fault: FaultHook | None = None
+) -> SegmentMerger:
+    """The ``merge`` a compaction hands its engine (see the module docstring)."""
+
+    def merge(live: list[SegmentInfo], boundary: float) -> tuple[list[SegmentInfo], list[SegmentInfo]]:
+        made: list[SegmentInfo] = []
+        gone: list[SegmentInfo] = []
+        tiles = tier.tile_order
+
+        def tiles_of(pixel: int) -> int:
+            return 0 if tiles is None else int(pixel) >> (2 * (29 - tiles))
+
+        for span, members in plan_merges(live, boundary, tier.span_days, factor, tiles_of):
+            made.append(merge_group(tier, schema, span, members, fault))
+            gone += members
+        if made and fault is not None:
+            fault("merged")
+        return made, gone
+
+    return merge
