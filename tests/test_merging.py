@@ -22,7 +22,8 @@ DAILY = {"history_tier": True, "history_span_days": 1.0, "history_compact_lag_da
 
 
 def _info(table: str, start: float, end: float, pix: tuple[int, int] = (0, 10), size: int = 100) -> SegmentInfo:
-    return SegmentInfo(table, f"{table}-{start}-{end}", start, end - 0.5, start, end, pix[0], pix[1], 1, size, "x")
+    name = f"{table}-{start}-{end}"
+    return SegmentInfo(table, name, start, end - 0.5, start, end, pix[0], pix[1], 1, size, "x")
 
 
 def test_plan_groups_aligned_closed_spans_of_one_table_and_tile():
@@ -46,7 +47,7 @@ def test_plan_groups_aligned_closed_spans_of_one_table_and_tile():
     assert [s for s, _ in spans] == [(8.0, 12.0), (8.0, 12.0), (12.0, 16.0)]
     assert {len(m) for _, m in spans} == {4, 2, 5}
     forced = next(m for s, m in spans if len(m) == 2)
-    assert all(name.startswith("DiaForcedSource-9") or name.startswith("DiaForcedSource-10") for name in forced)
+    assert all(name.startswith(("DiaForcedSource-9", "DiaForcedSource-10")) for name in forced)
     assert plan_merges(segments, 23.0, 1.0, 1, tiles) == []  # factor 1: never
     big = [_info("DiaSource", 8, 9, size=MAX_MERGED_BYTES), _info("DiaSource", 9, 10)]
     assert plan_merges(big, 23.0, 1.0, 4, tiles) == []  # too large to hold at once

@@ -394,7 +394,7 @@ def test_inner_ranges_hold_only_points_inside(region, seed):
     in_inner = in_ranges(radec_to_healpix29(ra, dec), inner)
     assert in_inner.sum() > 0
     outside = in_inner & ~region.contains(ra, dec)
-    assert not outside.any(), f"{int(outside.sum())} points of inner cells are outside, e.g. {ra[outside][:3]}"
+    assert not outside.any(), f"{int(outside.sum())} points of inner cells outside, e.g. {ra[outside][:3]}"
     expected, edge = brute_force(region, ra, dec)
     assert not (in_inner & ~expected & ~edge).any()
 
