@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DAILY = {"history_tier": True, "history_span_days": 1.0, "history_compact_lag_days": 0.0}
 
 
-def _info(table: str, start: float, end: float, pix: tuple[int, int] = (0, 10), size: int = 100) -> SegmentInfo:
+def _info(
+    table: str, start: float, end: float, pix: tuple[int, int] = (0, 10), size: int = 100
+) -> SegmentInfo:
     name = f"{table}-{start}-{end}"
     return SegmentInfo(table, name, start, end - 0.5, start, end, pix[0], pix[1], 1, size, "x")
 
