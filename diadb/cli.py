@@ -224,6 +224,10 @@ def bench(
         bool | None,
         typer.Option(help="diadb with (or without) its history tier; default: the engine's default."),
     ] = None,
+    reference_every: Annotated[
+        int | None,
+        typer.Option(help="The reference reads every Nth visit (default: the profile's, 20 for year)."),
+    ] = None,
 ) -> None:
     """Simulate visits into diadb (and the reference) side by side; report medians, ratios, a plot."""
     from diadb.sim.bench import run_bench
@@ -244,6 +248,7 @@ def bench(
             reference_url=reference_url,
             after=after,
             history_tier=history_tier,
+            reference_every=reference_every,
         ),
     )
     typer.echo(result.summary_path.read_text())

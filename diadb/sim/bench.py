@@ -191,13 +191,15 @@ def run_bench(
     reference_url: str | None = None,
     after: str | None = None,
     history_tier: bool | None = None,
+    reference_every: int | None = None,
 ) -> BenchResult:
     """Run one benchmark profile; see the module docstring.
 
     ``after``: the URL of a database made by ``diadb build`` (:mod:`diadb.sim.build`) with this
     profile and scale: the run opens it (and the reference database built beside it, for
     ``compare=("dax_apdb",)``) and goes on visit by visit from the visit after the built ones;
-    ``visits`` defaults to the rest of the profile's visits (at least one).
+    ``visits`` defaults to the rest of the profile's visits (at least one). ``reference_every``:
+    the compared systems read every Nth visit (and the last), instead of the profile's interval.
 
     ``reference_url`` puts lsst-dax-apdb on PostgreSQL (a ``postgresql://`` URL, ``schema=``
     naming its namespace) or Cassandra (a ``cassandra://`` URL); by default it shares diadb's
@@ -212,6 +214,10 @@ def run_bench(
     if columns not in ("all", "association"):
         raise ConfigError(f"columns must be 'all' or 'association', got {columns!r}")
     profile = PROFILES[profile_name]
+    if reference_every is not None:
+        if reference_every < 1:
+            raise ConfigError(f"reference_every must be >= 1, got {reference_every}")
+        profile = dataclasses.replace(profile, reference_read_every=int(reference_every))
     if scale is not None:
         # Same revisit depth, a fraction of the source density (SimConfig checks the range).
         profile = dataclasses.replace(profile, sim=dataclasses.replace(profile.sim, scale=scale))
