@@ -181,6 +181,13 @@ COMPACT_AND_DIE = textwrap.dedent(
 )
 
 
+def compact_and_die(url: str, step: str) -> None:
+    """A compaction of ``url`` in another process, killed with SIGKILL at ``step``."""
+    code = COMPACT_AND_DIE.format(root=str(ROOT), url=url, step=step)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
 def _rows_per_visit(url: str) -> tuple[dict[int, int], dict[int, int]]:
     with diadb.Apdb.open(url) as db:
         out = []
@@ -200,9 +207,7 @@ def test_sigkill_at_every_compaction_step_keeps_every_row_once(tmp_path, officia
     db.close()
     expected = {v: 150 for v in range(1, 6)}
     assert _rows_per_visit(url) == (expected, expected)
-    code = COMPACT_AND_DIE.format(root=str(ROOT), url=url, step=step)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    compact_and_die(url, step)
     assert _rows_per_visit(url) == (expected, expected)
     with diadb.Apdb.open(url) as again:
         assert again.verify() == []

@@ -17,7 +17,7 @@ import pytest
 import diadb
 from diadb.history.segment import CorruptSegmentError
 from tests import service_cassandra, service_postgres
-from tests.test_history import COMPACT_AND_DIE, EVERYWHERE, TILED, _rows_per_visit, _stream
+from tests.test_history import EVERYWHERE, TILED, _rows_per_visit, _stream, compact_and_die
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = pytest.mark.parametrize("engine", ["postgresql", "cassandra"])
@@ -160,9 +160,7 @@ def test_sigkill_at_every_compaction_step_keeps_every_row_once(request, official
     db.close()
     expected = {v: 120 for v in range(1, 5)}
     assert _rows_per_visit(url) == (expected, expected)
-    code = COMPACT_AND_DIE.format(root=str(ROOT), url=url, step=step)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    compact_and_die(url, step)
     assert _rows_per_visit(url) == (expected, expected)
     with diadb.Apdb.open(url) as again:
         assert again.verify() == []

@@ -3,9 +3,6 @@ compaction's commit, crash-safe, never from damaged bytes, folding late stores i
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +11,9 @@ import pytest
 import diadb
 from diadb.history.merging import MAX_MERGED_BYTES, plan_merges
 from diadb.history.segment import CorruptSegmentError, SegmentInfo
-from tests.test_history import COMPACT_AND_DIE, EVERYWHERE, _rows_per_visit, _stream
+from tests.test_history import EVERYWHERE, _rows_per_visit, _stream, compact_and_die
 from tests.test_history_server import fresh_url
 
-ROOT = Path(__file__).resolve().parents[1]
 DAILY = {"history_tier": True, "history_span_days": 1.0, "history_compact_lag_days": 0.0}
 
 
@@ -104,9 +100,7 @@ def test_sigkill_while_merging_keeps_every_row_once(tmp_path, official_schema):
     db.close()
     expected = {v: 60 for v in range(1, 9)}
     for step in ("merged", "commit"):
-        code = COMPACT_AND_DIE.format(root=str(ROOT), url=url, step=step)
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        compact_and_die(url, step)
         assert _rows_per_visit(url) == (expected, expected)
         with diadb.Apdb.open(url) as again:
             assert again.verify() == []
