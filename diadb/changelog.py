@@ -18,9 +18,10 @@ import pyarrow.compute as pc
 
 from diadb.backends.base import CHUNK_SCHEMA, Backend
 from diadb.errors import ConfigError
+from diadb.history.columns import gather
 from diadb.history.manifest import HistoryEngine
 from diadb.history.reader import empty_ranges
-from diadb.history.tier import HISTORY_TABLES, HistoryTier, gather
+from diadb.history.tier import HISTORY_TABLES, HistoryTier
 from diadb.schema.domain import check_time
 from diadb.schema.model import ApdbSchema
 from diadb.times import TimeWindow, mjd_tai

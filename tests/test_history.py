@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 import diadb
+from diadb.history import columns as columns_module
 from diadb.history import tier as tier_module
 from diadb.history.segment import CorruptSegmentError
 from tests.helpers import make_visit, random_positions
@@ -336,7 +337,7 @@ def test_parallel_gather_returns_the_same_rows(tmp_path, official_schema, monkey
     tiered = diadb.Apdb.create(str(tmp_path / "tiered.db"), schema=official_schema, **SEGMENTS)
     for db in (plain, tiered):
         _stream(db, 10)
-    monkeypatch.setattr(tier_module, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(columns_module, "PARALLEL_MIN_ROWS", 0)
     for region in (diadb.Circle(55, -30, 0.4), EVERYWHERE):
         assert plain.get_objects(region).equals(tiered.get_objects(region))
         for method in ("get_sources", "get_forced_sources"):

@@ -30,9 +30,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from diadb.history.columns import column_values, select_columns
 from diadb.history.manifest import FaultHook, SegmentMerger
 from diadb.history.segment import SegmentInfo
-from diadb.history.tier import HISTORY_TABLES, HistoryTier, column_values, select_columns
+from diadb.history.tier import HISTORY_TABLES, HistoryTier
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
 
 #: A merge whose inputs hold more bytes than this is not made: the merged rows are held in memory

@@ -26,9 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import Backend, ReadTable
+from diadb.history.columns import column_values, gather, take_rows
 from diadb.history.manifest import HistoryEngine
 from diadb.history.segment import Int64Array, SegmentInfo
-from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier, column_values, gather, take_rows
+from diadb.history.tier import HISTORY_TABLES, OBJECT_TABLE, HistoryTier
 from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema, TableSpec
 from diadb.sky.healpix import in_ranges, split_ranges
 from diadb.sky.regions import Region
