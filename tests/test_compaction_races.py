@@ -11,6 +11,7 @@ store is refused before it writes anything: it would be hidden by the boundary t
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -178,5 +179,44 @@ def test_a_cassandra_compaction_holds_back_for_a_store_in_progress(request, offi
             _store(tiered, 6)
         _same_reads(tiered, plain)  # visit 6 was never shown
     finally:
+        tiered.close()
+        plain.close()
+
+
+def test_a_cassandra_store_taken_for_dead_is_refused_not_lost(request, official_schema, monkeypatch):
+    """A store still running when its record is older than STALE_STORE_S (1 h; 1 s here) is
+    passed by a compaction, which cannot see its hidden rows. Before its chunk the store rewrites
+    its record and checks the boundary again: it fails rather than be acknowledged with rows the
+    boundary hides (before this check it returned True and visit 5 was missing from every read)."""
+    tiered, plain, url = _two(request, official_schema, "cassandra", 4)
+    other = diadb.Apdb.open(url)  # the compactor
+    monkeypatch.setattr(store_guard, "STALE_STORE_S", 1.0)
+    session = tiered._backend.session  # type: ignore[attr-defined]
+    real_run = session.run
+    big_writes: list[int] = []
+
+    def slow(statements: Any, *, write: bool) -> Any:
+        out = real_run(statements, write=write)
+        if write and len(statements) > 4:
+            big_writes.append(len(statements))
+            if len(big_writes) == 2:  # its rows written: the store is slow, then a compaction runs
+                time.sleep(1.5)
+                other.compact(boundary=1e9)
+        return out
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(session, "run", slow)
+            with pytest.raises(StorageError, match="taken for a dead one and passed by a compaction"):
+                _store(tiered, 5)
+        assert other._backend.history.boundary() == 1e9  # type: ignore[attr-defined]
+        _same_reads(tiered, plain)  # visit 5 is not shown, in part or whole
+        with pytest.raises(CatalogError, match="older than the compacted history"):
+            _store(tiered, 5)  # its retry is refused
+        report = tiered.repair(min_age_s=0.0)
+        assert report.removed_stores, report
+        _same_reads(tiered, plain)
+    finally:
+        other.close()
         tiered.close()
         plain.close()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import diadb
-from diadb.history.merging import MAX_MERGED_BYTES, plan_merges
+from diadb.history.merging import MAX_MERGED_BYTES, merge_widths, plan_merges
 from diadb.history.segment import CorruptSegmentError, SegmentInfo
 from tests.test_history import EVERYWHERE, _rows_per_visit, _stream, compact_and_die
 from tests.test_history_server import fresh_url
@@ -40,7 +40,7 @@ def test_plan_groups_aligned_closed_spans_of_one_table_and_tile():
         _info("DiaObject", 9, 10),  # the snapshot is never merged
         _info("DiaSource", 12, 16),  # an earlier merge of the same group: merged again with the rest
     ]
-    plans = plan_merges(segments, 23.0, 1.0, 4, tiles)
+    plans = plan_merges(segments, 23.0, 1.0, 4, tiles, max_days=4.0)  # one level: 4 days
     spans = [(span, [m.name for m in members]) for span, members in plans]
     assert [s for s, _ in spans] == [(8.0, 12.0), (8.0, 12.0), (12.0, 16.0)]
     assert {len(m) for _, m in spans} == {4, 2, 5}
@@ -49,6 +49,32 @@ def test_plan_groups_aligned_closed_spans_of_one_table_and_tile():
     assert plan_merges(segments, 23.0, 1.0, 1, tiles) == []  # factor 1: never
     big = [_info("DiaSource", 8, 9, size=MAX_MERGED_BYTES), _info("DiaSource", 9, 10)]
     assert plan_merges(big, 23.0, 1.0, 4, tiles) == []  # too large to hold at once
+
+
+def test_merge_levels_take_the_widest_closed_group_first():
+    assert merge_widths(7.0, 4) == [28.0]  # weekly spans: one level (112 days is over the cap)
+    assert merge_widths(1.0, 4) == [64.0, 16.0, 4.0]
+    assert merge_widths(1.0, 4, max_days=2.0) == [4.0]  # the first level always
+
+    def tiles(pixel: int) -> int:
+        return 0
+
+    segments = [
+        *(_info("DiaSource", d, d + 1) for d in range(0, 3)),  # daily, in [0, 16)
+        _info("DiaSource", 4, 8),
+        _info("DiaSource", 8, 12),  # merged earlier at 4 days, in [0, 16)
+        _info("DiaSource", 16, 20),
+        _info("DiaSource", 20, 21),  # [16, 32) is not closed below 30: 4-day group [20, 24)
+        _info("DiaSource", 21, 22),
+        _info("DiaSource", 0, 64),  # as wide as the widest level: never merged again alone
+    ]
+    plans = plan_merges(segments, 30.0, 1.0, 4, tiles)
+    spans = {span: sorted(m.name for m in members) for span, members in plans}
+    assert set(spans) == {(0.0, 16.0), (20.0, 24.0)}
+    assert len(spans[(0.0, 16.0)]) == 5 and len(spans[(20.0, 24.0)]) == 2
+    # Once [0, 64) is closed, everything in it goes into one segment, the 64-day one included.
+    plans = plan_merges(segments, 64.0, 1.0, 4, tiles)
+    assert [(span, len(m)) for span, m in plans] == [((0.0, 64.0), len(segments))]
 
 
 def test_merged_database_reads_as_the_engine_alone_and_folds_late_stores_in(tmp_path, official_schema):
@@ -61,7 +87,7 @@ def test_merged_database_reads_as_the_engine_alone_and_folds_late_stores_in(tmp_
     for db in dbs:
         _stream(db, 16, n=80, day_step=1.0)
     widths = sorted({s.span_end - s.span_start for s in merged.segments() if s.table == "DiaSource"})
-    assert widths == [1.0, 4.0]
+    assert widths == [1.0, 16.0]  # days 60000-60015 closed as one 16-day group (the widest)
     assert {s.span_end - s.span_start for s in unmerged.segments() if s.table != "DiaObject"} == {1.0}
     n_merged = len([s for s in merged.segments() if s.table == "DiaSource"])
     assert n_merged < len([s for s in unmerged.segments() if s.table == "DiaSource"]) / 2
@@ -85,7 +111,7 @@ def test_merged_database_reads_as_the_engine_alone_and_folds_late_stores_in(tmp_
         merged.compact()
         merged.compact()
     group = [s for s in merged.segments() if s.table == "DiaSource" and s.span_start <= 60010.4 < s.span_end]
-    assert len(group) == 1 and group[0].span_end - group[0].span_start == 4.0
+    assert len(group) == 1 and group[0].span_end - group[0].span_start == 16.0
     same()
     assert merged.verify() == []
     for db in dbs:
@@ -109,7 +135,7 @@ def test_sigkill_while_merging_keeps_every_row_once(tmp_path, official_schema):
         before = {s.name for s in again.segments()}
         again.compact(boundary=1e9)
         live = {s.name for s in again.segments()}
-        assert 4.0 in {s.span_end - s.span_start for s in again.segments()}
+        assert 64.0 in {s.span_end - s.span_start for s in again.segments() if s.table != "DiaObject"}
     assert _rows_per_visit(url) == (expected, expected)
     files = {p.name for p in Path(url + ".history").iterdir()}
     assert files == live | (before - live)  # the killed merges' files were swept as orphans

@@ -1,14 +1,15 @@
 """Span merges: fewer, larger history segments once their spans are long closed.
 
-Compaction writes one segment per table, time span (``history_span_days``, 7 days) and sky tile.
-At 12-month depth that is ~52 segments per table and tile, and every read pays for each one it
-touches (a map or a blob fetch, the pixel search, the checksum bookkeeping, a gather per
-column): a detector-sized read was almost all such fixed costs. So once a *group* of
-``history_merge_spans`` consecutive spans (aligned on multiples of the group's width, so that a
-span belongs to exactly one group, however often the merge runs) lies wholly below the
-compaction boundary, its segments of one table and tile become one segment whose span is the
-group's. A later compaction of a late store's rows into such a span adds a segment to the group,
-which the next merge folds in again.
+Compaction writes one segment per table, time span (``history_span_days``) and sky tile. At
+12-month depth that is 52 (weekly spans) to 365 (daily) segments per table and tile, and every
+read pays for each one it touches (a map or a blob fetch, the pixel search, the checksum
+bookkeeping, a gather per column): a detector-sized read was almost all such fixed costs. So
+once a *group* of ``history_merge_spans`` consecutive spans (aligned on multiples of the group's
+width, so that a span belongs to exactly one group, however often the merge runs) lies wholly
+below the compaction boundary, its segments of one table and tile become one segment whose span
+is the group's; and groups of that many groups in turn, up to :data:`MAX_MERGED_DAYS`
+(:func:`merge_widths`). A later compaction of a late store's rows into such a span adds a
+segment to the group, which the next merge folds in again.
 
 A merge runs inside a compaction, under the same engine transaction or lease: the engine records
 the merged segments and sends those they replace to the trash in the step that commits the
@@ -17,8 +18,8 @@ segments or the merged one, never both and never neither; a crash before that st
 merged file an orphan the next compaction's sweep deletes. Merged bytes are checked whole
 first: a damaged segment fails the compaction, it is never copied into a new one.
 
-What it changes: retention drops whole segments, so with merged groups of 28 days the history
-kept beyond the window grows by up to that much before a group goes (reads still stop at the
+What it changes: retention drops whole segments, so with merged groups of up to 64 days the
+history kept beyond the window grows by up to that much before a group goes (reads still stop at the
 window); a group over ``MAX_MERGED_BYTES`` stays unmerged.
 """
 
@@ -39,6 +40,20 @@ from diadb.schema.model import HEALPIX_COLUMN, ApdbSchema
 #: A merge whose inputs hold more bytes than this is not made: the merged rows are held in memory
 #: once while they are written (the inputs are mapped, or fetched blobs).
 MAX_MERGED_BYTES = 1 << 30
+#: The widest merge level, in days: retention drops whole segments, so the history kept past the
+#: window grows by up to this much before a merged group goes.
+MAX_MERGED_DAYS = 64.0
+
+
+def merge_widths(span_days: float, factor: int, max_days: float = MAX_MERGED_DAYS) -> list[float]:
+    """The widths (days) of the merge levels, widest first: ``span_days * factor**k`` for k >= 1
+    up to ``max_days`` (always the first). Weekly spans merged by 4 give one level, 28 days;
+    daily spans give 4, 16 and 64 days: each row is rewritten once per level, and a 12-month
+    read touches ~6 widest segments per tile, plus the few narrower ones of the newest weeks."""
+    widths = [span_days * factor]
+    while widths[-1] * factor <= max_days + 1e-9:
+        widths.append(widths[-1] * factor)
+    return widths[::-1]
 
 
 def plan_merges(
@@ -47,28 +62,33 @@ def plan_merges(
     span_days: float,
     factor: int,
     tiles_of: Callable[[int], int],
+    max_days: float = MAX_MERGED_DAYS,
 ) -> list[tuple[tuple[float, float], list[SegmentInfo]]]:
-    """The groups to merge: ``(the group's span, its segments oldest first)`` for each table,
-    group of ``factor`` spans wholly below ``boundary`` and sky tile holding two segments or more."""
+    """The groups to merge: ``(the group's span, its segments oldest first)`` for each table, group
+    wholly below ``boundary`` of a merge level (:func:`merge_widths`, widest first: a segment
+    taken by a wider group is not merged at a narrower level) and sky tile holding two segments
+    or more."""
     if factor < 2 or not math.isfinite(boundary):
         return []
-    width = span_days * factor
-    groups: dict[tuple[str, int, int], list[SegmentInfo]] = {}
-    for info in segments:
-        if info.table not in HISTORY_TABLES:
-            continue
-        g = math.floor((info.span_start + info.span_end) / 2.0 / width)
-        start, end = g * width, (g + 1) * width
-        # Rounding of the span bounds (multiples of span_days) is far below a day.
-        fits = info.span_start >= start - 1e-6 and info.span_end <= end + 1e-6
-        tile = tiles_of(info.pix_min)
-        if not fits or end > boundary or tiles_of(info.pix_max) != tile:
-            continue
-        groups.setdefault((info.table, g, tile), []).append(info)
     plans = []
-    for (_, g, _), members in sorted(groups.items()):
-        if len(members) >= 2 and sum(m.bytes for m in members) <= MAX_MERGED_BYTES:
-            plans.append(((g * width, (g + 1) * width), sorted(members, key=lambda m: (m.t_min, m.name))))
+    left = [s for s in segments if s.table in HISTORY_TABLES]
+    for width in merge_widths(span_days, factor, max_days):
+        groups: dict[tuple[str, int, int], list[SegmentInfo]] = {}
+        for info in left:
+            g = math.floor((info.span_start + info.span_end) / 2.0 / width)
+            start, end = g * width, (g + 1) * width
+            # Rounding of the span bounds (multiples of span_days) is far below a day.
+            fits = info.span_start >= start - 1e-6 and info.span_end <= end + 1e-6
+            tile = tiles_of(info.pix_min)
+            if not fits or end > boundary or tiles_of(info.pix_max) != tile:
+                continue
+            groups.setdefault((info.table, g, tile), []).append(info)
+        taken: set[str] = set()
+        for (_, g, _), members in sorted(groups.items()):
+            if len(members) >= 2 and sum(m.bytes for m in members) <= MAX_MERGED_BYTES:
+                plans.append(((g * width, (g + 1) * width), sorted(members, key=lambda m: (m.t_min, m.name))))
+                taken.update(m.name for m in members)
+        left = [s for s in left if s.name not in taken]
     return plans
 
 

@@ -111,7 +111,9 @@ class CassandraBackend:
         """Whether the history tier is on, and its cache bound (the engine's own options are
         in the URL)."""
         self.history.configure(config)
-        self.store.time_check = self.history.check_store_time if self.history.enabled else None
+        on = self.history.enabled
+        self.store.time_check = self.history.check_store_time if on else None
+        self.store.time_recheck = self.history.recheck_store_time if on else None
 
     def repair(self, min_age_s: float) -> RepairReport:
         return repair(self.session, self.layout, self.log, self.registry, self.store, min_age_s)

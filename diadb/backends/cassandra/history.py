@@ -218,6 +218,12 @@ class CassandraHistory:
         if self.enabled:
             self.guard.check_store(visit_mjd, self.boundary())
 
+    def recheck_store_time(self, visit_mjd: float, began_s_ago: float) -> None:
+        """StorageError if a compaction passed a store's visit while it ran (its record, taken
+        for a dead store's, has just been rewritten: see :mod:`.store_guard`)."""
+        if self.enabled:
+            self.guard.recheck_store(visit_mjd, self.boundary(), began_s_ago)
+
     def list_segments(self, table: str | None = None) -> list[SegmentInfo]:
         segments = self._manifest().segments
         return [s for s in segments if table is None or s.table == table]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import time
 import uuid
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.backends.base import Int64Array, VisitBatch
+from diadb.backends.cassandra import store_guard
 from diadb.backends.cassandra.changelog import ChangeLog
 from diadb.backends.cassandra.codec import groups, q, to_arrow
 from diadb.backends.cassandra.layout import (
@@ -36,7 +38,7 @@ from diadb.backends.cassandra.layout import (
     partition_table,
 )
 from diadb.backends.cassandra.session import CassandraSession, Statements
-from diadb.backends.cassandra.undo import confirm_pending, record_plan, where_written, widened
+from diadb.backends.cassandra.undo import confirm_pending, keep_alive, record_plan, where_written, widened
 from diadb.backends.cassandra.visibility import (
     KEYED_STORE,
     Visibility,
@@ -134,6 +136,8 @@ class Store:
         # With the history tier on: refuses a visit that a compaction passes (.store_guard),
         # called once the store's pending record, which then holds its visit time, is written.
         self.time_check: Callable[[float], None] | None = None
+        #: ``(visit time, seconds since the store began)``: the check again, before the chunk.
+        self.time_recheck: Callable[[float, float], None] | None = None
 
     def existing_keys(self, table: str, keys: pa.Table) -> pa.Table:
         """Keys already stored, except those claimed by the store in progress (or that last
@@ -152,6 +156,7 @@ class Store:
         """Validate, then write: key claims, rows, object key registry, the change-log chunk
         and the visit registry, in that order; a retry after a failure completes the same store
         (one chunk, same rows)."""
+        began = time.monotonic()
         keyed = batch.key is not None
         if keyed:
             self.log.ensure_keyed_tables()
@@ -178,6 +183,8 @@ class Store:
         )
         if retry:
             record_plan(self.session, op_key, widened(recorded, plan))
+            if timed:  # its record may be old enough for compactions to take it for dead
+                keep_alive(self.session, op_key, op)
         if self.time_check is not None:
             try:
                 self.time_check(batch.visit_mjd_tai)
@@ -207,7 +214,14 @@ class Store:
         run(obj_moves + source_claims, write=True)
         run(obj_keys, write=True)
         # A repair that removed this store (it took too long) deleted its record: stop here.
-        confirm_pending(self.session, op_key, op)
+        # A store running for half the age at which compactions take it for dead rewrites its
+        # record, then checks that none passed its visit meanwhile (.store_guard).
+        ran_s = time.monotonic() - began
+        if self.time_recheck is not None and ran_s > store_guard.STALE_STORE_S / 2:
+            keep_alive(self.session, op_key, op)
+            self.time_recheck(batch.visit_mjd_tai, ran_s)
+        else:
+            confirm_pending(self.session, op_key, op)
         chunk = self.log.take_chunk(
             op, after, "store", batch.visit, batch.detector, batch.visit_mjd_tai, retry=retry
         )

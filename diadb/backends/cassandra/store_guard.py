@@ -17,8 +17,13 @@ QUORUM the later of the two reads sees the earlier write):
 
 Whichever of the two reads comes later sees the other's write, so either the store is refused
 before writing a row or the compaction leaves its rows in the engine. A pending record older
-than :data:`STALE_STORE_S` is taken for a store that died (``diadb repair`` lists it) and does
-not hold compactions back: a store that is still alive after that long may lose its rows.
+than :data:`STALE_STORE_S` is taken for a store that died (``diadb repair`` removes it) and does
+not hold compactions back. A store still alive that long must not then complete with rows the
+boundary hides: one that has run for half that age, and every retry, rewrites its record
+(:func:`.undo.keep_alive`, so compactions wait for it again) and then checks the boundaries once more,
+before its chunk; if a compaction passed its visit meanwhile it fails (``StorageError``; a retry
+is refused with a ``CatalogError``),
+never acknowledged, and its hidden rows are left to ``diadb repair``.
 The intent carries a TTL (the compaction lease's), so a compactor that died does not refuse
 stores for longer than its lease.
 """
@@ -29,7 +34,7 @@ import math
 import time
 
 from diadb.backends.cassandra.session import CassandraSession
-from diadb.errors import CatalogError
+from diadb.errors import CatalogError, StorageError
 
 INTENT = "diadb_compaction_intent"
 #: A store's pending record older than this (s) is a store that died, not one in progress:
@@ -90,6 +95,18 @@ class StoreGuard:
             f"a visit at MJD {visit_mjd} is {why} in keyspace {self.session.keyspace}: "
             "visits are stored in time order",
         )
+
+    def recheck_store(self, visit_mjd: float, boundary: float, began_s_ago: float) -> None:
+        """:meth:`check_store` again, for a store whose record ``undo.keep_alive`` rewrote: a
+        ``StorageError`` if a compaction has passed its visit since it began."""
+        try:
+            self.check_store(visit_mjd, boundary)
+        except CatalogError as e:
+            raise StorageError(
+                f"a store that began {began_s_ago:.0f} s ago was taken for a dead one and passed by a "
+                f"compaction: {e.problem}. It was not stored; its rows stay hidden until `diadb repair` "
+                "removes them"
+            ) from None
 
     # ---- the compaction's side ---------------------------------------------------------------
     def announce(self, boundary: float, ttl_s: int) -> None:

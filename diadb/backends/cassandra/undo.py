@@ -120,10 +120,27 @@ def confirm_pending(session: CassandraSession, op_key: str, op: uuid.UUID) -> No
     stmt = session.prepare(f"SELECT op FROM {session.t('diadb_pending')} WHERE op_key = ?")
     (rows,) = session.run([(stmt, (op_key,))], write=False)
     if not rows or rows[0][0] != op:
-        raise StorageError(
-            f"Cassandra keyspace {session.keyspace}: {op_key} was removed by a repair while it ran "
-            "(it took longer than the repair's grace); store it again"
+        raise _removed(session, op_key)
+
+
+def keep_alive(session: CassandraSession, op_key: str, op: uuid.UUID) -> None:
+    """:func:`confirm_pending`, rewriting the record's ``op`` (whose write time a compaction
+    ages, :mod:`.store_guard`) in the same lightweight transaction: conditional on the record
+    being this store's, so a record a repair removed never comes back."""
+    rows = list(
+        session.execute(
+            f"UPDATE {session.t('diadb_pending')} SET op = %s WHERE op_key = %s IF op = %s", [op, op_key, op]
         )
+    )
+    if not (rows and bool(rows[0][0])):
+        raise _removed(session, op_key)
+
+
+def _removed(session: CassandraSession, op_key: str) -> StorageError:
+    return StorageError(
+        f"Cassandra keyspace {session.keyspace}: {op_key} was removed by a repair while it ran "
+        "(it took longer than the repair's grace); store it again"
+    )
 
 
 class StoreUndo:
