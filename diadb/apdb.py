@@ -97,6 +97,7 @@ class Apdb:
                 backend.segment_store(),
                 config.history_span_days,
                 None if tiles is None or tiles < 0 else tiles,
+                span_offset=config.history_span_offset_days,
             )
         self._history = history
         self._reader = Reader(backend, schema, self._tier, history)

@@ -168,8 +168,9 @@ class BulkLoader:
         }
         boundary = float("-inf")
         if self._tier is not None and self._compactor is not None and self._config.history_auto_compact:
+            c = self._config
             boundary = compaction_boundary(
-                float(times[-1]), self._config.history_span_days, self._config.history_compact_lag_days
+                float(times[-1]), c.history_span_days, c.history_compact_lag_days, c.history_span_offset_days
             )
         schema = self._schema
         engine_rows: dict[str, pa.Table] = {}

@@ -35,11 +35,19 @@ class ApdbConfig:
     #: Keep source history in immutable, sky-sorted, memory-mapped segments (``diadb.history``).
     #: ``None``: on wherever the backend supports it (the embedded SQLite backend).
     history_tier: bool | None = None
-    #: Time span of one history segment, in days.
-    history_span_days: float = 7.0
+    #: Time span of one history segment, in days: one night by default, so that each night's
+    #: rows are compacted soon after it and the engine holds about one night (merges then make
+    #: weeks and months of them, ``history_merge_spans``).
+    history_span_days: float = 1.0
+    #: Span edges lie this many days past multiples of ``history_span_days`` (MJD). 0.5: at noon
+    #: UTC, where Rubin's observing day (dayObs) rolls over, so that a night in Chile is never cut
+    #: in two. Databases made before this option keep 0 (their segments' edges) when opened.
+    history_span_offset_days: float = 0.5
     #: A span is compacted into segments once it ended at least this many days before the
-    #: newest stored visit.
-    history_compact_lag_days: float = 1.0
+    #: newest stored visit: 0.25 compacts a night at the first store 6 h after its end (the
+    #: next night's first), and a store of a visit 6 h older than the newest is still accepted
+    #: where late stores are refused (Cassandra).
+    history_compact_lag_days: float = 0.25
     #: Once this many consecutive spans (aligned on multiples of their total width) are compacted,
     #: a later compaction merges their segments of each table and tile into one
     #: (``diadb.history.merging``): a 12-month read then touches ~16 segments per tile, not ~52.
@@ -69,6 +77,11 @@ class ApdbConfig:
             )
         if not (0.0 < self.history_span_days <= 366.0):
             raise ConfigError(f"history_span_days must be in (0, 366], got {self.history_span_days}")
+        if not (0.0 <= self.history_span_offset_days < self.history_span_days):
+            raise ConfigError(
+                "history_span_offset_days must be in [0, history_span_days), got "
+                f"{self.history_span_offset_days}"
+            )
         if self.history_compact_lag_days < 0.0 or self.retention_grace_days < 0.0:
             raise ConfigError("history_compact_lag_days and retention_grace_days must be >= 0")
         if isinstance(self.history_merge_spans, bool) or not isinstance(self.history_merge_spans, int):
@@ -101,5 +114,7 @@ class ApdbConfig:
     def from_json(cls, text: str) -> ApdbConfig:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
+        # Databases made before span offsets existed have their span edges at multiples.
+        data.setdefault("history_span_offset_days", 0.0)
         # Options added by later diadb versions are ignored by older ones only if unknown here.
         return cls(**{k: v for k, v in data.items() if k in known})

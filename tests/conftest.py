@@ -26,6 +26,7 @@ BACKENDS = [
 SEGMENTS = {
     "history_tier": True,
     "history_span_days": 1.0,
+    "history_span_offset_days": 0.0,
     "history_compact_lag_days": 0.0,
     "history_tile_order": 5,
 }

@@ -125,7 +125,9 @@ def test_keys_in_history_segments_are_still_refused_after_deletion(
 ) -> None:
     """With the history tier, a keyed store's rows moved into segments are known by the keys it
     recorded: deleting its chunk leaves them, so another keyed store of those keys is refused."""
-    db = diadb.Apdb.create(tmp_path / "apdb.db", schema=official_schema, history_span_days=1.0)
+    db = diadb.Apdb.create(
+        tmp_path / "apdb.db", schema=official_schema, history_span_days=1.0, history_span_offset_days=0.0
+    )
     ra, dec = random_positions(20, 7)
     first = make_visit(official_schema, 1, 60002.0, np.arange(1, 21), ra, dec, seed=1)
     assert db.store(first.mjd, first.objects, first.sources, first.forced, visit=1, key="a")

@@ -14,7 +14,12 @@ from diadb.history.segment import CorruptSegmentError, SegmentInfo
 from tests.test_history import EVERYWHERE, _rows_per_visit, _stream, compact_and_die
 from tests.test_history_server import fresh_url
 
-DAILY = {"history_tier": True, "history_span_days": 1.0, "history_compact_lag_days": 0.0}
+DAILY = {
+    "history_tier": True,
+    "history_span_days": 1.0,
+    "history_span_offset_days": 0.0,
+    "history_compact_lag_days": 0.0,
+}
 
 
 def _info(

@@ -58,6 +58,7 @@ def stored(tmp_path_factory, official_schema):
         str(tmp_path_factory.mktemp("read") / "r.db"),
         schema=official_schema,
         history_span_days=1.0,
+        history_span_offset_days=0.0,
         history_compact_lag_days=0.0,
     )
     ra, dec = random_positions(300, 5)
@@ -75,7 +76,7 @@ def stored(tmp_path_factory, official_schema):
 def test_unsorted_reads_return_the_sorted_rows(stored, region):
     """``sort=False`` returns the same rows, in storage order: segments oldest first, each in
     pixel order, then the engine's rows."""
-    assert any(s.span_end - s.span_start == 4.0 for s in stored.segments())  # merged spans
+    assert any(s.span_end - s.span_start > 1.0 for s in stored.segments())  # merged spans
     for method, table, key in (
         ("get_sources", "DiaSource", ["diaSourceId"]),
         ("get_forced_sources", "DiaForcedSource", ["diaObjectId", "visit", "detector"]),

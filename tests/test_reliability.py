@@ -20,7 +20,7 @@ from diadb.history import segment as segment_module
 from tests.helpers import make_visit, random_positions
 
 EVERYWHERE = diadb.Box(0, 360, -90, 90)
-SEGMENTS = {"history_span_days": 1.0, "history_compact_lag_days": 0.0}
+SEGMENTS = {"history_span_days": 1.0, "history_span_offset_days": 0.0, "history_compact_lag_days": 0.0}
 
 
 def _visit(db: diadb.Apdb, v: int, ids: np.ndarray, mjd: float | None = None):  # type: ignore[no-untyped-def]

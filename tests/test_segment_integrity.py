@@ -24,7 +24,7 @@ from diadb.history.segment import (
 from tests.helpers import make_visit, random_positions
 
 EVERYWHERE = diadb.Box(0, 360, -90, 90)
-SEGMENTS = {"history_span_days": 1.0, "history_compact_lag_days": 0.0}
+SEGMENTS = {"history_span_days": 1.0, "history_span_offset_days": 0.0, "history_compact_lag_days": 0.0}
 
 
 def _store(db: diadb.Apdb, visit: int, n: int = 100, **objects: float) -> None:

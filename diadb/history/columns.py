@@ -78,3 +78,18 @@ def column_values(data: pa.Table, name: str) -> npt.NDArray[Any]:
     col = data.column(name)
     values: npt.NDArray[Any] = col.chunk(0).to_numpy() if col.num_chunks == 1 else col.to_numpy()
     return values
+
+
+def matching(data: pa.Table, name: str, idx: Int64Array, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+    """Whether column ``name`` at rows ``idx`` is one of ``ids``; a null never is (a DiaSource
+    of a solar-system object has no ``diaObjectId``). Numpy has no nullable integers, so nulls
+    are masked, not converted (as floats, 64-bit ids would lose their low bits)."""
+    col = data.column(name)
+    if not col.null_count:
+        found: npt.NDArray[np.bool_] = np.isin(column_values(data, name)[idx], ids)
+        return found
+    chunk = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    values = chunk.fill_null(0).to_numpy()[idx]
+    valid: npt.NDArray[np.bool_] = chunk.is_valid().to_numpy(zero_copy_only=False)[idx]
+    found = np.isin(values, ids)
+    return found & valid

@@ -54,8 +54,9 @@ class Compactor:
 
     def boundary(self, latest_mjd: float) -> float:
         """The compaction boundary for a database whose newest visit is at ``latest_mjd``."""
+        c = self._config
         return compaction_boundary(
-            latest_mjd, self._config.history_span_days, self._config.history_compact_lag_days
+            latest_mjd, c.history_span_days, c.history_compact_lag_days, c.history_span_offset_days
         )
 
     def run(self, boundary: float, fault: FaultHook | None = None, wait: bool = True) -> list[SegmentInfo]:

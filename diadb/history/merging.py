@@ -63,11 +63,12 @@ def plan_merges(
     factor: int,
     tiles_of: Callable[[int], int],
     max_days: float = MAX_MERGED_DAYS,
+    offset: float = 0.0,
 ) -> list[tuple[tuple[float, float], list[SegmentInfo]]]:
     """The groups to merge: ``(the group's span, its segments oldest first)`` for each table, group
     wholly below ``boundary`` of a merge level (:func:`merge_widths`, widest first: a segment
     taken by a wider group is not merged at a narrower level) and sky tile holding two segments
-    or more."""
+    or more. Groups are aligned on multiples of their width, ``offset`` days past MJD 0."""
     if factor < 2 or not math.isfinite(boundary):
         return []
     plans = []
@@ -75,8 +76,8 @@ def plan_merges(
     for width in merge_widths(span_days, factor, max_days):
         groups: dict[tuple[str, int, int], list[SegmentInfo]] = {}
         for info in left:
-            g = math.floor((info.span_start + info.span_end) / 2.0 / width)
-            start, end = g * width, (g + 1) * width
+            g = math.floor(((info.span_start + info.span_end) / 2.0 - offset) / width)
+            start, end = g * width + offset, (g + 1) * width + offset
             # Rounding of the span bounds (multiples of span_days) is far below a day.
             fits = info.span_start >= start - 1e-6 and info.span_end <= end + 1e-6
             tile = tiles_of(info.pix_min)
@@ -86,7 +87,8 @@ def plan_merges(
         taken: set[str] = set()
         for (_, g, _), members in sorted(groups.items()):
             if len(members) >= 2 and sum(m.bytes for m in members) <= MAX_MERGED_BYTES:
-                plans.append(((g * width, (g + 1) * width), sorted(members, key=lambda m: (m.t_min, m.name))))
+                span = (g * width + offset, (g + 1) * width + offset)
+                plans.append((span, sorted(members, key=lambda m: (m.t_min, m.name))))
                 taken.update(m.name for m in members)
         left = [s for s in left if s.name not in taken]
     return plans
@@ -128,7 +130,9 @@ def span_merger(
         def tiles_of(pixel: int) -> int:
             return 0 if tiles is None else int(pixel) >> (2 * (29 - tiles))
 
-        for span, members in plan_merges(live, boundary, tier.span_days, factor, tiles_of):
+        for span, members in plan_merges(
+            live, boundary, tier.span_days, factor, tiles_of, offset=tier.span_offset
+        ):
             made.append(merge_group(tier, schema, span, members, fault))
             gone += members
         if made and fault is not None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diadb.errors import ConfigError, StorageError
-from diadb.history.columns import column_values, select_columns, take_rows
+from diadb.history.columns import column_values, matching, select_columns, take_rows
 from diadb.history.manifest import FaultHook
 from diadb.history.pieces import snapshot_tile_order
 from diadb.history.segment import (
@@ -49,14 +49,12 @@ OBJECT_TABLE = "DiaObject"
 TRASH_GRACE_S = 600.0
 
 
-def span_of(t: float, span_days: float) -> tuple[float, float]:
-    k = math.floor(t / span_days)
-    return k * span_days, (k + 1) * span_days
-
-
-def compaction_boundary(latest_mjd: float, span_days: float, lag_days: float) -> float:
-    """Rows older than this (a span edge at least ``lag_days`` before ``latest_mjd``) move."""
-    return math.floor((latest_mjd - lag_days) / span_days) * span_days
+def compaction_boundary(
+    latest_mjd: float, span_days: float, lag_days: float, offset_days: float = 0.0
+) -> float:
+    """Rows older than this (a span edge at least ``lag_days`` before ``latest_mjd``) move. Span
+    edges are ``offset_days`` past multiples of ``span_days`` (MJD)."""
+    return math.floor((latest_mjd - lag_days - offset_days) / span_days) * span_days + offset_days
 
 
 class HistoryTier:
@@ -67,9 +65,13 @@ class HistoryTier:
     ``tile_order``: segments are cut by HEALPix tile of this order as well as by time span, so a
     read fetches only the tiles its region touches (None: by time span only)."""
 
-    def __init__(self, store: SegmentStore, span_days: float, tile_order: int | None = None) -> None:
+    def __init__(
+        self, store: SegmentStore, span_days: float, tile_order: int | None = None, span_offset: float = 0.0
+    ) -> None:
         self.store = store
         self.span_days = span_days
+        #: Span edges lie this many days past multiples of ``span_days`` (``history_span_offset_days``).
+        self.span_offset = span_offset
         self.tile_order = tile_order
         #: The DiaObject snapshot is cut by tile even when sources are not (pieces.py says why).
         self.snapshot_tile_order = snapshot_tile_order(tile_order)
@@ -155,12 +157,12 @@ class HistoryTier:
                 t = column_values(data, TIME_COLUMN)[idx]
                 idx = idx[(t > window.start) & (t <= window.end)]
             if idx.size and object_ids is not None:
-                keep = np.isin(column_values(data, "diaObjectId")[idx], object_ids)
+                keep = matching(data, "diaObjectId", idx, object_ids)
                 if include_ids is not None and len(include_ids):
-                    keep |= np.isin(column_values(data, "diaSourceId")[idx], include_ids)
+                    keep |= matching(data, "diaSourceId", idx, include_ids)
                 idx = idx[keep]
             if idx.size and exclude_ids is not None and len(exclude_ids):
-                idx = idx[~np.isin(column_values(data, "diaObjectId")[idx], exclude_ids)]
+                idx = idx[~matching(data, "diaObjectId", idx, exclude_ids)]
             if idx.size:
                 segment.check(columns, idx)
                 pieces.append((_selection(segment, columns), idx))
@@ -262,14 +264,18 @@ class HistoryTier:
 
     def write(self, table: str, rows: pa.Table, fault: FaultHook | None = None) -> list[SegmentInfo]:
         """Write ``rows`` as one segment per time span (and sky tile) they fall in."""
-        span_index = np.floor(column_values(rows, TIME_COLUMN) / self.span_days).astype(np.int64)
+        t = column_values(rows, TIME_COLUMN)
+        span_index = np.floor((t - self.span_offset) / self.span_days).astype(np.int64)
         tiles = self.tiles_of(column_values(rows, HEALPIX_COLUMN))
         cells = np.unique(np.stack([span_index, tiles], axis=1), axis=0)
         infos = []
         for k, tile in cells:
             # One cell (the usual compaction of one closed span): its rows as they are, no copy.
             part = rows if len(cells) == 1 else rows.filter(pa.array((span_index == k) & (tiles == tile)))
-            span = (float(k) * self.span_days, float(k + 1) * self.span_days)
+            span = (
+                float(k) * self.span_days + self.span_offset,
+                float(k + 1) * self.span_days + self.span_offset,
+            )
             with _storage_errors(self.store):
                 infos.append(
                     write_segment(
