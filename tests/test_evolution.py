@@ -17,6 +17,7 @@ from diadb.cli import app
 from diadb.errors import SchemaVersionError
 from diadb.schema import official_apdb_yaml
 from tests.helpers import make_visit, random_positions
+from tests.test_history import SEGMENTS
 
 FIXTURE = Path(__file__).parent / "data" / "layout-1.0"
 EVERYWHERE = diadb.Box(0, 360, -90, 90)
@@ -70,13 +71,7 @@ def _schema_with_new_column(tmp_path: Path, version: str, *, nullable: bool = Tr
 
 def test_schema_evolves_by_a_new_nullable_column(tmp_path, official_schema):
     url = str(tmp_path / "e.db")
-    db = diadb.Apdb.create(
-        url,
-        schema=official_schema,
-        history_span_days=1.0,
-        history_span_offset_days=0.0,
-        history_compact_lag_days=0.0,
-    )
+    db = diadb.Apdb.create(url, schema=official_schema, **SEGMENTS)
     ra, dec = random_positions(10, 2)
     for visit, day in [(1, 0.0), (2, 2.0)]:
         v = make_visit(db.schema, visit, 60000.0 + day, np.arange(1, 11), ra, dec)

@@ -28,6 +28,7 @@ from diadb.ppdb.verify import verify_export
 from diadb.schema import ApdbSchema
 from diadb.sky.healpix import NPIX_29
 from tests.helpers import make_visit, random_positions, sliding_visits
+from tests.test_history import SEGMENTS
 
 pytest.importorskip("lsdb")
 # LSDB and nested-pandas call pandas APIs that pandas 3.1 deprecates; not ours to fix.
@@ -63,13 +64,7 @@ def _export_rows(root: Path, table: str) -> pa.Table:
 def source_db(tmp_path_factory: pytest.TempPathFactory, official_schema: ApdbSchema) -> Iterator[diadb.Apdb]:
     path = tmp_path_factory.mktemp("ppdb") / "apdb.db"
     # 1-day history segments: the export reads both the engine and the segments.
-    db = diadb.Apdb.create(
-        path,
-        schema=official_schema,
-        history_span_days=1.0,
-        history_span_offset_days=0.0,
-        history_compact_lag_days=0.0,
-    )
+    db = diadb.Apdb.create(path, schema=official_schema, **SEGMENTS)
     _store_visits(db, official_schema, range(1, 6))
     yield db
     db.close()
